@@ -1,0 +1,77 @@
+"""Input checks shared by every fastcl op: clear errors instead of silent wrong numbers."""
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_embeddings(q, k, name_q="q", name_k="k"):
+    for name, t in ((name_q, q), (name_k, k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}): the loss is undefined")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has feature dimension 0 (shape {tuple(t.shape)})")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"{name_q} and {name_k} must have the same feature dimension, "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.device != k.device:
+        raise ValueError(f"{name_q} and {name_k} must be on the same device, got {q.device} and {k.device}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"{name_q} and {name_k} must have the same dtype, got {q.dtype} and {k.dtype}")
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor (int64), got {labels.dtype}")
+    if labels.shape != (batch,):
+        raise ValueError(f"{name} must have shape [{batch}] (one per row of q), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} must be on {device}, got {labels.device}")
+    if not _compiling():
+        lo, hi = int(labels.min()), int(labels.max())  # one host sync; worth it for a clear error
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes}) (the rows of k), "
+                             f"got values in [{lo}, {hi}]")
+
+
+def scale_tensor(temperature, logit_scale, device) -> torch.Tensor:
+    """The logit multiplier s as a 0-dim tensor: exp(logit_scale) (differentiable) or 1/temperature."""
+    if temperature is not None and logit_scale is not None:
+        raise ValueError("give either temperature or logit_scale, not both")
+    if logit_scale is not None:
+        if not isinstance(logit_scale, torch.Tensor):
+            raise TypeError("logit_scale must be a tensor (log of the logit multiplier, as in CLIP); "
+                            "for a fixed value pass temperature=")
+        if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
+            raise ValueError(f"logit_scale must be a floating tensor with one element, "
+                             f"got shape {tuple(logit_scale.shape)} dtype {logit_scale.dtype}")
+        if logit_scale.device != device:
+            raise ValueError(f"logit_scale must be on {device}, got {logit_scale.device}")
+        return logit_scale.reshape(()).exp()
+    if temperature is None:
+        temperature = 0.07
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("temperature must be a Python float; pass a learnable scale as logit_scale=")
+    temperature = float(temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return torch.tensor(1.0 / temperature, device=device, dtype=torch.float32)
