@@ -20,35 +20,63 @@ def _chunks(B: int, N: int):
         yield i0, min(B, i0 + step)
 
 
-def lse_forward(u, v, scale, symmetric: bool):
+def lse_forward(u, v, scale, labels, symmetric: bool):
+    """Same contract as fastcl.kernels.info_nce.lse_forward; stats in natural-log units."""
     cd = compute_dtype(u.dtype)
     U, V, s = u.to(cd), v.to(cd), scale.to(cd)
     B, N = U.shape[0], V.shape[0]
-    row = U.new_empty(B)
-    col = U.new_full((N,), float("-inf")) if symmetric else U.new_empty(0)
+    row_stats = U.new_empty(3, B)  # max, log-sum relative to the max, positive logit
+    col_m = U.new_full((N,), float("-inf")) if symmetric else None
+    col_l = U.new_zeros(N) if symmetric else None
     for i0, i1 in _chunks(B, N):
         S = (U[i0:i1] @ V.T).mul_(s)
-        row[i0:i1] = torch.logsumexp(S, dim=1)
+        r = torch.arange(i0, i1, device=U.device)
+        row_stats[2, i0:i1] = S[r - i0, r if labels is None else labels[i0:i1]]
+        m = S.max(dim=1).values
+        row_stats[0, i0:i1] = m
         if symmetric:
-            col = torch.logaddexp(col, torch.logsumexp(S, dim=0))
-    return row, col
+            cm = torch.maximum(col_m, S.max(dim=0).values)
+            col_l = col_l * torch.exp(col_m - cm) + torch.exp(S - cm).sum(dim=0)
+            col_m = cm
+        row_stats[1, i0:i1] = torch.log(torch.exp(S.sub_(m[:, None])).sum(dim=1))
+    m, logl, pos = row_stats
+    # (max - pos) first: exact when the positive is the maximum, as in a naive log-softmax.
+    row_loss = (m - pos) + logl
+    if not symmetric:
+        return row_loss, row_loss.new_empty(0), row_stats, row_stats.new_empty(2, 0)
+    col_stats = torch.stack([col_m, torch.log(col_l)])
+    return row_loss, (col_m - pos) + col_stats[1], row_stats, col_stats
 
 
-def lse_backward(u, v, scale, row, col, g_row, g_col, symmetric: bool):
+def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool):
+    """Same contract as fastcl.kernels.info_nce.lse_backward."""
     cd = compute_dtype(u.dtype)
     U, V, s = u.to(cd), v.to(cd), scale.to(cd)
     B, N = U.shape[0], V.shape[0]
     dU = torch.empty_like(U)
     dV = torch.zeros_like(V)
-    g_row, row = g_row.to(cd), row.to(cd)
-    if symmetric:
-        g_col, col = g_col.to(cd), col.to(cd)
+    g_row = g_row.to(cd)
+    g_col = g_col.to(cd)
+    dscale = U.new_zeros(())
     for i0, i1 in _chunks(B, N):
-        S = (U[i0:i1] @ V.T).mul_(s)
-        G = torch.exp(S - row[i0:i1, None]).mul_(g_row[i0:i1, None])
+        C = U[i0:i1] @ V.T
+        S = C * s
+        r = torch.arange(i0, i1, device=U.device)
+        y = r if labels is None else labels[i0:i1]
+        P = torch.exp((S - row_stats[0, i0:i1, None]).sub_(row_stats[1, i0:i1, None]))
+        P[r - i0, y] -= 1.0  # the one-hot, subtracted element-wise (no cancellation later)
+        G = P.mul_(g_row[i0:i1, None])
+        # dL/ds = sum_ij G_ij <u_i, v_j>. Each row of the row term (column of the column term)
+        # sums to 0 exactly, so centring <u_i, v_j> on the positive's value changes nothing
+        # exactly but keeps the rounding of those sums out of d scale.
+        dscale += (G * (C - row_stats[2, i0:i1, None] / s)).sum()
         if symmetric:
-            G += torch.exp(S.sub_(col)).mul_(g_col)
+            Q = torch.exp(S.sub_(col_stats[0]).sub_(col_stats[1]))
+            Q[r - i0, r] -= 1.0
+            Q.mul_(g_col)
+            dscale += (Q * (C - row_stats[2] / s)).sum()
+            G += Q
         G.mul_(s)
         dU[i0:i1] = G @ V
         dV.addmm_(G.T, U[i0:i1])
-    return dU, dV
+    return dU, dV, dscale

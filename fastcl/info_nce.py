@@ -1,10 +1,12 @@
 """InfoNCE / CLIP loss on the fused log-sum-exp core.
 
-The only B x N work is the log-sum-exp over the rows (and columns) of S = s * U V^T. It is a
-torch custom op (``fastcl::info_nce_lse``) with a custom backward, so it works under autograd
-and torch.compile whatever backend computes it. Everything else is O(B*D) torch code shared by
-all backends: normalisation, positive logits, reductions.
+The only B x N work is the log-sum-exp over the rows (and columns) of S = s * U V^T and its
+backward. It sits in a torch custom op (``fastcl::info_nce_rows``) with a custom backward, so
+it works under autograd and torch.compile whatever backend computes it. Everything else is
+O(B*D) torch code shared by all backends: normalisation, positive logits, reductions.
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -20,51 +22,56 @@ def _impl(backend: str):
     raise ValueError(f"no log-sum-exp implementation for backend {backend!r}")
 
 
-@torch.library.custom_op("fastcl::info_nce_lse", mutates_args=())
-def info_nce_lse(u: Tensor, v: Tensor, scale: Tensor, symmetric: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """row_lse [B] and (if symmetric) col_lse [N] of S = scale * u @ v.T; col_lse is empty otherwise."""
-    return _impl(backend).lse_forward(u, v, scale, symmetric)
+@torch.library.custom_op("fastcl::info_nce_rows", mutates_args=())
+def info_nce_rows(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor], symmetric: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row InfoNCE terms of S = scale * u @ v.T, never storing S.
+
+    Returns (row_loss [B], col_loss [N] or [0], row_stats, col_stats):
+    row_loss_i = logsumexp_j S_ij - S_{i,y_i}, col_loss_j = logsumexp_i S_ij - S_jj (symmetric).
+    The stats are the backend's O(B + N) log-sum-exp statistics for the backward; no gradient.
+    """
+    return _impl(backend).lse_forward(u, v, scale, labels, symmetric)
 
 
-@info_nce_lse.register_fake
-def _(u, v, scale, symmetric, backend):
+@info_nce_rows.register_fake
+def _(u, v, scale, labels, symmetric, backend):
     cd = chunked.compute_dtype(u.dtype)
-    return u.new_empty(u.shape[0], dtype=cd), v.new_empty(v.shape[0] if symmetric else 0, dtype=cd)
+    B, N = u.shape[0], (v.shape[0] if symmetric else 0)
+    return (u.new_empty(B, dtype=cd), u.new_empty(N, dtype=cd),
+            u.new_empty(3, B, dtype=cd), u.new_empty(2, N, dtype=cd))
 
 
-@torch.library.custom_op("fastcl::info_nce_lse_backward", mutates_args=())
-def info_nce_lse_backward(u: Tensor, v: Tensor, scale: Tensor, row: Tensor, col: Tensor,
-                          g_row: Tensor, g_col: Tensor, symmetric: bool,
-                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    du, dv = _impl(backend).lse_backward(u, v, scale, row, col, g_row, g_col, symmetric)
-    # dU_i = s * sum_j G_ij v_j, hence dL/ds = sum_ij G_ij <u_i, v_j> = sum_i <u_i, dU_i> / s:
-    # the scale's gradient costs O(B*D) instead of another pass over the tiles.
-    dscale = (u.to(du.dtype) * du).sum() / scale.to(du.dtype)
+@torch.library.custom_op("fastcl::info_nce_rows_backward", mutates_args=())
+def info_nce_rows_backward(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor],
+                           row_stats: Tensor, col_stats: Tensor, g_row: Tensor, g_col: Tensor,
+                           symmetric: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    du, dv, dscale = _impl(backend).lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col,
+                                                 labels, symmetric)
     return du.to(u.dtype), dv.to(v.dtype), dscale.to(scale.dtype)
 
 
-@info_nce_lse_backward.register_fake
-def _(u, v, scale, row, col, g_row, g_col, symmetric, backend):
+@info_nce_rows_backward.register_fake
+def _(u, v, scale, labels, row_stats, col_stats, g_row, g_col, symmetric, backend):
     return torch.empty_like(u), torch.empty_like(v), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
-    u, v, scale, symmetric, backend = inputs
-    ctx.save_for_backward(u, v, scale, *output)
+    u, v, scale, labels, symmetric, backend = inputs
+    ctx.save_for_backward(u, v, scale, labels, output[2], output[3])
     ctx.symmetric, ctx.backend = symmetric, backend
 
 
-def _backward(ctx, g_row, g_col):
-    u, v, scale, row, col = ctx.saved_tensors
-    g_row = torch.zeros_like(row) if g_row is None else g_row.contiguous()
-    if not ctx.symmetric or g_col is None:
-        g_col = torch.zeros_like(col)
-    du, dv, dscale = torch.ops.fastcl.info_nce_lse_backward(
-        u, v, scale, row, col, g_row, g_col.contiguous(), ctx.symmetric, ctx.backend)
-    return du, dv, dscale, None, None
+def _backward(ctx, g_row, g_col, _g_row_stats, _g_col_stats):
+    u, v, scale, labels, row_stats, col_stats = ctx.saved_tensors
+    g_row = torch.zeros_like(row_stats[0]) if g_row is None else g_row.contiguous()
+    g_col = torch.zeros_like(col_stats[0]) if g_col is None else g_col.contiguous()
+    du, dv, dscale = torch.ops.fastcl.info_nce_rows_backward(
+        u, v, scale, labels, row_stats, col_stats, g_row, g_col, ctx.symmetric, ctx.backend)
+    return du, dv, dscale, None, None, None
 
 
-info_nce_lse.register_autograd(_backward, setup_context=_setup_context)
+info_nce_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _normalize(x: Tensor) -> Tensor:
@@ -121,14 +128,12 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
             symmetric=symmetric, normalize=normalize, reduction=reduction)
 
     u, v = (_normalize(q), _normalize(k)) if normalize else (q, k)
-    cd = chunked.compute_dtype(q.dtype)
-    scale = scale.float()
-    row, col = torch.ops.fastcl.info_nce_lse(u, v, scale, symmetric, backend)
-    v_pos = v if labels is None and N == B else v[labels if labels is not None else slice(0, B)]
-    pos = (u.to(cd) * v_pos.to(cd)).sum(dim=1) * scale.to(cd)
-    per = row - pos
+    if labels is not None:
+        labels = labels.long().contiguous()
+    scale = scale.to(chunked.compute_dtype(q.dtype))  # float64 stays float64 (gradcheck)
+    per, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, scale, labels, symmetric, backend)
     if symmetric:
-        per = 0.5 * (per + (col - pos))  # labels is None and N == B: column j's positive is S_jj
+        per = 0.5 * (per + col)  # N == B, no labels: pair i is row i and column i
     if reduction == "mean":
         return per.mean()
     if reduction == "sum":

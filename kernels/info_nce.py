@@ -3,11 +3,15 @@
 The op computes, for S = s * U @ V^T (U: [B, D], V: [N, D]) without ever storing S:
   row_lse[i] = log sum_j exp(S_ij)                 (always)
   col_lse[j] = log sum_i exp(S_ij)                 (symmetric / CLIP only)
-and its backward, given upstream gradients gr = dL/drow_lse and gc = dL/dcol_lse:
-  G_ij = gr_i * exp(S_ij - row_lse_i) + gc_j * exp(S_ij - col_lse_j)
-  dU = s * G @ V,  dV = s * G^T @ U
-Everything O(B*D) (positive logits, normalisation, reductions, d scale) is done by the
-caller in torch, identically for every backend.
+and the backward of the per-row losses row_lse_i - S_{i,y_i} (and col_lse_j - S_jj), given
+upstream gradients gr and gc:
+  G_ij = gr_i * (exp(S_ij - row_lse_i) - [j == y_i]) + gc_j * (exp(S_ij - col_lse_j) - [i == j])
+  dU = s * G @ V,  dV = s * G^T @ U,  dL/ds = sum_ij G_ij <u_i, v_j>
+The one-hot is subtracted inside the tile, element by element, as a naive cross-entropy
+does: subtracting s*v_{y_i} from dU afterwards would cancel catastrophically in fp32.
+The row statistics are kept as (max, log-sum) rather than one log-sum-exp, and the positive
+logit is read from the same tile, so loss = (max - pos) + log-sum is exact when the positive
+is the maximum. Normalisation and reductions are done by the caller in torch.
 
 Forward: one pass over the tiles. Programs are persistent over row blocks: each one keeps its
 rows' online max/sum in registers and merges its column statistics into its own row of a
@@ -41,9 +45,9 @@ def _score_tile(U, V, rows, cols, rmask, cmask, D, s_ud, s_ub, s_vd, s_vn,
 
 
 @triton.jit
-def lse_fwd_kernel(U, V, SCALE, ROW_LSE, COL_M, COL_L,
+def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_STATS, COL_M, COL_L,
                    B, N, D, s_ub, s_ud, s_vn, s_vd, s_cp,
-                   NUM_PROGS, HAS_COL: tl.constexpr,
+                   NUM_PROGS, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     # Work in the log2 domain: exp2 is the native instruction.
@@ -51,14 +55,22 @@ def lse_fwd_kernel(U, V, SCALE, ROW_LSE, COL_M, COL_L,
     for rb in range(pid, tl.cdiv(B, BM), NUM_PROGS):
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B
+        if HAS_LABELS:
+            y = tl.load(LABELS + rows, mask=rmask, other=-1)
+        else:
+            y = rows
         m_i = tl.full((BM,), -1.0e30, tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
+        pos = tl.zeros((BM,), tl.float32)
         for cb in range(0, tl.cdiv(N, BN)):
             cols = cb * BN + tl.arange(0, BN)
             cmask = cols < N
             acc = _score_tile(U, V, rows, cols, rmask, cmask, D, s_ud, s_ub, s_vd, s_vn,
                               BM, BN, BK, PREC)
             z = tl.where(rmask[:, None] & cmask[None, :], acc * s2, -1.0e30)
+            # The positive logit from this very tile, so that (max - pos) is exact when the
+            # positive is the row maximum, as in a naive log-softmax.
+            pos += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
             m_new = tl.maximum(m_i, tl.max(z, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), 1)
             m_i = m_new
@@ -72,13 +84,16 @@ def lse_fwd_kernel(U, V, SCALE, ROW_LSE, COL_M, COL_L,
                 l2 = l_old * tl.exp2(m_old - m2) + cl * tl.exp2(cm - m2)
                 tl.store(COL_M + cptr, m2, mask=cmask)
                 tl.store(COL_L + cptr, l2, mask=cmask)
-        tl.store(ROW_LSE + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
+        # ROW_STATS rows: max, log2(sum), positive logit; all in log2 units.
+        tl.store(ROW_STATS + rows, m_i, mask=rmask)
+        tl.store(ROW_STATS + B + rows, tl.log2(l_i), mask=rmask)
+        tl.store(ROW_STATS + 2 * B + rows, pos, mask=rmask)
 
 
 @triton.jit
-def lse_bwd_kernel(U, V, SCALE, ROW_LSE, COL_LSE, GR, GC, DU, DV,
+def lse_bwd_kernel(U, V, SCALE, ROW_STATS, COL_STATS, GR, GC, LABELS, DU, DV, DSCALE,
                    B, N, D, s_ub, s_ud, s_vn, s_vd,
-                   HAS_COL: tl.constexpr,
+                   HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     cb = tl.program_id(0)
     s = tl.load(SCALE).to(tl.float32)
@@ -86,21 +101,39 @@ def lse_bwd_kernel(U, V, SCALE, ROW_LSE, COL_LSE, GR, GC, DU, DV,
     cols = cb * BN + tl.arange(0, BN)
     cmask = cols < N
     if HAS_COL:
-        c2 = tl.load(COL_LSE + cols, mask=cmask, other=0.0) * 1.4426950408889634
+        cm2 = tl.load(COL_STATS + cols, mask=cmask, other=0.0)
+        cl2 = tl.load(COL_STATS + N + cols, mask=cmask, other=0.0)
         gc = tl.load(GC + cols, mask=cmask, other=0.0)
+    dscale = tl.zeros((BM, BN), tl.float32)
     for rb in range(0, tl.cdiv(B, BM)):
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B
-        r2 = tl.load(ROW_LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+        rm2 = tl.load(ROW_STATS + rows, mask=rmask, other=0.0)
+        rl2 = tl.load(ROW_STATS + B + rows, mask=rmask, other=0.0)
         gr = tl.load(GR + rows, mask=rmask, other=0.0)
+        if HAS_LABELS:
+            y = tl.load(LABELS + rows, mask=rmask, other=-1)
+        else:
+            y = rows
         acc = _score_tile(U, V, rows, cols, rmask, cmask, D, s_ud, s_ub, s_vd, s_vn,
                           BM, BN, BK, PREC)
         z = acc * s2
-        g = gr[:, None] * tl.exp2(z - r2[:, None])
+        p = tl.exp2((z - rm2[:, None]) - rl2[:, None])
+        g = gr[:, None] * tl.where(cols[None, :] == y[:, None], p - 1.0, p)
+        # dL/ds = sum_ij G_ij <u_i, v_j>. Each row of the row term (column of the column term)
+        # sums to 0 exactly, so centring <u_i, v_j> on the positive's value changes nothing
+        # exactly but keeps the rounding of those sums out of d scale.
+        ds_tile = g * (acc - (tl.load(ROW_STATS + 2 * B + rows, mask=rmask, other=0.0) / s2)[:, None])
         if HAS_COL:
-            g += gc[None, :] * tl.exp2(z - c2[None, :])
-        g = tl.where(rmask[:, None] & cmask[None, :], g * s, 0.0)
-        g = g.to(U.dtype.element_ty)
+            q = tl.exp2((z - cm2[None, :]) - cl2[None, :])
+            gq = gc[None, :] * tl.where(rows[:, None] == cols[None, :], q - 1.0, q)
+            g += gq
+            ds_tile += gq * (acc - (tl.load(ROW_STATS + 2 * B + cols, mask=cmask & (cols < B),
+                                            other=0.0) / s2)[None, :])
+        valid = rmask[:, None] & cmask[None, :]
+        g = tl.where(valid, g, 0.0)
+        dscale += tl.where(valid, ds_tile, 0.0)
+        g = (g * s).to(U.dtype.element_ty)
         for k0 in range(0, D, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < D
@@ -115,6 +148,7 @@ def lse_bwd_kernel(U, V, SCALE, ROW_LSE, COL_LSE, GR, GC, DU, DV,
             dmask = cmask[:, None] & kmask[None, :]
             dv = tl.dot(tl.trans(g), u, input_precision=PREC)
             tl.store(dv_ptr, tl.load(dv_ptr, mask=dmask, other=0.0) + dv, mask=dmask)
+    tl.store(DSCALE + cb, tl.sum(tl.sum(dscale, 1), 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,42 +189,55 @@ def _num_programs(device: torch.device, n_row_blocks: int) -> int:
     return max(1, min(n_row_blocks, cap))
 
 
-def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, symmetric: bool):
-    """row_lse [B] (and col_lse [N] if symmetric, else an empty tensor), float32."""
+def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, symmetric: bool):
+    """(row_loss [B], col_loss [N] or [0], row_stats [3, B], col_stats [2, N] or [2, 0]), float32.
+
+    row_loss_i = logsumexp_j S_ij - S_{i,y_i}; col_loss_j = logsumexp_i S_ij - S_jj. The stats
+    (max and log-sum in log2 units) are what lse_backward needs.
+    """
     B, D = u.shape
     N = v.shape[0]
     cfg = _config(u.device, backward=False)
     n_rb = triton.cdiv(B, cfg["BM"])
     P = _num_programs(u.device, n_rb)
     # Poisoned: a row the kernel fails to write shows up as NaN, not as a plausible number.
-    row = torch.full((B,), float("nan"), device=u.device, dtype=torch.float32)
+    row_stats = torch.full((3, B), float("nan"), device=u.device, dtype=torch.float32)
     if symmetric:
         col_m = torch.full((P, N), NEG, device=u.device, dtype=torch.float32)
         col_l = torch.zeros((P, N), device=u.device, dtype=torch.float32)
     else:
-        col_m = col_l = row  # unused placeholders
+        col_m = col_l = row_stats  # unused placeholders
     lse_fwd_kernel[(P,)](
-        u, v, scale, row, col_m, col_l, B, N, D,
+        u, v, scale, row_stats if labels is None else labels, row_stats, col_m, col_l, B, N, D,
         u.stride(0), u.stride(1), v.stride(0), v.stride(1), col_m.stride(0) if symmetric else 0,
-        P, HAS_COL=symmetric, PREC=_precision(u.dtype), **cfg)
+        P, HAS_COL=symmetric, HAS_LABELS=labels is not None, PREC=_precision(u.dtype), **cfg)
+    m, logl, pos = row_stats
+    row_loss = ((m - pos) + logl) * LN2
     if not symmetric:
-        return row, row.new_empty(0)
-    col = torch.logsumexp((col_m + torch.log2(col_l)) * LN2, dim=0)
-    return row, col
+        return row_loss, row_loss.new_empty(0), row_stats, row_stats.new_empty(2, 0)
+    # Merge the P partial column statistics; the positive of column j is S_jj = row j's.
+    cm = col_m.max(dim=0).values
+    cl = (col_l * torch.exp2(col_m - cm)).sum(dim=0)
+    col_stats = torch.stack([cm, torch.log2(cl)])
+    col_loss = ((cm - pos) + col_stats[1]) * LN2
+    return row_loss, col_loss, row_stats, col_stats
 
 
-def lse_backward(u, v, scale, row, col, g_row, g_col, symmetric: bool):
-    """dU [B, D], dV [N, D] (float32) of sum_i g_row_i*row_lse_i + sum_j g_col_j*col_lse_j."""
+def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool):
+    """dU [B, D], dV [N, D], d scale [] (float32) of sum_i g_row_i*row_loss_i
+    (+ sum_j g_col_j*col_loss_j if symmetric), from lse_forward's stats."""
     B, D = u.shape
     N = v.shape[0]
     cfg = _config(u.device, backward=True)
     du = torch.zeros((B, D), device=u.device, dtype=torch.float32)  # atomically accumulated
     dv = torch.zeros((N, D), device=u.device, dtype=torch.float32)  # owned per column block
+    n_cb = triton.cdiv(N, cfg["BN"])
+    dscale = torch.full((n_cb,), float("nan"), device=u.device, dtype=torch.float32)  # poisoned
     g_row = g_row.float().contiguous()
     g_col = g_col.float().contiguous() if symmetric else g_row
-    col = col if symmetric else row
-    lse_bwd_kernel[(triton.cdiv(N, cfg["BN"]),)](
-        u, v, scale, row, col, g_row, g_col, du, dv, B, N, D,
+    lse_bwd_kernel[(n_cb,)](
+        u, v, scale, row_stats, col_stats, g_row, g_col, g_row if labels is None else labels,
+        du, dv, dscale, B, N, D,
         u.stride(0), u.stride(1), v.stride(0), v.stride(1),
-        HAS_COL=symmetric, PREC=_precision(u.dtype), **cfg)
-    return du, dv
+        HAS_COL=symmetric, HAS_LABELS=labels is not None, PREC=_precision(u.dtype), **cfg)
+    return du, dv, dscale.sum()

@@ -1,0 +1,24 @@
+"""Error-budget comparisons against a float64 oracle."""
+import torch
+
+# Floors for the budget: below these, differences are rounding noise of the dtype itself.
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+MULTIPLE = 4.0
+
+
+def rel_err(x, ref):
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(x).all():
+        return float("inf")  # NaN/inf (e.g. a poisoned, unwritten output) never passes
+    # Relative error, with the denominator bounded below by 1 (the natural scale of a
+    # log-likelihood): at B=1 the exact loss and gradients are 0 and only rounding remains.
+    return float((x - ref).norm() / ref.norm().clamp_min(1.0)) if ref.numel() else 0.0
+
+
+def assert_within_budget(name, ours, torch_same_dtype, ref, dtype):
+    """ours vs fp64 must be no worse than MULTIPLE x (same-dtype naive torch vs fp64)."""
+    e_ours, e_torch = rel_err(ours, ref), rel_err(torch_same_dtype, ref)
+    budget = max(MULTIPLE * e_torch, FLOOR[dtype])
+    assert e_ours <= budget, (f"{name}: error vs float64 {e_ours:.3g} > budget {budget:.3g} "
+                              f"(same-dtype torch: {e_torch:.3g})")
+    return e_ours, e_torch

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+import fastcl
+import fastcl.functional as FCL
+from conftest import HAS_CUDA
+
+q = torch.randn(4, 8)
+k = torch.randn(4, 8)
+
+
+@pytest.mark.parametrize("args, kwargs, exc, match", [
+    ((torch.randn(4), k), {}, ValueError, "2-D"),
+    ((q, torch.randn(4, 9)), {}, ValueError, "same feature dimension"),
+    ((q, k.double()), {}, TypeError, "same dtype"),
+    ((q.long(), k.long()), {}, TypeError, "float16, bfloat16, float32 or float64"),
+    ((q, k.to("meta")), {}, ValueError, "same device"),
+    ((torch.randn(0, 8), torch.randn(0, 8)), {}, ValueError, "empty batch"),
+    ((q, torch.randn(3, 8)), {}, ValueError, "fewer rows"),
+    ((q, torch.randn(6, 8)), {"symmetric": True}, ValueError, "as many keys"),
+    ((q, k), {"symmetric": True, "labels": torch.arange(4)}, ValueError, "labels are not supported"),
+    ((q, k), {"labels": torch.tensor([0, 1, 2, 4])}, ValueError, r"\[0, 4\)"),
+    ((q, k), {"labels": torch.tensor([0, 1, -1, 2])}, ValueError, r"\[0, 4\)"),
+    ((q, k), {"labels": torch.tensor([0.0, 1, 2, 3])}, TypeError, "integer"),
+    ((q, k), {"labels": torch.arange(3)}, ValueError, "shape"),
+    ((q, k), {"reduction": "avg"}, ValueError, "reduction"),
+    ((q, k), {"temperature": 0.0}, ValueError, "positive"),
+    ((q, k), {"temperature": float("nan")}, ValueError, "positive"),
+    ((q, k), {"temperature": 0.1, "logit_scale": torch.tensor(1.0)}, ValueError, "not both"),
+    ((q, k), {"logit_scale": 2.0}, TypeError, "tensor"),
+    ((q, k), {"logit_scale": torch.ones(2)}, ValueError, "one element"),
+    ((q, k), {"backend": "magic"}, ValueError, "backend must be one of"),
+])
+def test_bad_input_raises(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        FCL.info_nce(*args, **kwargs)
+
+
+def test_cuda_backend_says_why():
+    with pytest.raises(fastcl.BackendUnavailable, match="CUDA C\\+\\+ extension"):
+        FCL.info_nce(q, k, backend="cuda")
+
+
+def test_triton_refuses_float64():
+    with pytest.raises(fastcl.BackendUnavailable, match="float64"):
+        FCL.info_nce(q.double(), k.double(), backend="triton")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU interpreter behaviour")
+def test_triton_refuses_bf16_in_interpreter():
+    with pytest.raises(fastcl.BackendUnavailable, match="bfloat16"):
+        FCL.info_nce(q.bfloat16(), k.bfloat16(), backend="triton")
+
+
+def test_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(fastcl.BackendUnavailable, match="CUDA device"):
+        FCL.info_nce(q, k, backend="triton")
+
+
+def test_available_backends_reports_reasons():
+    av = fastcl.available_backends("cpu")
+    assert av["torch"] is None and av["reference"] is None
+    assert "CUDA C++" in av["cuda"]

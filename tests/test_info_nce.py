@@ -1,0 +1,225 @@
+import math
+
+import pytest
+import torch
+
+import fastcl
+import fastcl.functional as FCL
+from fastcl import chunked
+from conftest import DEVICE, HAS_CUDA
+from helpers import assert_within_budget
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+# (B, N, D): B=1, D=1, odd D, B not a multiple of the tile (32 in the interpreter, 64/128 on
+# GPUs), N > B (extra negatives), several row blocks per persistent program.
+SHAPES = [(1, 1, 1), (5, 5, 7), (33, 33, 1), (70, 70, 33), (45, 100, 20), (130, 130, 65)]
+if HAS_CUDA:
+    SHAPES += [(257, 257, 129), (300, 1000, 64), (1000, 1000, 512)]
+
+
+def _inputs(B, N, D, dtype, seed, scale_value=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, D, generator=g, dtype=torch.float64)
+    k = torch.randn(N, D, generator=g, dtype=torch.float64)
+    # Correlated positives, like a trained model's, so the loss is not trivially log(N).
+    k[:B] += 2.0 * q[: min(B, N)]
+    return q.to(dtype).double(), k.to(dtype).double()  # values exactly representable in dtype
+
+
+def _run(fn, q, k, ls, dtype, device, upstream, **kw):
+    leaf = lambda t, dt: t.detach().to(device=device, dtype=dt).clone().requires_grad_()  # noqa: E731
+    qq, kk = leaf(q, dtype), leaf(k, dtype)
+    lls = leaf(ls, torch.float32 if dtype != torch.float64 else dtype)
+    out = fn(qq, kk, logit_scale=lls, **kw)
+    w = upstream.to(device=device, dtype=out.dtype) if out.dim() else None
+    (out * w).sum().backward() if w is not None else out.backward()
+    return out.detach(), qq.grad, kk.grad, lls.grad
+
+
+def _check(backend, B, N, D, dtype, temperature, symmetric=False, labels=None, reduction="none",
+           normalize=True, seed=0):
+    q, k = _inputs(B, N, D, dtype, seed)
+    ls = torch.tensor(math.log(1.0 / temperature), dtype=torch.float64)
+    upstream = torch.rand(B, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
+    kw = dict(symmetric=symmetric, labels=labels, reduction=reduction, normalize=normalize)
+    lab = None if labels is None else labels.to(DEVICE)
+    ref = _run(fastcl.info_nce_reference, q, k, ls, torch.float64, "cpu", upstream, **{**kw, "labels": labels})
+    naive = _run(fastcl.info_nce_reference, q, k, ls, dtype, DEVICE, upstream, **{**kw, "labels": lab})
+    ours = _run(FCL.info_nce, q, k, ls, dtype, DEVICE, upstream, backend=backend, **{**kw, "labels": lab})
+    assert ours[0].shape == ref[0].shape
+    assert ours[0].dtype == torch.float32  # the loss comes back in fp32 for 16-bit inputs too
+    for name, a, b, r in zip(["loss", "dq", "dk", "dlogit_scale"], ours, naive, ref):
+        assert_within_budget(name, a, b, r, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_shapes_fp32(backend, symmetric, shape):
+    B, N, D = shape
+    if symmetric and N != B:
+        pytest.skip("symmetric needs N == B")
+    # In 1-D, x/|x| is piecewise constant: the exact gradient is 0 and both sides would compare
+    # rounding noise amplified by 1/|x|. Test D=1 on raw dot products instead.
+    _check(backend, B, N, D, torch.float32, 0.07 if D > 1 else 4.0, symmetric=symmetric, normalize=D > 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [0.01, 0.07, 1.0])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dtypes_and_temperatures(backend, dtype, temperature, symmetric):
+    # tau=0.01 makes |logits| up to 100: fine for fp32 accumulation, would overflow exp in fp16.
+    _check(backend, 70, 70, 40, dtype, temperature, symmetric=symmetric, seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_labels(backend, reduction):
+    B, N = 37, 90
+    labels = torch.randperm(N, generator=torch.Generator().manual_seed(5))[:B]
+    _check(backend, B, N, 24, torch.float32, 0.1, labels=labels, reduction=reduction)
+    _check(backend, B, B, 24, torch.float32, 0.1, symmetric=True, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_normalize(backend):
+    # Raw dot products (scaled down so the logits stay in a sensible range).
+    _check(backend, 50, 64, 17, torch.float32, 4.0, normalize=False)
+    _check(backend, 50, 50, 17, torch.float32, 4.0, normalize=False, symmetric=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    g = torch.Generator().manual_seed(7)
+    base_q = torch.randn(48, 2 * 20, generator=g, dtype=torch.float64)
+    base_k = torch.randn(20, 48, generator=g, dtype=torch.float64)
+    q, k = base_q[:, ::2], base_k.T  # strided columns; a transposed view
+    ref = fastcl.info_nce_reference(q, k, temperature=0.1, symmetric=True)
+    out = FCL.info_nce(q.float().to(DEVICE)[:, :], k.float().to(DEVICE).T.contiguous().T,
+                       temperature=0.1, symmetric=True, backend=backend)
+    assert abs(float(out) - float(ref)) < 1e-5
+
+
+def test_fp16_large_scale_no_overflow():
+    # Unnormalised fp16 inputs with big norms at tau=0.01: logits far beyond fp16's range.
+    q = torch.randn(40, 32, dtype=torch.float64) * 30
+    k = q + torch.randn(40, 32, dtype=torch.float64)
+    ref = fastcl.info_nce_reference(q, k, temperature=0.01, normalize=True)
+    for backend in BACKENDS:
+        out = FCL.info_nce(q.half().to(DEVICE), k.half().to(DEVICE), temperature=0.01, backend=backend)
+        assert torch.isfinite(out)
+        assert abs(float(out) - float(ref)) <= 2e-3 * max(1.0, abs(float(ref)))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradcheck_torch_backend(symmetric):
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(6 if symmetric else 9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ls = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    labels = None if symmetric else torch.tensor([8, 0, 3, 3, 1, 7])
+
+    def f(q, k, ls):
+        return FCL.info_nce(q, k, logit_scale=ls, labels=labels, symmetric=symmetric,
+                            reduction="none", backend="torch")
+
+    assert torch.autograd.gradcheck(f, (q, k, ls))
+    chunked_ref = fastcl.info_nce_reference(q, k, logit_scale=ls, labels=labels, symmetric=symmetric)
+    assert torch.allclose(f(q, k, ls).mean(), chunked_ref)
+
+
+def test_auto_backend_and_module():
+    q, k = torch.randn(20, 8, device=DEVICE), torch.randn(20, 8, device=DEVICE)
+    expected = FCL.info_nce(q, k, temperature=0.2, backend="triton" if HAS_CUDA else "torch")
+    assert torch.equal(FCL.info_nce(q, k, temperature=0.2), expected)
+    loss = fastcl.nn.InfoNCELoss(temperature=0.2)(q, k)
+    assert torch.equal(loss, expected)
+
+
+def test_clip_module_learns_scale():
+    m = fastcl.nn.ClipLoss(init_temperature=0.07, backend="torch")
+    img = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(16, 8, dtype=torch.float64)
+    m.double()
+    loss = m(img, txt)
+    loss.backward()
+    ref = fastcl.info_nce_reference(img, txt, logit_scale=m.logit_scale.detach(), symmetric=True)
+    assert torch.allclose(loss, ref)
+    assert m.logit_scale.grad is not None and m.logit_scale.grad != 0
+    with torch.no_grad():
+        m.logit_scale.fill_(10.0)  # clamped to log(100) in the forward
+    clamped = fastcl.info_nce_reference(img, txt, temperature=0.01, symmetric=True)
+    assert torch.allclose(m(img, txt), clamped)
+
+
+def test_drop_in_for_cross_entropy():
+    q, k = torch.randn(32, 16), torch.randn(32, 16)
+    t = 0.05
+    naive = torch.nn.functional.cross_entropy(
+        torch.nn.functional.normalize(q) @ torch.nn.functional.normalize(k).T / t, torch.arange(32))
+    assert torch.allclose(FCL.info_nce(q, k, temperature=t), naive, atol=1e-5)
+
+
+def test_torch_compile_fullgraph():
+    q, k = torch.randn(24, 8), torch.randn(24, 8)
+    ls = torch.tensor(2.0, requires_grad=True)
+
+    def f(q, k, ls):
+        return FCL.info_nce(q, k, logit_scale=ls, symmetric=True, backend="torch")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, ls)
+    out.backward()
+    ls2 = ls.detach().clone().requires_grad_()
+    ref = f(q, k, ls2)
+    ref.backward()
+    assert torch.allclose(out, ref) and torch.allclose(ls.grad, ls2.grad)
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_torch_backend_memory_not_quadratic(monkeypatch, symmetric):
+    """The largest tensor the chunked backend creates is bounded by the chunk, not B*N."""
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1 << 16)
+    D = 8
+    for B in (1024, 4096):
+        u, v = torch.randn(B, D), torch.randn(B, D)
+        s = torch.tensor(5.0)
+        with _LargestTensor() as mode:
+            _, _, row_stats, col_stats = chunked.lse_forward(u, v, s, None, symmetric)
+            chunked.lse_backward(u, v, s, row_stats, col_stats, torch.ones(B), torch.ones(B), None,
+                                 symmetric)
+        assert mode.largest <= max(1 << 16, B * D), (B, mode.largest)
+    assert mode.largest * 200 < B * B  # at B=4096: the full matrix would be 256x the bound
+
+
+def test_triton_forward_writes_every_row():
+    """The launcher poisons its outputs with NaN: any row the kernel skips would stay NaN."""
+    from fastcl.kernels import info_nce as K
+    for B, N in [(1, 1), (31, 33), (97, 97), (200, 64)]:
+        u, v = torch.randn(B, 16, device=DEVICE), torch.randn(N, 16, device=DEVICE)
+        sym = B == N
+        labels = None if sym else torch.randint(0, N, (B,), device=DEVICE)
+        row, col, row_stats, col_stats = K.lse_forward(u, v, torch.tensor(3.0, device=DEVICE), labels, sym)
+        for t in (row, col, row_stats, col_stats):
+            assert torch.isfinite(t).all()
+        S = 3.0 * (u.double() @ v.double().T)
+        y = torch.arange(B, device=DEVICE) if labels is None else labels
+        expected = torch.logsumexp(S, 1) - S[torch.arange(B), y]
+        assert torch.allclose(row.double(), expected, atol=1e-4)
+        if sym:
+            assert torch.allclose(col.double(), torch.logsumexp(S, 0) - S.diag(), atol=1e-4)
