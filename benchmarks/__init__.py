@@ -1,0 +1,1 @@
+"""fastcl benchmark suite: ``python -m benchmarks`` (see README)."""

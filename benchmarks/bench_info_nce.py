@@ -1,0 +1,115 @@
+"""InfoNCE / CLIP loss, forward+backward: fastcl backends vs naive torch on this device.
+
+Counts 8*B*N*D flops for fwd+bwd (2 for the forward logits, 6 for the backward's recompute
+and the two gradient matmuls), the nominal figure used across the suite.
+"""
+import argparse
+import csv
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+import fastcl.functional as FCL
+from benchmarks.common import header, is_oom, peak_memory, time_fn
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def naive_torch(q, k, temperature, symmetric):
+    logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).T / temperature
+    labels = torch.arange(q.shape[0], device=q.device)
+    loss = F.cross_entropy(logits.float(), labels)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T.float(), labels))
+    return loss
+
+
+def providers(device):
+    out = {"naive-torch": lambda q, k, t, sym: naive_torch(q, k, t, sym)}
+    if device.type == "cuda":
+        out["fastcl-triton"] = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym,
+                                                                 backend="triton")
+    out["fastcl-torch"] = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym,
+                                                            backend="torch")
+    return out
+
+
+def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mode="fwd+bwd"):
+    print(header(device))
+    print(f"info_nce {mode} | D={dim} | {dtype} | symmetric={symmetric} | median of {reps} (p20-p80)")
+    cols = f"{'provider':<15}{'B':>9}{'ms':>11}{'p20-p80':>17}{'peak MiB':>11}{'TFLOP/s':>9}{'x naive':>9}"
+    flop_factor = 8 if mode == "fwd+bwd" else 2
+    print(cols)
+    rows, naive_ms = [], {}
+    for B in sizes:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(B, dim, device=device, generator=g).to(DTYPES[dtype])
+        k = (q.float() + 0.5 * torch.randn(B, dim, device=device, generator=g)).to(DTYPES[dtype])
+        for name, fn in providers(device).items():
+            if only and name not in only:
+                continue
+            backward = mode == "fwd+bwd"
+            qq, kk = q.clone().requires_grad_(backward), k.clone().requires_grad_(backward)
+
+            def step():
+                if backward:
+                    qq.grad = kk.grad = None
+                    fn(qq, kk, 0.07, symmetric).backward()
+                else:
+                    fn(qq, kk, 0.07, symmetric)
+
+            try:
+                med, p20, p80 = time_fn(step, device, reps)
+                mem = peak_memory(step, device)
+                status = "ok"
+            except Exception as e:  # OOM is a result, not a crash
+                if not is_oom(e):
+                    raise
+                med = p20 = p80 = mem = float("nan")
+                status = "OOM"
+            del qq, kk
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if name == "naive-torch":
+                naive_ms[B] = med
+            tflops = flop_factor * B * B * dim / (med * 1e-3) / 1e12
+            speedup = naive_ms.get(B, float("nan")) / med
+            row = dict(op="info_nce", mode=mode, provider=name, B=B, D=dim, dtype=dtype, symmetric=symmetric,
+                       status=status, ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, tflops=tflops,
+                       speedup_vs_naive=speedup, device=str(device))
+            rows.append(row)
+            ms = "OOM" if status == "OOM" else f"{med:.3f}"
+            print(f"{name:<15}{B:>9}{ms:>11}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>11.1f}"
+                  f"{tflops:>9.1f}{speedup:>9.2f}", flush=True)
+    if csv_path:
+        new = not os.path.exists(csv_path)
+        with open(csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["header"])
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({**r, "header": header(device)})
+    return rows
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sizes", default="4096,16384,32768,65536" if cuda else "256,1024,2048")
+    p.add_argument("--dim", type=int, default=512 if cuda else 128)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if cuda else "fp32")
+    p.add_argument("--one-direction", action="store_true", help="InfoNCE instead of the CLIP loss")
+    p.add_argument("--reps", type=int, default=20 if cuda else 5)
+    p.add_argument("--csv", default=None)
+    p.add_argument("--only", default=None, help="comma-separated providers")
+    p.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd+bwd")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    run([int(s) for s in a.sizes.split(",")], a.dim, a.dtype, not a.one_direction, a.reps, device,
+        a.csv, a.only.split(",") if a.only else None, a.mode)
+
+
+if __name__ == "__main__":
+    main()

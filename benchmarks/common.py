@@ -1,0 +1,73 @@
+"""Timing and memory helpers shared by the benchmarks."""
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+
+def header(device: torch.device) -> str:
+    """One line naming the hardware and every version that matters for the numbers."""
+    try:
+        import triton
+        triton_v = triton.__version__
+    except Exception:  # triton missing or broken
+        triton_v = "none"
+    import fastcl
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        hw = f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    else:
+        hw = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
+    return (f"device: {hw} | torch {torch.__version__} | triton {triton_v} | "
+            f"fastcl {fastcl.__version__} @ {commit} | {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, reps: int, warmup: int = 2):
+    """Median, p20, p80 in ms over `reps` runs: device events on CUDA, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def peak_memory(fn, device) -> float:
+    """Peak bytes allocated by one call of fn beyond what was allocated before (CUDA only)."""
+    if device.type != "cuda":
+        return float("nan")
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
