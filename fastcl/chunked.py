@@ -63,6 +63,9 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
         S = C * s
         r = torch.arange(i0, i1, device=U.device)
         y = r if labels is None else labels[i0:i1]
+        # The positives (and diagonal) take the forward's stored logit, so P - 1 is exact even
+        # if this recompute rounds differently from the forward's.
+        S[r - i0, y] = row_stats[2, i0:i1]
         P = torch.exp((S - row_stats[0, i0:i1, None]).sub_(row_stats[1, i0:i1, None]))
         P[r - i0, y] -= 1.0  # the one-hot, subtracted element-wise (no cancellation later)
         G = P.mul_(g_row[i0:i1, None])
@@ -71,6 +74,7 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
         # exactly but keeps the rounding of those sums out of d scale.
         dscale += (G * (C - row_stats[2, i0:i1, None] / s)).sum()
         if symmetric:
+            S[r - i0, r] = row_stats[2, i0:i1]
             Q = torch.exp(S.sub_(col_stats[0]).sub_(col_stats[1]))
             Q[r - i0, r] -= 1.0
             Q.mul_(g_col)

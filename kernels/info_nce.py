@@ -16,8 +16,9 @@ is the maximum. Normalisation and reductions are done by the caller in torch.
 Forward: one pass over the tiles. Programs are persistent over row blocks: each one keeps its
 rows' online max/sum in registers and merges its column statistics into its own row of a
 [P, N] buffer (no atomics, memory linear in N); the caller merges the P partials.
-Backward: one recompute pass. Each program owns a column block: dV is accumulated in its own
-fp32 slice of global memory, dU with relaxed fp32 atomics.
+Backward: one kernel, launched for dU (over row blocks) and for dV (over column blocks); each
+program keeps its [BM, BD] gradient accumulator in registers, so there are no atomics and no
+read-modify-write of gradients in global memory.
 """
 import triton
 import triton.language as tl
@@ -91,64 +92,100 @@ def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_STATS, COL_M, COL_L,
 
 
 @triton.jit
-def lse_bwd_kernel(U, V, SCALE, ROW_STATS, COL_STATS, GR, GC, LABELS, DU, DV, DSCALE,
-                   B, N, D, s_ub, s_ud, s_vn, s_vd,
-                   HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    cb = tl.program_id(0)
+def _row_side(ROW_STATS, GR, LABELS, idx, mask, B, HAS_LABELS: tl.constexpr):
+    """Per-row-of-S data for the backward: max, log-sum (log2 units), upstream grad, label, positive."""
+    m2 = tl.load(ROW_STATS + idx, mask=mask, other=0.0)
+    l2 = tl.load(ROW_STATS + B + idx, mask=mask, other=0.0)
+    pos = tl.load(ROW_STATS + 2 * B + idx, mask=mask, other=0.0)
+    g = tl.load(GR + idx, mask=mask, other=0.0)
+    if HAS_LABELS:
+        y = tl.load(LABELS + idx, mask=mask, other=-1)
+    else:
+        y = idx
+    return m2, l2, g, y, pos
+
+
+@triton.jit
+def _col_side(COL_STATS, GC, ROW_STATS, idx, mask, N, B):
+    """Per-column-of-S data (symmetric only; N == B): max, log-sum, upstream grad, S_jj."""
+    m2 = tl.load(COL_STATS + idx, mask=mask, other=0.0)
+    l2 = tl.load(COL_STATS + N + idx, mask=mask, other=0.0)
+    g = tl.load(GC + idx, mask=mask, other=0.0)
+    pos = tl.load(ROW_STATS + 2 * B + idx, mask=mask, other=0.0)  # column j's positive is S_jj
+    return m2, l2, g, pos
+
+
+@triton.jit
+def grad_kernel(A, Bm, SCALE, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSCALE,
+                MA, MB, D, B, N, s_am, s_ad, s_bm, s_bd,
+                TRANSPOSED: tl.constexpr, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                PREC: tl.constexpr):
+    """dA[a] = s * sum_b G[a, b] * Bm[b] for a block of BM rows of A.
+
+    TRANSPOSED=False: A = U (queries), Bm = V, G[a, b] = G_ab     -> dU (and d scale)
+    TRANSPOSED=True:  A = V (keys),    Bm = U, G[a, b] = G_ba     -> dV
+    G uses the row AND the column statistics in the same recompute. The positive (and the
+    diagonal) use the forward's stored logit, not the recomputed one, so that P - 1 stays
+    exact however the tile shapes round differently from the forward's.
+    """
+    pid = tl.program_id(0)
     s = tl.load(SCALE).to(tl.float32)
     s2 = s * 1.4426950408889634
-    cols = cb * BN + tl.arange(0, BN)
-    cmask = cols < N
-    if HAS_COL:
-        cm2 = tl.load(COL_STATS + cols, mask=cmask, other=0.0)
-        cl2 = tl.load(COL_STATS + N + cols, mask=cmask, other=0.0)
-        gc = tl.load(GC + cols, mask=cmask, other=0.0)
-    dscale = tl.zeros((BM, BN), tl.float32)
-    for rb in range(0, tl.cdiv(B, BM)):
-        rows = rb * BM + tl.arange(0, BM)
-        rmask = rows < B
-        rm2 = tl.load(ROW_STATS + rows, mask=rmask, other=0.0)
-        rl2 = tl.load(ROW_STATS + B + rows, mask=rmask, other=0.0)
-        gr = tl.load(GR + rows, mask=rmask, other=0.0)
-        if HAS_LABELS:
-            y = tl.load(LABELS + rows, mask=rmask, other=-1)
-        else:
-            y = rows
-        acc = _score_tile(U, V, rows, cols, rmask, cmask, D, s_ud, s_ub, s_vd, s_vn,
-                          BM, BN, BK, PREC)
-        z = acc * s2
-        p = tl.exp2((z - rm2[:, None]) - rl2[:, None])
-        g = gr[:, None] * tl.where(cols[None, :] == y[:, None], p - 1.0, p)
-        # dL/ds = sum_ij G_ij <u_i, v_j>. Each row of the row term (column of the column term)
-        # sums to 0 exactly, so centring <u_i, v_j> on the positive's value changes nothing
-        # exactly but keeps the rounding of those sums out of d scale.
-        ds_tile = g * (acc - (tl.load(ROW_STATS + 2 * B + rows, mask=rmask, other=0.0) / s2)[:, None])
+    a_idx = pid * BM + tl.arange(0, BM)
+    amask = a_idx < MA
+    if TRANSPOSED:
         if HAS_COL:
-            q = tl.exp2((z - cm2[None, :]) - cl2[None, :])
-            gq = gc[None, :] * tl.where(rows[:, None] == cols[None, :], q - 1.0, q)
-            g += gq
-            ds_tile += gq * (acc - (tl.load(ROW_STATS + 2 * B + cols, mask=cmask & (cols < B),
-                                            other=0.0) / s2)[None, :])
-        valid = rmask[:, None] & cmask[None, :]
-        g = tl.where(valid, g, 0.0)
-        dscale += tl.where(valid, ds_tile, 0.0)
-        g = (g * s).to(U.dtype.element_ty)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < D
-            u = tl.load(U + rows[:, None] * s_ub + ks[None, :] * s_ud,
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            v = tl.load(V + cols[:, None] * s_vn + ks[None, :] * s_vd,
-                        mask=cmask[:, None] & kmask[None, :], other=0.0)
-            du = tl.dot(g, v, input_precision=PREC)
-            tl.atomic_add(DU + rows[:, None] * D + ks[None, :], du,
-                          mask=rmask[:, None] & kmask[None, :], sem="relaxed")
-            dv_ptr = DV + cols[:, None] * D + ks[None, :]
-            dmask = cmask[:, None] & kmask[None, :]
-            dv = tl.dot(tl.trans(g), u, input_precision=PREC)
-            tl.store(dv_ptr, tl.load(dv_ptr, mask=dmask, other=0.0) + dv, mask=dmask)
-    tl.store(DSCALE + cb, tl.sum(tl.sum(dscale, 1), 0))
+            cm2, cl2, gc, posc = _col_side(COL_STATS, GC, ROW_STATS, a_idx, amask, N, B)
+            CM, CL, GCv, POSC = cm2[:, None], cl2[:, None], gc[:, None], posc[:, None]
+        C_IDX = a_idx[:, None]
+    else:
+        rm2, rl2, gr, y, posr = _row_side(ROW_STATS, GR, LABELS, a_idx, amask, B, HAS_LABELS)
+        RM, RL, GRv, Y, POSR = rm2[:, None], rl2[:, None], gr[:, None], y[:, None], posr[:, None]
+        R_IDX = a_idx[:, None]
+    dscale = tl.zeros((BM, BN), tl.float32)
+    for d0 in range(0, D, BD):  # one pass when D <= BD; else S is recomputed per D-slab
+        ds_ = d0 + tl.arange(0, BD)
+        dmask = ds_ < D
+        acc_da = tl.zeros((BM, BD), tl.float32)
+        for b0 in range(0, MB, BN):
+            b_idx = b0 + tl.arange(0, BN)
+            bmask = b_idx < MB
+            if TRANSPOSED:
+                rm2, rl2, gr, y, posr = _row_side(ROW_STATS, GR, LABELS, b_idx, bmask, B, HAS_LABELS)
+                RM, RL, GRv, Y, POSR = rm2[None, :], rl2[None, :], gr[None, :], y[None, :], posr[None, :]
+                R_IDX = b_idx[None, :]
+            else:
+                if HAS_COL:
+                    cm2, cl2, gc, posc = _col_side(COL_STATS, GC, ROW_STATS, b_idx, bmask, N, B)
+                    CM, CL, GCv, POSC = cm2[None, :], cl2[None, :], gc[None, :], posc[None, :]
+                C_IDX = b_idx[None, :]
+            acc = _score_tile(A, Bm, a_idx, b_idx, amask, bmask, D, s_ad, s_am, s_bd, s_bm,
+                              BM, BN, BK, PREC)
+            z = acc * s2
+            is_pos = C_IDX == Y
+            p = tl.exp2((tl.where(is_pos, POSR, z) - RM) - RL)
+            g = GRv * tl.where(is_pos, p - 1.0, p)
+            # d scale = sum G_ij <u_i, v_j>; rows (columns) of each term sum to 0 exactly, so
+            # centring <u_i, v_j> on the positive keeps their rounding out of d scale.
+            ds_tile = g * (acc - POSR / s2)
+            if HAS_COL:
+                is_diag = R_IDX == C_IDX
+                q = tl.exp2((tl.where(is_diag, POSC, z) - CM) - CL)
+                gq = GCv * tl.where(is_diag, q - 1.0, q)
+                g += gq
+                ds_tile += gq * (acc - POSC / s2)
+            valid = amask[:, None] & bmask[None, :]
+            g = tl.where(valid, g * s, 0.0)
+            if not TRANSPOSED:
+                if d0 == 0:
+                    dscale += tl.where(valid, ds_tile, 0.0)
+            bt = tl.load(Bm + b_idx[:, None] * s_bm + ds_[None, :] * s_bd,
+                         mask=bmask[:, None] & dmask[None, :], other=0.0)
+            acc_da = tl.dot(g.to(Bm.dtype.element_ty), bt, acc_da, input_precision=PREC)
+        tl.store(DA + a_idx[:, None] * D + ds_[None, :], acc_da, mask=amask[:, None] & dmask[None, :])
+    if not TRANSPOSED:
+        tl.store(DSCALE + pid, tl.sum(tl.sum(dscale, 1), 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,12 +209,20 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _env_int(name, default):
+    return int(os.environ.get(name, default))
+
+
 def _config(device: torch.device, backward: bool):
     if interpreting() or device.type != "cuda":
-        # Small tiles so that tests with small B still cross tile boundaries.
-        return dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=1)
+        # Small tiles so that tests with small B and D still cross tile and D-slab boundaries.
+        cfg = dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=1)
+        return dict(cfg, BD_MAX=32) if backward else cfg
     if backward:
-        return dict(BM=64, BN=128, BK=64, num_warps=8, num_stages=2)
+        # FASTCL_BWD_* let the GPU script compare tile shapes in one run.
+        return dict(BM=_env_int("FASTCL_BWD_BM", 64), BN=_env_int("FASTCL_BWD_BN", 64),
+                    BK=64, BD_MAX=_env_int("FASTCL_BWD_BD", 256),
+                    num_warps=_env_int("FASTCL_BWD_WARPS", 8), num_stages=_env_int("FASTCL_BWD_STAGES", 2))
     return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
 
@@ -224,20 +269,32 @@ def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, s
 
 
 def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool):
-    """dU [B, D], dV [N, D], d scale [] (float32) of sum_i g_row_i*row_loss_i
-    (+ sum_j g_col_j*col_loss_j if symmetric), from lse_forward's stats."""
+    """dU [B, D], dV [N, D] (input dtype), d scale [] (float32) of sum_i g_row_i*row_loss_i
+    (+ sum_j g_col_j*col_loss_j if symmetric), from lse_forward's stats.
+
+    Two launches of one kernel: dU over row blocks, dV over column blocks; each recomputes S
+    and uses row and column statistics together. Measured faster than a single pass that
+    accumulates dU with atomics (see benchmarks/RESULTS.md).
+    """
     B, D = u.shape
     N = v.shape[0]
     cfg = _config(u.device, backward=True)
-    du = torch.zeros((B, D), device=u.device, dtype=torch.float32)  # atomically accumulated
-    dv = torch.zeros((N, D), device=u.device, dtype=torch.float32)  # owned per column block
-    n_cb = triton.cdiv(N, cfg["BN"])
-    dscale = torch.full((n_cb,), float("nan"), device=u.device, dtype=torch.float32)  # poisoned
+    cfg["BD"] = min(cfg.pop("BD_MAX"), max(16, triton.next_power_of_2(D)))
+    # Poisoned outputs: every element must be written by the kernels.
+    du = torch.full((B, D), float("nan"), device=u.device, dtype=u.dtype)
+    dv = torch.full((N, D), float("nan"), device=u.device, dtype=v.dtype)
+    n_rb = triton.cdiv(B, cfg["BM"])
+    dscale = torch.full((n_rb,), float("nan"), device=u.device, dtype=torch.float32)
     g_row = g_row.float().contiguous()
     g_col = g_col.float().contiguous() if symmetric else g_row
-    lse_bwd_kernel[(n_cb,)](
-        u, v, scale, row_stats, col_stats, g_row, g_col, g_row if labels is None else labels,
-        du, dv, dscale, B, N, D,
-        u.stride(0), u.stride(1), v.stride(0), v.stride(1),
-        HAS_COL=symmetric, HAS_LABELS=labels is not None, PREC=_precision(u.dtype), **cfg)
+    lab = g_row if labels is None else labels
+    common = dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, PREC=_precision(u.dtype), **cfg)
+    grad_kernel[(n_rb,)](
+        u, v, scale, row_stats, col_stats, g_row, g_col, lab, du, dscale,
+        B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        TRANSPOSED=False, **common)
+    grad_kernel[(triton.cdiv(N, cfg["BM"]),)](
+        v, u, scale, row_stats, col_stats, g_row, g_col, lab, dv, dscale,
+        N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1),
+        TRANSPOSED=True, **common)
     return du, dv, dscale.sum()
