@@ -120,7 +120,7 @@ def grad_kernel(A, Bm, SCALE, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSCALE,
                 MA, MB, D, B, N, s_am, s_ad, s_bm, s_bd,
                 TRANSPOSED: tl.constexpr, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                PREC: tl.constexpr):
+                ONE_SLAB: tl.constexpr, PREC: tl.constexpr):
     """dA[a] = s * sum_b G[a, b] * Bm[b] for a block of BM rows of A.
 
     TRANSPOSED=False: A = U (queries), Bm = V, G[a, b] = G_ab     -> dU (and d scale)
@@ -148,6 +148,9 @@ def grad_kernel(A, Bm, SCALE, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSCALE,
         ds_ = d0 + tl.arange(0, BD)
         dmask = ds_ < D
         acc_da = tl.zeros((BM, BD), tl.float32)
+        if ONE_SLAB:  # A's rows are read once; each B tile serves the S dot and the dA dot
+            at = tl.load(A + a_idx[:, None] * s_am + ds_[None, :] * s_ad,
+                         mask=amask[:, None] & dmask[None, :], other=0.0)
         for b0 in range(0, MB, BN):
             b_idx = b0 + tl.arange(0, BN)
             bmask = b_idx < MB
@@ -160,8 +163,13 @@ def grad_kernel(A, Bm, SCALE, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSCALE,
                     cm2, cl2, gc, posc = _col_side(COL_STATS, GC, ROW_STATS, b_idx, bmask, N, B)
                     CM, CL, GCv, POSC = cm2[None, :], cl2[None, :], gc[None, :], posc[None, :]
                 C_IDX = b_idx[None, :]
-            acc = _score_tile(A, Bm, a_idx, b_idx, amask, bmask, D, s_ad, s_am, s_bd, s_bm,
-                              BM, BN, BK, PREC)
+            bt = tl.load(Bm + b_idx[:, None] * s_bm + ds_[None, :] * s_bd,
+                         mask=bmask[:, None] & dmask[None, :], other=0.0)
+            if ONE_SLAB:
+                acc = tl.dot(at, tl.trans(bt), input_precision=PREC)
+            else:
+                acc = _score_tile(A, Bm, a_idx, b_idx, amask, bmask, D, s_ad, s_am, s_bd, s_bm,
+                                  BM, BN, BK, PREC)
             z = acc * s2
             is_pos = C_IDX == Y
             p = tl.exp2((tl.where(is_pos, POSR, z) - RM) - RL)
@@ -180,8 +188,6 @@ def grad_kernel(A, Bm, SCALE, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSCALE,
             if not TRANSPOSED:
                 if d0 == 0:
                     dscale += tl.where(valid, ds_tile, 0.0)
-            bt = tl.load(Bm + b_idx[:, None] * s_bm + ds_[None, :] * s_bd,
-                         mask=bmask[:, None] & dmask[None, :], other=0.0)
             acc_da = tl.dot(g.to(Bm.dtype.element_ty), bt, acc_da, input_precision=PREC)
         tl.store(DA + a_idx[:, None] * D + ds_[None, :], acc_da, mask=amask[:, None] & dmask[None, :])
     if not TRANSPOSED:
@@ -217,11 +223,11 @@ def _config(device: torch.device, backward: bool):
     if interpreting() or device.type != "cuda":
         # Small tiles so that tests with small B and D still cross tile and D-slab boundaries.
         cfg = dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=1)
-        return dict(cfg, BD_MAX=32) if backward else cfg
+        return dict(cfg, BD_MAX=64) if backward else cfg
     if backward:
         # FASTCL_BWD_* let the GPU script compare tile shapes in one run.
         return dict(BM=_env_int("FASTCL_BWD_BM", 64), BN=_env_int("FASTCL_BWD_BN", 64),
-                    BK=64, BD_MAX=_env_int("FASTCL_BWD_BD", 256),
+                    BK=64, BD_MAX=_env_int("FASTCL_BWD_BD", 512),
                     num_warps=_env_int("FASTCL_BWD_WARPS", 8), num_stages=_env_int("FASTCL_BWD_STAGES", 2))
     return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
@@ -279,7 +285,10 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     B, D = u.shape
     N = v.shape[0]
     cfg = _config(u.device, backward=True)
-    cfg["BD"] = min(cfg.pop("BD_MAX"), max(16, triton.next_power_of_2(D)))
+    # fp32 operands take twice the shared memory of 16-bit ones: halve the D-slab.
+    bd_max = cfg.pop("BD_MAX") // (2 if u.dtype == torch.float32 else 1)
+    cfg["BD"] = min(bd_max, max(16, triton.next_power_of_2(D)))
+    cfg["ONE_SLAB"] = D <= cfg["BD"]
     # Poisoned outputs: every element must be written by the kernels.
     du = torch.full((B, D), float("nan"), device=u.device, dtype=u.dtype)
     dv = torch.full((N, D), float("nan"), device=u.device, dtype=v.dtype)

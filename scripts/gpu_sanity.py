@@ -1,0 +1,21 @@
+"""Quick large-shape check on a GPU: fastcl-triton vs float64 torch at B=4096, D=512."""
+import torch
+
+import fastcl
+import fastcl.functional as FCL
+
+torch.manual_seed(0)
+B, D = 4096, 512
+q = torch.randn(B, D, device="cuda", dtype=torch.float64)
+k = q + 0.5 * torch.randn(B, D, device="cuda", dtype=torch.float64)
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for sym in (True, False):
+        qq, kk = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+        q64, k64 = qq.detach().double().requires_grad_(), kk.detach().double().requires_grad_()
+        out = FCL.info_nce(qq, kk, temperature=0.07, symmetric=sym, backend="triton")
+        out.backward()
+        ref = fastcl.info_nce_reference(q64, k64, temperature=0.07, symmetric=sym)
+        ref.backward()
+        rel = [float((a.double() - b).norm() / b.norm()) for a, b in ((qq.grad, q64.grad), (kk.grad, k64.grad))]
+        print(f"{str(dtype):15} sym={sym!s:5} loss {float(out):.6f} ref {float(ref):.6f} "
+              f"rel err dq {rel[0]:.2e} dk {rel[1]:.2e}")
