@@ -116,7 +116,7 @@ def _col_side(COL_STATS, GC, ROW_STATS, idx, mask, N, B):
 
 
 @triton.jit
-def grad_kernel(A, Bm, SCALE, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSCALE,
+def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSCALE,
                 MA, MB, D, B, N, s_am, s_ad, s_bm, s_bd,
                 TRANSPOSED: tl.constexpr, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
@@ -132,6 +132,9 @@ def grad_kernel(A, Bm, SCALE, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSCALE,
     pid = tl.program_id(0)
     s = tl.load(SCALE).to(tl.float32)
     s2 = s * 1.4426950408889634
+    # G goes through the tensor cores in the input dtype. A power of two (exact) lifts it out of
+    # fp16's subnormal range, where mean-reduced entries (~s * P_ij / B) would lose their digits.
+    amp = tl.load(AMP)
     a_idx = pid * BM + tl.arange(0, BM)
     amask = a_idx < MA
     if TRANSPOSED:
@@ -184,12 +187,13 @@ def grad_kernel(A, Bm, SCALE, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSCALE,
                 g += gq
                 ds_tile += gq * (acc - POSC / s2)
             valid = amask[:, None] & bmask[None, :]
-            g = tl.where(valid, g * s, 0.0)
+            g = tl.where(valid, g * (s * amp), 0.0)
             if not TRANSPOSED:
                 if d0 == 0:
                     dscale += tl.where(valid, ds_tile, 0.0)
             acc_da = tl.dot(g.to(Bm.dtype.element_ty), bt, acc_da, input_precision=PREC)
-        tl.store(DA + a_idx[:, None] * D + ds_[None, :], acc_da, mask=amask[:, None] & dmask[None, :])
+        tl.store(DA + a_idx[:, None] * D + ds_[None, :], acc_da / amp,
+                 mask=amask[:, None] & dmask[None, :])
     if not TRANSPOSED:
         tl.store(DSCALE + pid, tl.sum(tl.sum(dscale, 1), 0))
 
@@ -297,13 +301,17 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     g_row = g_row.float().contiguous()
     g_col = g_col.float().contiguous() if symmetric else g_row
     lab = g_row if labels is None else labels
+    # |G * s| <= s * (max|g_row| + max|g_col|); bring that bound to ~2^14, a power of two.
+    gmax = g_row.abs().max() + (g_col.abs().max() if symmetric else 0.0)
+    amp = torch.exp2(torch.floor(torch.log2(16384.0 / (scale.float() * gmax).clamp_min(1e-30))))
+    amp = amp.clamp(2.0 ** -60, 2.0 ** 60).reshape(1)
     common = dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, PREC=_precision(u.dtype), **cfg)
     grad_kernel[(n_rb,)](
-        u, v, scale, row_stats, col_stats, g_row, g_col, lab, du, dscale,
+        u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, du, dscale,
         B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         TRANSPOSED=False, **common)
     grad_kernel[(triton.cdiv(N, cfg["BM"]),)](
-        v, u, scale, row_stats, col_stats, g_row, g_col, lab, dv, dscale,
+        v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, dv, dscale,
         N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1),
         TRANSPOSED=True, **common)
     return du, dv, dscale.sum()
