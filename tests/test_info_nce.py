@@ -104,10 +104,11 @@ def test_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_small_gradients_do_not_underflow(dtype, symmetric):
-    """A nearly solved batch with mean reduction: G entries ~ s*P_ij/B sit in fp16's subnormal
-    range. Naive fp16 torch loses them too, so this uses an absolute bound, not the budget.
-    It bites on GPUs (4096 x 512: 39% error before G was scaled); the CPU size is a smoke test."""
+def test_small_gradients_near_best_representable(dtype, symmetric):
+    """A nearly solved batch with mean reduction: gradient entries ~1e-7 are fp16 subnormals,
+    so even the exact gradient rounded to fp16 is ~40% off at 4096 x 512 (fp16 training needs a
+    GradScaler). Naive fp16 torch loses them too, so instead of the usual budget this bounds
+    ours by twice the error of the float64 gradient rounded to the dtype."""
     B, D = (4096, 512) if HAS_CUDA else (256, 40)
     g = torch.Generator().manual_seed(21)
     q = torch.randn(B, D, generator=g, dtype=torch.float64)
@@ -115,13 +116,15 @@ def test_small_gradients_do_not_underflow(dtype, symmetric):
     q = q.to(dtype).double()
     q64, k64 = q.clone().requires_grad_(), k.clone().requires_grad_()
     fastcl.info_nce_reference(q64, k64, temperature=0.07, symmetric=symmetric).backward()
+    floor = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     for backend in BACKENDS:
         qq = q.to(DEVICE, dtype).requires_grad_()
         kk = k.to(DEVICE, dtype).requires_grad_()
         FCL.info_nce(qq, kk, temperature=0.07, symmetric=symmetric, backend=backend).backward()
         for ours, ref in ((qq.grad, q64.grad), (kk.grad, k64.grad)):
             err = float((ours.double().cpu() - ref).norm() / ref.norm())
-            assert err < {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype], (backend, err)
+            best = float((ref.to(dtype).double() - ref).norm() / ref.norm())
+            assert err <= 2 * best + floor, (backend, err, best)
 
 
 def test_fp16_large_scale_no_overflow():
