@@ -53,6 +53,18 @@ def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
                              f"got values in [{lo}, {hi}]")
 
 
+def check_class_ids(labels, batch: int, device, name="labels"):
+    """Class ids (any integer values) for multi-positive losses."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class ids, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor of class ids, got {labels.dtype}")
+    if labels.shape != (batch,):
+        raise ValueError(f"{name} must have shape [{batch}] (one class id per sample), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} must be on {device}, got {labels.device}")
+
+
 def scale_tensor(temperature, logit_scale, device) -> torch.Tensor:
     """The logit multiplier s as a 0-dim tensor: exp(logit_scale) (differentiable) or 1/temperature."""
     if temperature is not None and logit_scale is not None:

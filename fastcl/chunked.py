@@ -20,18 +20,43 @@ def _chunks(B: int, N: int):
         yield i0, min(B, i0 + step)
 
 
-def lse_forward(u, v, scale, labels, symmetric: bool):
+def _tile_masks(S, i0, i1, labels, row_cls, col_cls, exclude_diag, exclude_pos):
+    """keep [C, N]: logits in the log-sum-exp; ind [C, N]: weight of each logit in pos_i."""
+    r = torch.arange(i0, i1, device=S.device)
+    y = r if labels is None else labels[i0:i1]
+    cols = torch.arange(S.shape[1], device=S.device)
+    is_pos = cols[None, :] == y[:, None]
+    keep = torch.ones_like(is_pos)
+    if exclude_diag:
+        keep &= cols[None, :] != r[:, None]
+    if exclude_pos:
+        keep &= ~is_pos
+    if row_cls is None:
+        return keep, is_pos, None
+    same = (col_cls[None, :] == row_cls[i0:i1, None]) & (cols[None, :] != r[:, None])
+    cnt = same.sum(dim=1)
+    return keep, same.to(S.dtype) / cnt.clamp_min(1)[:, None], cnt
+
+
+def lse_forward(u, v, scale, labels, symmetric: bool, row_cls=None, col_cls=None,
+                exclude_diag=False, exclude_pos=False):
     """Same contract as fastcl.kernels.info_nce.lse_forward; stats in natural-log units."""
     cd = compute_dtype(u.dtype)
     U, V, s = u.to(cd), v.to(cd), scale.to(cd)
     B, N = U.shape[0], V.shape[0]
-    row_stats = U.new_empty(3, B)  # max, log-sum relative to the max, positive logit
+    row_stats = U.new_empty(4, B)  # max, log-sum relative to the max, positive logit, #positives
     col_m = U.new_full((N,), float("-inf")) if symmetric else None
     col_l = U.new_zeros(N) if symmetric else None
     for i0, i1 in _chunks(B, N):
         S = (U[i0:i1] @ V.T).mul_(s)
-        r = torch.arange(i0, i1, device=U.device)
-        row_stats[2, i0:i1] = S[r - i0, r if labels is None else labels[i0:i1]]
+        keep, ind, cnt = _tile_masks(S, i0, i1, labels, row_cls, col_cls, exclude_diag, exclude_pos)
+        if cnt is None:
+            row_stats[2, i0:i1] = S[ind]  # one positive per row
+            row_stats[3, i0:i1] = 1.0
+        else:
+            row_stats[2, i0:i1] = (S * ind).sum(dim=1)
+            row_stats[3, i0:i1] = cnt.to(cd)
+        S.masked_fill_(~keep, float("-inf"))
         m = S.max(dim=1).values
         row_stats[0, i0:i1] = m
         if symmetric:
@@ -39,7 +64,7 @@ def lse_forward(u, v, scale, labels, symmetric: bool):
             col_l = col_l * torch.exp(col_m - cm) + torch.exp(S - cm).sum(dim=0)
             col_m = cm
         row_stats[1, i0:i1] = torch.log(torch.exp(S.sub_(m[:, None])).sum(dim=1))
-    m, logl, pos = row_stats
+    m, logl, pos = row_stats[:3]
     # (max - pos) first: exact when the positive is the maximum, as in a naive log-softmax.
     row_loss = (m - pos) + logl
     if not symmetric:
@@ -48,7 +73,8 @@ def lse_forward(u, v, scale, labels, symmetric: bool):
     return row_loss, (col_m - pos) + col_stats[1], row_stats, col_stats
 
 
-def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool):
+def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool,
+                 row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False):
     """Same contract as fastcl.kernels.info_nce.lse_backward."""
     cd = compute_dtype(u.dtype)
     U, V, s = u.to(cd), v.to(cd), scale.to(cd)
@@ -62,12 +88,14 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
         C = U[i0:i1] @ V.T
         S = C * s
         r = torch.arange(i0, i1, device=U.device)
-        y = r if labels is None else labels[i0:i1]
-        # The positives (and diagonal) take the forward's stored logit, so P - 1 is exact even
-        # if this recompute rounds differently from the forward's.
-        S[r - i0, y] = row_stats[2, i0:i1]
+        keep, ind, cnt = _tile_masks(S, i0, i1, labels, row_cls, col_cls, exclude_diag, exclude_pos)
+        if cnt is None:
+            # The positive takes the forward's stored logit, so P - 1 is exact even if this
+            # recompute rounds differently from the forward's.
+            S[ind] = row_stats[2, i0:i1]
         P = torch.exp((S - row_stats[0, i0:i1, None]).sub_(row_stats[1, i0:i1, None]))
-        P[r - i0, y] -= 1.0  # the one-hot, subtracted element-wise (no cancellation later)
+        P.masked_fill_(~keep, 0.0)
+        P -= ind.to(P.dtype)  # the positives, subtracted element-wise (no cancellation later)
         G = P.mul_(g_row[i0:i1, None])
         # dL/ds = sum_ij G_ij <u_i, v_j>. Each row of the row term (column of the column term)
         # sums to 0 exactly, so centring <u_i, v_j> on the positive's value changes nothing

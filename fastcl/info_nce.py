@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _validation, chunked, reference
+from ._common import reduce
 
 
 def _impl(backend: str):
@@ -24,51 +25,61 @@ def _impl(backend: str):
 
 @torch.library.custom_op("fastcl::info_nce_rows", mutates_args=())
 def info_nce_rows(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor], symmetric: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-row InfoNCE terms of S = scale * u @ v.T, never storing S.
+                  row_cls: Optional[Tensor], col_cls: Optional[Tensor], exclude_diag: bool,
+                  exclude_pos: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row contrastive terms of S = scale * u @ v.T, never storing S.
 
     Returns (row_loss [B], col_loss [N] or [0], row_stats, col_stats):
-    row_loss_i = logsumexp_j S_ij - S_{i,y_i}, col_loss_j = logsumexp_i S_ij - S_jj (symmetric).
-    The stats are the backend's O(B + N) log-sum-exp statistics for the backward; no gradient.
+    row_loss_i = logsumexp_{j in J_i} S_ij - pos_i, with J_i all columns but i (exclude_diag)
+    and y_i (exclude_pos); pos_i = S_{i,y_i}, or with class ids the mean of S_ij over the
+    other columns j with col_cls[j] == row_cls[i]. col_loss_j = logsumexp_i S_ij - S_jj
+    (symmetric). The stats are the backend's O(B + N) statistics for the backward; no gradient.
     """
-    return _impl(backend).lse_forward(u, v, scale, labels, symmetric)
+    return _impl(backend).lse_forward(u, v, scale, labels, symmetric, row_cls, col_cls,
+                                      exclude_diag, exclude_pos)
 
 
 @info_nce_rows.register_fake
-def _(u, v, scale, labels, symmetric, backend):
+def _(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, backend):
     cd = chunked.compute_dtype(u.dtype)
     B, N = u.shape[0], (v.shape[0] if symmetric else 0)
     return (u.new_empty(B, dtype=cd), u.new_empty(N, dtype=cd),
-            u.new_empty(3, B, dtype=cd), u.new_empty(2, N, dtype=cd))
+            u.new_empty(4, B, dtype=cd), u.new_empty(2, N, dtype=cd))
 
 
 @torch.library.custom_op("fastcl::info_nce_rows_backward", mutates_args=())
 def info_nce_rows_backward(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor],
                            row_stats: Tensor, col_stats: Tensor, g_row: Tensor, g_col: Tensor,
-                           symmetric: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                           symmetric: bool, row_cls: Optional[Tensor], col_cls: Optional[Tensor],
+                           exclude_diag: bool, exclude_pos: bool,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
     du, dv, dscale = _impl(backend).lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col,
-                                                 labels, symmetric)
+                                                 labels, symmetric, row_cls, col_cls,
+                                                 exclude_diag, exclude_pos)
     return du.to(u.dtype), dv.to(v.dtype), dscale.to(scale.dtype)
 
 
 @info_nce_rows_backward.register_fake
-def _(u, v, scale, labels, row_stats, col_stats, g_row, g_col, symmetric, backend):
+def _(u, v, scale, labels, row_stats, col_stats, g_row, g_col, symmetric, row_cls, col_cls,
+      exclude_diag, exclude_pos, backend):
     return torch.empty_like(u), torch.empty_like(v), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
-    u, v, scale, labels, symmetric, backend = inputs
-    ctx.save_for_backward(u, v, scale, labels, output[2], output[3])
-    ctx.symmetric, ctx.backend = symmetric, backend
+    u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, backend = inputs
+    ctx.save_for_backward(u, v, scale, labels, row_cls, col_cls, output[2], output[3])
+    ctx.flags = (symmetric, exclude_diag, exclude_pos, backend)
 
 
 def _backward(ctx, g_row, g_col, _g_row_stats, _g_col_stats):
-    u, v, scale, labels, row_stats, col_stats = ctx.saved_tensors
+    u, v, scale, labels, row_cls, col_cls, row_stats, col_stats = ctx.saved_tensors
+    symmetric, exclude_diag, exclude_pos, backend = ctx.flags
     g_row = torch.zeros_like(row_stats[0]) if g_row is None else g_row.contiguous()
     g_col = torch.zeros_like(col_stats[0]) if g_col is None else g_col.contiguous()
     du, dv, dscale = torch.ops.fastcl.info_nce_rows_backward(
-        u, v, scale, labels, row_stats, col_stats, g_row, g_col, ctx.symmetric, ctx.backend)
-    return du, dv, dscale, None, None, None
+        u, v, scale, labels, row_stats, col_stats, g_row, g_col, symmetric, row_cls, col_cls,
+        exclude_diag, exclude_pos, backend)
+    return du, dv, dscale, None, None, None, None, None, None, None
 
 
 info_nce_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -80,9 +91,34 @@ def _normalize(x: Tensor) -> Tensor:
     return (xc / xc.norm(dim=1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
 
 
+def prepare(scale: Tensor, normalize: bool, *xs: Tensor):
+    """The embeddings (normalised if asked) and the scale in the compute dtype (float64 stays
+    float64, for gradcheck)."""
+    xs = tuple(_normalize(x) for x in xs) if normalize else xs
+    return (*xs, scale.to(chunked.compute_dtype(xs[0].dtype)))
+
+
+def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=None, col_cls=None,
+              exclude_diag=False, exclude_pos=False):
+    """(row_loss [B], col_loss [N] or [0]) from the fused op; see info_nce_rows."""
+    if labels is not None:
+        labels = labels.long().contiguous()
+    if row_cls is not None:
+        row_cls, col_cls = row_cls.long().contiguous(), col_cls.long().contiguous()
+    row, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, scale, labels, symmetric, row_cls, col_cls,
+                                                    exclude_diag, exclude_pos, backend)
+    return row, col
+
+
+def pair_logit(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
+    """s * <a_i, b_i> per row in the compute dtype, differentiable (O(B*D))."""
+    cd = scale.dtype
+    return (a.to(cd) * b.to(cd)).sum(dim=1) * scale
+
+
 def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels=None,
              symmetric: bool = False, normalize: bool = True, reduction: str = "mean",
-             backend: str = "auto") -> Tensor:
+             label_smoothing: float = 0.0, backend: str = "auto") -> Tensor:
     """InfoNCE (one direction) or CLIP (``symmetric=True``) loss without a B x N buffer.
 
     Args:
@@ -98,6 +134,8 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
         normalize: L2-normalise q and k first (gradient flows through the normalisation).
         reduction: "mean" | "sum" | "none" (per-row losses [B]; symmetric: per-pair
             average of the two directions).
+        label_smoothing: epsilon in [0, 1), as in F.cross_entropy: the target puts 1 - eps on
+            the positive and eps spread uniformly over all N columns.
         backend: "auto" (triton on CUDA, else torch), "triton", "torch" (chunked pure torch),
             "reference" (naive materialised logits), "cuda" (not built yet).
 
@@ -107,6 +145,8 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
     """
     _validation.check_embeddings(q, k)
     _validation.check_reduction(reduction)
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     B, N = q.shape[0], k.shape[0]
     if symmetric:
         if N != B:
@@ -125,17 +165,19 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
     if backend == "reference":
         return reference.info_nce_reference(
             q, k, temperature=temperature, logit_scale=logit_scale, labels=labels,
-            symmetric=symmetric, normalize=normalize, reduction=reduction)
+            symmetric=symmetric, normalize=normalize, reduction=reduction,
+            label_smoothing=label_smoothing)
 
-    u, v = (_normalize(q), _normalize(k)) if normalize else (q, k)
-    if labels is not None:
-        labels = labels.long().contiguous()
-    scale = scale.to(chunked.compute_dtype(q.dtype))  # float64 stays float64 (gradcheck)
-    per, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, scale, labels, symmetric, backend)
+    u, v, scale = prepare(scale, normalize, q, k)
+    per, col = row_terms(u, v, scale, backend, labels=labels, symmetric=symmetric)
+    if label_smoothing:
+        # CE with smoothing = lse - (1-eps) S_iy - eps mean_j S_ij = row_loss + eps (S_iy - mean_j S_ij);
+        # mean_j S_ij = s <u_i, mean(v)>: O(B*D), no extra pass over the tiles.
+        eps = float(label_smoothing)
+        pos = pair_logit(u, v[labels] if labels is not None else v[:B], scale)
+        per = per + eps * (pos - pair_logit(u, v.mean(0, keepdim=True).expand_as(u), scale))
+        if symmetric:
+            col = col + eps * (pos - pair_logit(v, u.mean(0, keepdim=True).expand_as(v), scale))
     if symmetric:
         per = 0.5 * (per + col)  # N == B, no labels: pair i is row i and column i
-    if reduction == "mean":
-        return per.mean()
-    if reduction == "sum":
-        return per.sum()
-    return per
+    return reduce(per, reduction)

@@ -4,6 +4,7 @@ import math
 import torch
 from torch import nn
 
+from . import losses
 from .info_nce import info_nce
 
 
@@ -52,3 +53,92 @@ class ClipLoss(nn.Module):
         return info_nce(image_features, text_features, logit_scale=logit_scale.to(image_features.device),
                         symmetric=True, normalize=self.normalize, reduction=self.reduction,
                         backend=self.backend)
+
+
+def _no_gather(gather_distributed):
+    if gather_distributed:
+        raise NotImplementedError("gather_distributed=True is not supported yet: fastcl's "
+                                  "distributed losses are a separate feature (all_gather / ring)")
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR NT-Xent with lightly's signature; ``forward(out0 [N, D], out1 [N, D])``.
+
+    Equal to ``lightly.loss.NTXentLoss`` and pytorch-metric-learning's ``NTXentLoss`` (with
+    labels marking the pairs) on the same inputs. See :func:`fastcl.losses.nt_xent`.
+    """
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0,
+                 gather_distributed: bool = False, backend: str = "auto"):
+        super().__init__()
+        if memory_bank_size:
+            raise NotImplementedError("a memory bank is not supported; pass the negatives as extra "
+                                      "keys to fastcl.functional.info_nce instead")
+        _no_gather(gather_distributed)
+        self.temperature, self.backend = temperature, backend
+
+    def forward(self, out0, out1):
+        return losses.nt_xent(out0, out1, temperature=self.temperature, backend=self.backend)
+
+
+class DCLLoss(nn.Module):
+    """DCL with lightly's signature; ``forward(out0 [N, D], out1 [N, D])``.
+
+    One log-sum-exp over all 2N-2 negatives, as in the paper and in ``lightly.loss.DCLLoss``
+    1.6 (checked equal); older lightly releases added separate same-view and cross-view
+    log-sum-exps, which :func:`fastcl.losses.dcl` offers as ``negatives="split"``.
+    ``weight_fn(out0n, out1n) -> [N]`` is called on the normalised views; its output is
+    detached, as in lightly.
+    """
+
+    def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        _no_gather(gather_distributed)
+        self.temperature, self.weight_fn, self.backend = temperature, weight_fn, backend
+
+    def forward(self, out0, out1):
+        return losses.dcl(out0, out1, temperature=self.temperature, weight=self.weight_fn,
+                          backend=self.backend)
+
+
+class DCLWLoss(DCLLoss):
+    """DCLW with lightly's signature: DCL weighted by w = 2 - N softmax(<z1_i, z2_i> / sigma)."""
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False,
+                 backend: str = "auto"):
+        super().__init__(temperature, None, gather_distributed, backend)
+        self.sigma = sigma
+
+    def forward(self, out0, out1):
+        return losses.dcl(out0, out1, temperature=self.temperature, weight="vmf", sigma=self.sigma,
+                          backend=self.backend)
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss; ``forward(features [B, D] or [B, V, D], labels [B])``."""
+
+    def __init__(self, temperature: float = 0.1, backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.backend = temperature, backend
+
+    def forward(self, features, labels=None):
+        return losses.supcon(features, labels, temperature=self.temperature, backend=self.backend)
+
+
+class MultipleNegativesRankingLoss(nn.Module):
+    """sentence-transformers' MNRL on tensors: ``forward(anchor, positive, *negatives)``, each
+    negative [B, D] (or one [B, M, D] / [P, D] tensor). Cosine similarity x ``scale``."""
+
+    def __init__(self, scale: float = 20.0, backend: str = "auto"):
+        super().__init__()
+        self.scale, self.backend = scale, backend
+
+    def forward(self, anchor, positive, *negatives):
+        neg = None
+        if len(negatives) == 1:
+            neg = negatives[0]
+        elif negatives:
+            neg = torch.stack(negatives, dim=1)  # [B, M, D]
+        return losses.multiple_negatives_ranking(anchor, positive, neg, scale=self.scale,
+                                                 backend=self.backend)

@@ -46,9 +46,22 @@ def _score_tile(U, V, rows, cols, rmask, cmask, D, s_ud, s_ub, s_vd, s_vn,
 
 
 @triton.jit
-def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_STATS, COL_M, COL_L,
+def _keep(valid, r_idx, c_idx, is_pos, EXCL_DIAG: tl.constexpr, EXCL_POS: tl.constexpr):
+    """Which logits enter the row's log-sum-exp: not self (NT-Xent, SupCon, DCL), not the
+    positive (DCL's decoupling)."""
+    keep = valid
+    if EXCL_DIAG:
+        keep = keep & (r_idx != c_idx)
+    if EXCL_POS:
+        keep = keep & (is_pos == 0)
+    return keep
+
+
+@triton.jit
+def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_CLS, COL_CLS, ROW_STATS, COL_M, COL_L,
                    B, N, D, s_ub, s_ud, s_vn, s_vd, s_cp,
                    NUM_PROGS, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
+                   EXCL_DIAG: tl.constexpr, EXCL_POS: tl.constexpr, MULTI_POS: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     # Work in the log2 domain: exp2 is the native instruction.
@@ -60,20 +73,33 @@ def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_STATS, COL_M, COL_L,
             y = tl.load(LABELS + rows, mask=rmask, other=-1)
         else:
             y = rows
+        if MULTI_POS:
+            rcls = tl.load(ROW_CLS + rows, mask=rmask, other=-1)
         m_i = tl.full((BM,), -1.0e30, tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         pos = tl.zeros((BM,), tl.float32)
+        cnt = tl.zeros((BM,), tl.float32)
         for cb in range(0, tl.cdiv(N, BN)):
             cols = cb * BN + tl.arange(0, BN)
             cmask = cols < N
             acc = _score_tile(U, V, rows, cols, rmask, cmask, D, s_ud, s_ub, s_vd, s_vn,
                               BM, BN, BK, PREC)
-            z = tl.where(rmask[:, None] & cmask[None, :], acc * s2, -1.0e30)
+            valid = rmask[:, None] & cmask[None, :]
+            z = acc * s2
+            is_pos = cols[None, :] == y[:, None]
             # The positive logit from this very tile, so that (max - pos) is exact when the
             # positive is the row maximum, as in a naive log-softmax.
-            pos += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+            if MULTI_POS:  # every other column of the same class; class ids compared here
+                ccls = tl.load(COL_CLS + cols, mask=cmask, other=-2)
+                pm = valid & (ccls[None, :] == rcls[:, None]) & (cols[None, :] != rows[:, None])
+                pos += tl.sum(tl.where(pm, z, 0.0), 1)
+                cnt += tl.sum(pm.to(tl.float32), 1)
+            else:
+                pos += tl.sum(tl.where(is_pos & valid, z, 0.0), 1)
+            keep = _keep(valid, rows[:, None], cols[None, :], is_pos, EXCL_DIAG, EXCL_POS)
+            z = tl.where(keep, z, -1.0e30)
             m_new = tl.maximum(m_i, tl.max(z, 1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), 1)
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.where(keep, tl.exp2(z - m_new[:, None]), 0.0), 1)
             m_i = m_new
             if HAS_COL:
                 cm = tl.max(z, 0)
@@ -85,24 +111,36 @@ def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_STATS, COL_M, COL_L,
                 l2 = l_old * tl.exp2(m_old - m2) + cl * tl.exp2(cm - m2)
                 tl.store(COL_M + cptr, m2, mask=cmask)
                 tl.store(COL_L + cptr, l2, mask=cmask)
-        # ROW_STATS rows: max, log2(sum), positive logit; all in log2 units.
+        if MULTI_POS:  # mean positive logit; rows without positives get 0 (and count 0)
+            pos = tl.where(cnt > 0, pos / tl.maximum(cnt, 1.0), 0.0)
+        else:
+            cnt += 1.0
+        # ROW_STATS rows: max, log2(sum), positive logit (log2 units), number of positives.
         tl.store(ROW_STATS + rows, m_i, mask=rmask)
-        tl.store(ROW_STATS + B + rows, tl.log2(l_i), mask=rmask)
+        tl.store(ROW_STATS + B + rows, tl.log2(tl.where(rmask, l_i, 1.0)), mask=rmask)
         tl.store(ROW_STATS + 2 * B + rows, pos, mask=rmask)
+        tl.store(ROW_STATS + 3 * B + rows, cnt, mask=rmask)
 
 
 @triton.jit
-def _row_side(ROW_STATS, GR, LABELS, idx, mask, B, HAS_LABELS: tl.constexpr):
-    """Per-row-of-S data for the backward: max, log-sum (log2 units), upstream grad, label, positive."""
+def _row_side(ROW_STATS, GR, LABELS, ROW_CLS, idx, mask, B, HAS_LABELS: tl.constexpr,
+              MULTI_POS: tl.constexpr):
+    """Per-row-of-S data for the backward: max, log-sum (log2 units), upstream grad, label,
+    positive logit, 1/number of positives, class id."""
     m2 = tl.load(ROW_STATS + idx, mask=mask, other=0.0)
     l2 = tl.load(ROW_STATS + B + idx, mask=mask, other=0.0)
     pos = tl.load(ROW_STATS + 2 * B + idx, mask=mask, other=0.0)
+    inv_cnt = 1.0 / tl.maximum(tl.load(ROW_STATS + 3 * B + idx, mask=mask, other=1.0), 1.0)
     g = tl.load(GR + idx, mask=mask, other=0.0)
     if HAS_LABELS:
         y = tl.load(LABELS + idx, mask=mask, other=-1)
     else:
         y = idx
-    return m2, l2, g, y, pos
+    if MULTI_POS:
+        cls = tl.load(ROW_CLS + idx, mask=mask, other=-1)
+    else:
+        cls = y
+    return m2, l2, g, y, pos, inv_cnt, cls
 
 
 @triton.jit
@@ -116,9 +154,10 @@ def _col_side(COL_STATS, GC, ROW_STATS, idx, mask, N, B):
 
 
 @triton.jit
-def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSCALE,
+def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS, COL_CLS, DA, DSCALE,
                 MA, MB, D, B, N, s_am, s_ad, s_bm, s_bd,
                 TRANSPOSED: tl.constexpr, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
+                EXCL_DIAG: tl.constexpr, EXCL_POS: tl.constexpr, MULTI_POS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
                 ONE_SLAB: tl.constexpr, PREC: tl.constexpr):
     """dA[a] = s * sum_b G[a, b] * Bm[b] for a block of BM rows of A.
@@ -142,9 +181,13 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSC
             cm2, cl2, gc, posc = _col_side(COL_STATS, GC, ROW_STATS, a_idx, amask, N, B)
             CM, CL, GCv, POSC = cm2[:, None], cl2[:, None], gc[:, None], posc[:, None]
         C_IDX = a_idx[:, None]
+        if MULTI_POS:
+            CCLS = tl.load(COL_CLS + a_idx, mask=amask, other=-2)[:, None]
     else:
-        rm2, rl2, gr, y, posr = _row_side(ROW_STATS, GR, LABELS, a_idx, amask, B, HAS_LABELS)
+        rm2, rl2, gr, y, posr, icnt, rcls = _row_side(ROW_STATS, GR, LABELS, ROW_CLS, a_idx, amask, B,
+                                                      HAS_LABELS, MULTI_POS)
         RM, RL, GRv, Y, POSR = rm2[:, None], rl2[:, None], gr[:, None], y[:, None], posr[:, None]
+        ICNT, RCLS = icnt[:, None], rcls[:, None]
         R_IDX = a_idx[:, None]
     dscale = tl.zeros((BM, BN), tl.float32)
     for d0 in range(0, D, BD):  # one pass when D <= BD; else S is recomputed per D-slab
@@ -158,14 +201,18 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSC
             b_idx = b0 + tl.arange(0, BN)
             bmask = b_idx < MB
             if TRANSPOSED:
-                rm2, rl2, gr, y, posr = _row_side(ROW_STATS, GR, LABELS, b_idx, bmask, B, HAS_LABELS)
+                rm2, rl2, gr, y, posr, icnt, rcls = _row_side(ROW_STATS, GR, LABELS, ROW_CLS, b_idx, bmask,
+                                                              B, HAS_LABELS, MULTI_POS)
                 RM, RL, GRv, Y, POSR = rm2[None, :], rl2[None, :], gr[None, :], y[None, :], posr[None, :]
+                ICNT, RCLS = icnt[None, :], rcls[None, :]
                 R_IDX = b_idx[None, :]
             else:
                 if HAS_COL:
                     cm2, cl2, gc, posc = _col_side(COL_STATS, GC, ROW_STATS, b_idx, bmask, N, B)
                     CM, CL, GCv, POSC = cm2[None, :], cl2[None, :], gc[None, :], posc[None, :]
                 C_IDX = b_idx[None, :]
+                if MULTI_POS:
+                    CCLS = tl.load(COL_CLS + b_idx, mask=bmask, other=-2)[None, :]
             bt = tl.load(Bm + b_idx[:, None] * s_bm + ds_[None, :] * s_bd,
                          mask=bmask[:, None] & dmask[None, :], other=0.0)
             if ONE_SLAB:
@@ -174,9 +221,21 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSC
                 acc = _score_tile(A, Bm, a_idx, b_idx, amask, bmask, D, s_ad, s_am, s_bd, s_bm,
                                   BM, BN, BK, PREC)
             z = acc * s2
+            valid = amask[:, None] & bmask[None, :]
             is_pos = C_IDX == Y
-            p = tl.exp2((tl.where(is_pos, POSR, z) - RM) - RL)
-            g = GRv * tl.where(is_pos, p - 1.0, p)
+            keep = _keep(valid, R_IDX, C_IDX, is_pos, EXCL_DIAG, EXCL_POS)
+            if MULTI_POS:
+                ind = tl.where((CCLS == RCLS) & (R_IDX != C_IDX), ICNT, 0.0)
+                # No single stored positive to reuse: snap a logit that the recompute put
+                # within rounding (2^-20 relative) of the forward's row max back onto it, so that
+                # P - 1/|P(i)| keeps its digits when a positive is the maximum.
+                dz = z - RM
+                dz = tl.where(dz > -9.5367431640625e-07 * tl.maximum(tl.abs(RM), 1.0), 0.0, dz)
+                p = tl.where(keep, tl.exp2(dz - RL), 0.0)
+            else:
+                ind = is_pos.to(tl.float32)
+                p = tl.where(keep, tl.exp2((tl.where(is_pos, POSR, z) - RM) - RL), 0.0)
+            g = GRv * (p - ind)
             # d scale = sum G_ij <u_i, v_j>; rows (columns) of each term sum to 0 exactly, so
             # centring <u_i, v_j> on the positive keeps their rounding out of d scale.
             ds_tile = g * (acc - POSR / s2)
@@ -186,7 +245,6 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, DA, DSC
                 gq = GCv * tl.where(is_diag, q - 1.0, q)
                 g += gq
                 ds_tile += gq * (acc - POSC / s2)
-            valid = amask[:, None] & bmask[None, :]
             g = tl.where(valid, g * (s * amp), 0.0)
             if not TRANSPOSED:
                 if d0 == 0:
@@ -244,11 +302,15 @@ def _num_programs(device: torch.device, n_row_blocks: int) -> int:
     return max(1, min(n_row_blocks, cap))
 
 
-def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, symmetric: bool):
-    """(row_loss [B], col_loss [N] or [0], row_stats [3, B], col_stats [2, N] or [2, 0]), float32.
+def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, symmetric: bool,
+                row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False):
+    """(row_loss [B], col_loss [N] or [0], row_stats [4, B], col_stats [2, N] or [2, 0]), float32.
 
-    row_loss_i = logsumexp_j S_ij - S_{i,y_i}; col_loss_j = logsumexp_i S_ij - S_jj. The stats
-    (max and log-sum in log2 units) are what lse_backward needs.
+    row_loss_i = logsumexp_{j in J_i} S_ij - pos_i, where J_i is every column except i
+    (exclude_diag) and y_i (exclude_pos), and pos_i = S_{i,y_i}, or with class ids the mean of
+    S_ij over j != i with col_cls[j] == row_cls[i]. col_loss_j = logsumexp_i S_ij - S_jj
+    (symmetric, no exclusions). The stats (max, log-sum in log2 units, positive, number of
+    positives) are what lse_backward needs.
     """
     B, D = u.shape
     N = v.shape[0]
@@ -256,17 +318,20 @@ def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, s
     n_rb = triton.cdiv(B, cfg["BM"])
     P = _num_programs(u.device, n_rb)
     # Poisoned: a row the kernel fails to write shows up as NaN, not as a plausible number.
-    row_stats = torch.full((3, B), float("nan"), device=u.device, dtype=torch.float32)
+    row_stats = torch.full((4, B), float("nan"), device=u.device, dtype=torch.float32)
     if symmetric:
         col_m = torch.full((P, N), NEG, device=u.device, dtype=torch.float32)
         col_l = torch.zeros((P, N), device=u.device, dtype=torch.float32)
     else:
         col_m = col_l = row_stats  # unused placeholders
     lse_fwd_kernel[(P,)](
-        u, v, scale, row_stats if labels is None else labels, row_stats, col_m, col_l, B, N, D,
+        u, v, scale, row_stats if labels is None else labels,
+        row_stats if row_cls is None else row_cls, row_stats if col_cls is None else col_cls,
+        row_stats, col_m, col_l, B, N, D,
         u.stride(0), u.stride(1), v.stride(0), v.stride(1), col_m.stride(0) if symmetric else 0,
-        P, HAS_COL=symmetric, HAS_LABELS=labels is not None, PREC=_precision(u.dtype), **cfg)
-    m, logl, pos = row_stats
+        P, HAS_COL=symmetric, HAS_LABELS=labels is not None, EXCL_DIAG=exclude_diag,
+        EXCL_POS=exclude_pos, MULTI_POS=row_cls is not None, PREC=_precision(u.dtype), **cfg)
+    m, logl, pos = row_stats[:3]
     row_loss = ((m - pos) + logl) * LN2
     if not symmetric:
         return row_loss, row_loss.new_empty(0), row_stats, row_stats.new_empty(2, 0)
@@ -278,7 +343,8 @@ def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, s
     return row_loss, col_loss, row_stats, col_stats
 
 
-def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool):
+def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool,
+                 row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False):
     """dU [B, D], dV [N, D] (input dtype), d scale [] (float32) of sum_i g_row_i*row_loss_i
     (+ sum_j g_col_j*col_loss_j if symmetric), from lse_forward's stats.
 
@@ -301,17 +367,20 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     g_row = g_row.float().contiguous()
     g_col = g_col.float().contiguous() if symmetric else g_row
     lab = g_row if labels is None else labels
+    rcls = g_row if row_cls is None else row_cls
+    ccls = g_row if col_cls is None else col_cls
     # |G * s| <= s * (max|g_row| + max|g_col|); bring that bound to ~2^14, a power of two.
     gmax = g_row.abs().max() + (g_col.abs().max() if symmetric else 0.0)
     amp = torch.exp2(torch.floor(torch.log2(16384.0 / (scale.float() * gmax).clamp_min(1e-30))))
     amp = amp.clamp(2.0 ** -60, 2.0 ** 60).reshape(1)
-    common = dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, PREC=_precision(u.dtype), **cfg)
+    common = dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, EXCL_DIAG=exclude_diag,
+                  EXCL_POS=exclude_pos, MULTI_POS=row_cls is not None, PREC=_precision(u.dtype), **cfg)
     grad_kernel[(n_rb,)](
-        u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, du, dscale,
+        u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, du, dscale,
         B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         TRANSPOSED=False, **common)
     grad_kernel[(triton.cdiv(N, cfg["BM"]),)](
-        v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, dv, dscale,
+        v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv, dscale,
         N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1),
         TRANSPOSED=True, **common)
     return du, dv, dscale.sum()

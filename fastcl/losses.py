@@ -1,0 +1,192 @@
+"""The contrastive loss family on the fused core (``fastcl::info_nce_rows``).
+
+Each loss is one or two calls of the same tiled log-sum-exp op with different exclusions and
+positives. None of them forks the tile math. Only O(N*D) terms are added in torch.
+"""
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _dispatch, _validation, reference
+from ._common import reduce
+from .info_nce import info_nce, pair_logit, prepare, row_terms
+
+
+def _check_views(z1, z2, min_pairs=1):
+    _validation.check_embeddings(z1, z2, "z1", "z2")
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must be two views of the same batch (same shape), "
+                         f"got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape[0] < min_pairs:
+        raise ValueError(f"this loss needs at least {min_pairs} pairs (its negatives would be "
+                         f"empty), got {z1.shape[0]}")
+
+
+def _setup(a, temperature, reduction, backend):
+    _validation.check_reduction(reduction)
+    scale = _validation.scale_tensor(temperature, None, a.device)
+    return scale, _dispatch.resolve(backend, a.device, a.dtype)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool = True,
+            reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """SimCLR's NT-Xent over 2N views, without a 2N x 2N buffer.
+
+    z1, z2: [N, D], two views of N samples. For each of the 2N vectors, its positive is the
+    other view of the same sample and its negatives are the 2N-2 other vectors (itself
+    excluded). Returns the mean over the 2N anchors (reduction="none": [2N], z1's rows
+    first). Equal to lightly's and pytorch-metric-learning's NTXentLoss.
+    """
+    _check_views(z1, z2)
+    scale, backend = _setup(z1, temperature, reduction, backend)
+    if backend == "reference":
+        return reference.nt_xent_reference(z1, z2, temperature=temperature, normalize=normalize,
+                                           reduction=reduction)
+    n = z1.shape[0]
+    z = torch.cat([z1, z2])
+    u, scale = prepare(scale, normalize, z)
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    per, _ = row_terms(u, u, scale, backend, labels=partner, exclude_diag=True)
+    return reduce(per, reduction)
+
+
+def dcl_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
+    """DCLW's weights w_i = 2 - N softmax_i(<u1_i, u2_i> / sigma) on normalised views (mean 1)."""
+    return reference.vmf_weights(torch.nn.functional.normalize(z1, dim=-1),
+                                 torch.nn.functional.normalize(z2, dim=-1), sigma)
+
+
+WeightArg = Union[None, str, Tensor, Callable[[Tensor, Tensor], Tensor]]
+
+
+def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg = None,
+        sigma: float = 0.5, detach_weight: bool = True, negatives: str = "joint",
+        normalize: bool = True, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Decoupled Contrastive Learning (Yeh et al.): the positive leaves the denominator.
+
+    For anchor i in view k, with s = 1/temperature:
+      L_i^k = -w_i s <z_i^1, z_i^2> + log sum_{l in {1,2}} sum_{j != i} exp(s <z_i^k, z_j^l>)
+    and the loss is the mean over the 2N anchors (reduction="none": [2N], view 1 first).
+
+    Args:
+        z1, z2: [N, D] two views; N >= 2 (there must be negatives).
+        weight: None (DCL, w = 1); "vmf" (DCLW: w = 2 - N softmax(<z1_i, z2_i> / sigma));
+            a tensor [N]; or a callable (z1n, z2n) -> [N] on the normalised views, called as
+            weight(z1n, z2n) for view 1's anchors and weight(z2n, z1n) for view 2's (lightly's
+            ``weight_fn`` convention).
+        detach_weight: treat w as a constant, as lightly and the paper's code do. With False,
+            the gradient also flows through w (a "vmf" w depends on the positives' similarity).
+        negatives: "joint" is the formula above (one log-sum-exp over the 2N-2 negatives), as
+            in the paper and lightly 1.6's DCLLoss. "split" is the definition of older lightly
+            releases: log-sum-exp over the N-1 same-view negatives plus log-sum-exp over the
+            N-1 cross-view negatives.
+    """
+    _check_views(z1, z2, min_pairs=2)
+    if negatives not in ("joint", "split"):
+        raise ValueError(f"negatives must be 'joint' or 'split', got {negatives!r}")
+    scale, backend = _setup(z1, temperature, reduction, backend)
+    n = z1.shape[0]
+    w1, w2 = _dcl_weights(z1, z2, weight, sigma, detach_weight, normalize)
+    if backend == "reference":
+        return reference.dcl_reference(z1, z2, temperature=temperature,
+                                       weight=None if w1 is None else torch.cat([w1, w2]),
+                                       negatives=negatives, normalize=normalize, reduction=reduction)
+
+    u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
+    u1, u2 = u[:n], u[n:]
+    if negatives == "joint":
+        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device)
+        # row_loss = lse over the negatives - S(anchor, partner)
+        per, _ = row_terms(u, u, scale, backend, labels=partner, exclude_diag=True, exclude_pos=True)
+    else:
+        parts = []
+        for a, b in ((u1, u2), (u2, u1)):
+            # lse over same-view others - S_ii (self), and lse over other-view non-partners - S_ii'.
+            same, _ = row_terms(a, a, scale, backend, exclude_diag=True)
+            cross, _ = row_terms(a, b, scale, backend, exclude_pos=True)
+            parts.append(same + pair_logit(a, a, scale) + cross)  # add the self logit back
+        per = torch.cat(parts)
+    if w1 is not None:  # -w * pos = -pos + (1 - w) * pos
+        pos = pair_logit(u, torch.cat([u2, u1]), scale)
+        per = per + (1 - torch.cat([w1, w2]).to(per.dtype)) * pos
+    return reduce(per, reduction)
+
+
+def _dcl_weights(z1, z2, weight, sigma, detach, normalize):
+    if weight is None:
+        return None, None
+    n1 = torch.nn.functional.normalize(z1, dim=-1) if normalize else z1
+    n2 = torch.nn.functional.normalize(z2, dim=-1) if normalize else z2
+    if isinstance(weight, str):
+        if weight != "vmf":
+            raise ValueError(f"weight must be None, 'vmf', a tensor or a callable, got {weight!r}")
+        w1 = reference.vmf_weights(n1, n2, sigma)
+        w2 = reference.vmf_weights(n2, n1, sigma)
+    elif isinstance(weight, Tensor):
+        w1 = w2 = weight
+    elif callable(weight):
+        w1, w2 = weight(n1, n2), weight(n2, n1)
+    else:
+        raise TypeError(f"weight must be None, 'vmf', a tensor or a callable, got {type(weight).__name__}")
+    for w in (w1, w2):
+        if not isinstance(w, Tensor) or w.shape != (z1.shape[0],):
+            raise ValueError(f"DCL weights must be a tensor of shape [{z1.shape[0]}]")
+    return (w1.detach(), w2.detach()) if detach else (w1, w2)
+
+
+def supcon(features: Tensor, labels: Optional[Tensor] = None, *, temperature: float = 0.1,
+           normalize: bool = True, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Supervised contrastive loss (Khosla et al.), multi-positive, without a B x B mask.
+
+    features: [B, D], or [B, V, D] for V views per sample (flattened view by view, as in
+    Khosla's code: all first views, then all second views, ...).
+    labels: int [B] class ids; positives of an anchor are all OTHER vectors with its class
+    (compared inside the tile). Default: the views of the same sample (needs V >= 2).
+    L_i = log sum_{a != i} exp(S_ia) - mean_{p in P(i)} S_ip; anchors with no positive are
+    left out of the mean (reduction="none" gives them 0).
+    """
+    if not isinstance(features, Tensor) or features.dim() not in (2, 3):
+        raise ValueError("features must be [B, D] or [B, V, D]")
+    B = features.shape[0]
+    views = features.shape[1] if features.dim() == 3 else 1
+    if labels is None:
+        if views < 2:
+            raise ValueError("supcon without labels needs several views per sample ([B, V, D], V >= 2)")
+        labels = torch.arange(B, device=features.device)
+    flat = torch.cat(features.unbind(1)) if features.dim() == 3 else features
+    _validation.check_embeddings(flat, flat, "features", "features")
+    _validation.check_class_ids(labels, B, features.device)
+    cls = labels.repeat(views)
+    scale, backend = _setup(flat, temperature, reduction, backend)
+    if backend == "reference":
+        return reference.supcon_reference(flat, cls, temperature=temperature, normalize=normalize,
+                                          reduction=reduction)
+    u, scale = prepare(scale, normalize, flat)
+    per, _ = row_terms(u, u, scale, backend, row_cls=cls, col_cls=cls, exclude_diag=True)
+    _, inverse, counts = torch.unique(cls, return_inverse=True, return_counts=True)
+    return reduce(per, reduction, counts[inverse] > 1)  # anchors with at least one positive
+
+
+def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor] = None, *,
+                               scale: float = 20.0, reduction: str = "mean",
+                               backend: str = "auto") -> Tensor:
+    """sentence-transformers' MultipleNegativesRankingLoss, fused.
+
+    anchor, positive: [B, D]. negatives: [B, M, D] hard negatives (M per anchor) or a shared
+    pool [P, D]. Every anchor is scored (cosine x scale) against all positives and all
+    negatives of the batch; its target is its own positive.
+    """
+    _validation.check_embeddings(anchor, positive, "anchor", "positive")
+    if anchor.shape != positive.shape:
+        raise ValueError(f"anchor and positive must have the same shape, got {tuple(anchor.shape)} "
+                         f"and {tuple(positive.shape)}")
+    cands = positive
+    if negatives is not None:
+        if negatives.dim() == 3:
+            if negatives.shape[0] != anchor.shape[0]:
+                raise ValueError(f"negatives [B, M, D] must have B={anchor.shape[0]}, got {tuple(negatives.shape)}")
+            negatives = negatives.transpose(0, 1).reshape(-1, negatives.shape[-1])
+        _validation.check_embeddings(anchor, negatives, "anchor", "negatives")
+        cands = torch.cat([positive, negatives])
+    return info_nce(anchor, cands, temperature=1.0 / scale, reduction=reduction, backend=backend)

@@ -1,0 +1,311 @@
+"""The loss family on the fused core: every output and gradient vs float64 references."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcl
+import fastcl.functional as FCL
+import fastcl.nn
+from fastcl import reference as R
+from conftest import DEVICE, HAS_CUDA
+from helpers import assert_within_budget
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def _leaves(tensors, dtype, device):
+    return [t.detach().to(device=device, dtype=dtype).clone().requires_grad_() for t in tensors]
+
+
+def _run(fn, tensors, dtype, device, seed=0):
+    """Loss and the gradients of every input; reduction="none" outputs get random weights."""
+    xs = _leaves(tensors, dtype, device)
+    out = fn(*xs)
+    if out.dim():
+        w = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+        (out * w.to(device=device, dtype=out.dtype)).sum().backward()
+    else:
+        out.backward()
+    return [out.detach()] + [x.grad for x in xs]
+
+
+def check(fused, ref, tensors, dtype, backend, names):
+    """fused(backend=...) vs ref in float64 (oracle) and in `dtype` (the error budget)."""
+    oracle = _run(ref, [t.double() for t in tensors], torch.float64, "cpu")
+    naive = _run(ref, tensors, dtype, DEVICE)
+    ours = _run(lambda *xs: fused(*xs, backend=backend), tensors, dtype, DEVICE)
+    assert ours[0].shape == oracle[0].shape
+    for name, a, b, r in zip(["loss"] + names, ours, naive, oracle):
+        assert a is not None, f"no gradient for {name}"
+        assert_within_budget(name, a, b, r, dtype)
+
+
+def _views(n, d, dtype, seed=0, noise=0.5):
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g, dtype=torch.float64)
+    z2 = z1 + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return z1.to(dtype).double(), z2.to(dtype).double()
+
+
+VIEW_SHAPES = [(2, 7), (5, 33), (37, 20)]  # 2N = 74 crosses the 32-row tiles of the interpreter
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", VIEW_SHAPES + [(1, 7)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nt_xent(backend, shape, reduction):
+    z1, z2 = _views(*shape, torch.float32)
+    check(lambda a, b, backend: FCL.nt_xent(a, b, temperature=0.2, reduction=reduction, backend=backend),
+          lambda a, b: R.nt_xent_reference(a, b, temperature=0.2, reduction=reduction),
+          [z1, z2], torch.float32, backend, ["dz1", "dz2"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [0.01, 0.1, 1.0])
+def test_nt_xent_dtypes(backend, dtype, temperature):
+    z1, z2 = _views(24, 40, dtype, seed=2)
+    check(lambda a, b, backend: FCL.nt_xent(a, b, temperature=temperature, backend=backend),
+          lambda a, b: R.nt_xent_reference(a, b, temperature=temperature),
+          [z1, z2], dtype, backend, ["dz1", "dz2"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("negatives", ["joint", "split"])
+@pytest.mark.parametrize("weight", [None, "vmf"])
+@pytest.mark.parametrize("shape", VIEW_SHAPES, ids=str)
+def test_dcl(backend, negatives, weight, shape):
+    z1, z2 = _views(*shape, torch.float32, seed=4)
+
+    def ref(a, b):
+        w = None if weight is None else R.vmf_weights(F.normalize(a, dim=-1), F.normalize(b, dim=-1)).detach()
+        return R.dcl_reference(a, b, temperature=0.1, weight=w, negatives=negatives, reduction="none")
+
+    check(lambda a, b, backend: FCL.dcl(a, b, temperature=0.1, weight=weight, negatives=negatives,
+                                        reduction="none", backend=backend),
+          ref, [z1, z2], torch.float32, backend, ["dz1", "dz2"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [0.05, 0.5])
+def test_dcl_dtypes(backend, dtype, temperature):
+    z1, z2 = _views(20, 33, dtype, seed=6)
+    check(lambda a, b, backend: FCL.dcl(a, b, temperature=temperature, weight="vmf", backend=backend),
+          lambda a, b: R.dcl_reference(a, b, temperature=temperature, weight=R.vmf_weights(
+              F.normalize(a, dim=-1), F.normalize(b, dim=-1)).detach()),
+          [z1, z2], dtype, backend, ["dz1", "dz2"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dclw_gradient_through_weights(backend):
+    """detach_weight=False lets the gradient flow through w, and changes it."""
+    z1, z2 = _views(9, 12, torch.float32, seed=8)
+
+    def ref(a, b):
+        an, bn = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        w = torch.cat([R.vmf_weights(an, bn), R.vmf_weights(bn, an)])
+        return R.dcl_reference(a, b, temperature=0.1, weight=w)
+
+    check(lambda a, b, backend: FCL.dcl(a, b, weight="vmf", detach_weight=False, backend=backend),
+          ref, [z1, z2], torch.float32, backend, ["dz1", "dz2"])
+    a, b = _leaves([z1, z2], torch.float32, DEVICE)
+    ga = torch.autograd.grad(FCL.dcl(a, b, weight="vmf", backend=backend), a)[0]
+    gb = torch.autograd.grad(FCL.dcl(a, b, weight="vmf", detach_weight=False, backend=backend), a)[0]
+    assert not torch.allclose(ga, gb)
+
+
+def test_dcl_weights_have_mean_one():
+    z1, z2 = _views(50, 8, torch.float64)
+    assert torch.allclose(FCL.dcl_weights(z1, z2).mean(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_dcl_callable_and_tensor_weights():
+    z1, z2 = _views(6, 5, torch.float64)
+    w = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    by_tensor = FCL.dcl(z1, z2, weight=w, backend="torch")
+    by_callable = FCL.dcl(z1, z2, weight=lambda a, b: w, backend="torch")
+    assert torch.allclose(by_tensor, by_callable)
+    assert torch.allclose(by_tensor, R.dcl_reference(z1, z2, weight=w))
+
+
+def _supcon_inputs(b, d, dtype, views=1, n_classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (b,), generator=g)
+    centers = torch.randn(n_classes, d, generator=g, dtype=torch.float64)
+    shape = (b, views, d) if views > 1 else (b, d)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x += 2 * (centers[labels][:, None] if views > 1 else centers[labels])
+    return x.to(dtype).double(), labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 7, 1), (6, 5, 1), (45, 20, 1), (20, 33, 2)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_supcon(backend, shape, reduction):
+    b, d, views = shape
+    x, labels = _supcon_inputs(b, d, torch.float32, views, seed=b)
+    lab = labels.to(DEVICE)
+
+    def flat(t):
+        return torch.cat(t.unbind(1)) if t.dim() == 3 else t
+
+    check(lambda f, backend: FCL.supcon(f, lab, temperature=0.1, reduction=reduction, backend=backend),
+          lambda f: R.supcon_reference(flat(f), labels.to(f.device).repeat(views), temperature=0.1,
+                                       reduction=reduction),
+          [x], torch.float32, backend, ["dfeatures"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [0.05, 0.5])
+def test_supcon_dtypes(backend, dtype, temperature):
+    x, labels = _supcon_inputs(40, 24, dtype, seed=3)
+    lab = labels.to(DEVICE)
+    check(lambda f, backend: FCL.supcon(f, lab, temperature=temperature, backend=backend),
+          lambda f: R.supcon_reference(f, labels.to(f.device), temperature=temperature),
+          [x], dtype, backend, ["dfeatures"])
+
+
+def test_supcon_views_default_to_same_sample_positives():
+    x, _ = _supcon_inputs(8, 6, torch.float64, views=2)
+    flat = torch.cat(x.unbind(1))
+    assert torch.allclose(FCL.supcon(x, backend="torch"),
+                          R.supcon_reference(flat, torch.arange(8).repeat(2)))
+
+
+def test_supcon_large_sparse_class_ids():
+    x, labels = _supcon_inputs(10, 4, torch.float64)
+    assert torch.allclose(FCL.supcon(x, labels * 10**12 - 5, backend="torch"),
+                          R.supcon_reference(x, labels))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("negatives", ["none", "per_anchor", "pool"])
+def test_multiple_negatives_ranking(backend, negatives):
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(13, 16, generator=g, dtype=torch.float64)
+    p = a + 0.5 * torch.randn(13, 16, generator=g, dtype=torch.float64)
+    n = {"none": None, "per_anchor": torch.randn(13, 3, 16, generator=g, dtype=torch.float64),
+         "pool": torch.randn(29, 16, generator=g, dtype=torch.float64)}[negatives]
+    tensors = [a, p] + ([] if n is None else [n])
+
+    def ref(a, p, n=None):
+        cands = p if n is None else torch.cat([p, n.reshape(-1, n.shape[-1])])
+        scores = F.normalize(a, dim=-1) @ F.normalize(cands, dim=-1).T * 20.0
+        return F.cross_entropy(scores, torch.arange(a.shape[0], device=a.device))
+
+    check(lambda *xs, backend: FCL.multiple_negatives_ranking(*xs, scale=20.0, backend=backend),
+          ref, tensors, torch.float32, backend, ["danchor", "dpositive", "dnegatives"][:len(tensors)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce_label_smoothing(backend, symmetric):
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    k = q + 0.5 * torch.randn(40 if symmetric else 55, 12, generator=g, dtype=torch.float64)[:, :12] \
+        if symmetric else torch.randn(55, 12, generator=g, dtype=torch.float64)
+    check(lambda a, b, backend: FCL.info_nce(a, b, temperature=0.1, symmetric=symmetric,
+                                             label_smoothing=0.1, backend=backend),
+          lambda a, b: R.info_nce_reference(a, b, temperature=0.1, symmetric=symmetric, label_smoothing=0.1),
+          [q, k], torch.float32, backend, ["dq", "dk"])
+
+
+@pytest.mark.parametrize("name", ["nt_xent", "dcl_joint", "dcl_split", "dclw_grad", "supcon"])
+def test_gradcheck(name):
+    z1, z2 = _views(4, 3, torch.float64, seed=12)
+    z1.requires_grad_()
+    z2.requires_grad_()
+    labels = torch.tensor([0, 1, 0, 1])
+    fn = {
+        "nt_xent": lambda a, b: FCL.nt_xent(a, b, temperature=0.3, reduction="none", backend="torch"),
+        "dcl_joint": lambda a, b: FCL.dcl(a, b, reduction="none", backend="torch"),
+        "dcl_split": lambda a, b: FCL.dcl(a, b, negatives="split", reduction="none", backend="torch"),
+        "dclw_grad": lambda a, b: FCL.dcl(a, b, weight="vmf", detach_weight=False, backend="torch"),
+        "supcon": lambda a, b: FCL.supcon(torch.cat([a, b]), labels.repeat(2), reduction="none",
+                                          backend="torch"),
+    }[name]
+    assert torch.autograd.gradcheck(fn, (z1, z2))
+
+
+def test_modules():
+    z1, z2 = _views(6, 8, torch.float64)
+    assert torch.allclose(fastcl.nn.NTXentLoss(temperature=0.3)(z1, z2), R.nt_xent_reference(z1, z2, temperature=0.3))
+    assert torch.allclose(fastcl.nn.DCLLoss()(z1, z2), R.dcl_reference(z1, z2))
+    w = R.vmf_weights(F.normalize(z1, dim=-1), F.normalize(z2, dim=-1), sigma=0.3)
+    assert torch.allclose(fastcl.nn.DCLWLoss(sigma=0.3)(z1, z2), R.dcl_reference(z1, z2, weight=w))
+    x, labels = _supcon_inputs(12, 5, torch.float64)
+    assert torch.allclose(fastcl.nn.SupConLoss()(x, labels), R.supcon_reference(x, labels))
+    negs = [torch.randn(6, 8, dtype=torch.float64) for _ in range(2)]
+    assert torch.allclose(fastcl.nn.MultipleNegativesRankingLoss()(z1, z2, *negs),
+                          FCL.multiple_negatives_ranking(z1, z2, torch.cat(negs)))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: FCL.nt_xent(torch.randn(4, 3), torch.randn(5, 3)), ValueError, "same shape"),
+    (lambda: FCL.dcl(torch.randn(1, 3), torch.randn(1, 3)), ValueError, "at least 2 pairs"),
+    (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), negatives="both"), ValueError, "joint"),
+    (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight="exp"), ValueError, "vmf"),
+    (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight=torch.ones(3)), ValueError, r"shape \[4\]"),
+    (lambda: FCL.supcon(torch.randn(4, 3)), ValueError, "several views"),
+    (lambda: FCL.supcon(torch.randn(4, 3), torch.zeros(4)), TypeError, "integer"),
+    (lambda: FCL.supcon(torch.randn(4, 3), torch.zeros(5, dtype=torch.long)), ValueError, r"\[4\]"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), torch.randn(3, 2, 3)),
+     ValueError, "B=4"),
+    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), label_smoothing=1.0), ValueError, "label_smoothing"),
+    (lambda: fastcl.nn.NTXentLoss(memory_bank_size=128), NotImplementedError, "memory bank"),
+    (lambda: fastcl.nn.DCLLoss(gather_distributed=True), NotImplementedError, "gather_distributed"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# --- equality with the libraries users have today (skipped where they are not installed) ---
+
+def _has(module):
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.skipif(not _has("pytorch_metric_learning"), reason="pytorch-metric-learning not installed")
+def test_equals_pytorch_metric_learning():
+    from pytorch_metric_learning import losses as pml
+    z1, z2 = _views(9, 6, torch.float64)
+    emb = torch.cat([z1, z2])
+    pairs = torch.arange(9).repeat(2)
+    assert torch.allclose(pml.NTXentLoss(temperature=0.07)(emb, pairs),
+                          FCL.nt_xent(z1, z2, temperature=0.07, backend="torch"), atol=1e-8)
+    x, labels = _supcon_inputs(15, 6, torch.float64)
+    assert torch.allclose(pml.SupConLoss(temperature=0.1)(x, labels),
+                          FCL.supcon(x, labels, temperature=0.1, backend="torch"))
+
+
+@pytest.mark.skipif(not _has("lightly"), reason="lightly not installed")
+def test_equals_lightly():
+    from lightly import loss as ll
+    z1, z2 = _views(9, 6, torch.float64)
+    assert torch.allclose(ll.NTXentLoss(temperature=0.5)(z1, z2), fastcl.nn.NTXentLoss()(z1, z2))
+    assert torch.allclose(ll.DCLLoss(temperature=0.1)(z1, z2), fastcl.nn.DCLLoss()(z1, z2))
+    assert torch.allclose(ll.DCLWLoss(temperature=0.1, sigma=0.5)(z1, z2), fastcl.nn.DCLWLoss()(z1, z2))
+
+
+@pytest.mark.skipif(not _has("sentence_transformers"), reason="sentence-transformers not installed")
+def test_equals_sentence_transformers_mnrl():
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:  # releases before the module move
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    class Embedder(torch.nn.Module):  # stands in for a SentenceTransformer: features -> embeddings
+        def forward(self, features):
+            return {"sentence_embedding": features["x"]}
+
+    g = torch.Generator().manual_seed(3)
+    a, p, n = (torch.randn(7, 10, generator=g, dtype=torch.float64) for _ in range(3))
+    st = MultipleNegativesRankingLoss(Embedder(), scale=20.0)
+    expected = st([{"x": a}, {"x": p}, {"x": n}], None)
+    assert torch.allclose(expected, fastcl.nn.MultipleNegativesRankingLoss(scale=20.0)(a, p, n))
