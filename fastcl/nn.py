@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from . import losses
+from . import losses, whitening
 from .info_nce import info_nce
 
 
@@ -142,3 +142,53 @@ class MultipleNegativesRankingLoss(nn.Module):
             neg = torch.stack(negatives, dim=1)  # [B, M, D]
         return losses.multiple_negatives_ranking(anchor, positive, neg, scale=self.scale,
                                                  backend=self.backend)
+
+
+class GroupWhitening(nn.Module):
+    """Group whitening layer with running statistics, like BatchNorm.
+
+    ``forward(x [N, D]) -> [N, D]``. In training mode it whitens with the batch's statistics
+    (see :func:`fastcl.whitening.group_whiten`) and updates ``running_mean`` [D] and
+    ``running_whitening`` [G, g, g] with ``momentum``; in eval mode it applies those:
+    y = (x - running_mean) @ running_whitening, group by group.
+    """
+
+    def __init__(self, num_features: int, num_groups: int, eps: float = 1e-5, method: str = "zca",
+                 iters=None, momentum: float = 0.1, ddof: int = 0, detach_stats: bool = False,
+                 track_running_stats: bool = True, backend: str = "auto"):
+        super().__init__()
+        if num_features % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide num_features={num_features}")
+        g = num_features // num_groups
+        self.num_features, self.num_groups = num_features, num_groups
+        self.kw = dict(eps=eps, method=method, iters=iters, ddof=ddof, detach_stats=detach_stats,
+                       backend=backend)
+        self.momentum, self.track_running_stats = momentum, track_running_stats
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_whitening", torch.eye(g).repeat(num_groups, 1, 1))
+
+    def forward(self, x):
+        if x.dim() != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"expected [N, {self.num_features}], got {tuple(x.shape)}")
+        if self.training or not self.track_running_stats:
+            y = whitening.group_whiten(x, self.num_groups, **self.kw)
+            if self.training and self.track_running_stats:
+                self._update(x)
+            return y
+        N, G = x.shape[0], self.num_groups
+        xc = (x - self.running_mean.to(x.dtype)).reshape(N, G, -1).transpose(0, 1)
+        return (xc @ self.running_whitening.to(x.dtype)).transpose(0, 1).reshape(N, -1)
+
+    @torch.no_grad()
+    def _update(self, x):
+        N, G = x.shape[0], self.num_groups
+        xg = x.to(whitening._cdt(x.dtype)).reshape(N, G, -1).transpose(0, 1)
+        _, S = whitening.group_stats(xg, self.kw["eps"], self.kw["ddof"])
+        method, iters = self.kw["method"], self.kw["iters"] or whitening.DEFAULT_NS_ITERS
+        W = whitening.zca_matrix(S)[0] if method == "zca" else whitening._matrix(S, method, iters)
+        m = self.momentum
+        self.running_mean.lerp_(x.mean(0).to(self.running_mean.dtype), m)
+        self.running_whitening.lerp_(W.to(self.running_whitening.dtype), m)
+
+    def extra_repr(self):
+        return f"{self.num_features}, num_groups={self.num_groups}, method={self.kw['method']!r}"

@@ -1,0 +1,236 @@
+"""Group whitening (ZCA / Cholesky / Newton-Schulz) with an analytic backward.
+
+Per group of g channels: xc = x - mean (centred BEFORE the Gram matrix, in fp32 or fp64),
+S = xc^T xc / (N - ddof) + eps I, y = xc W(S):
+  zca:           W = U diag(lambda)^-1/2 U^T         (symmetric, channel-order invariant)
+  cholesky:      S = L L^T, W = L^-T                  (cheapest; depends on channel order)
+  newton_schulz: coupled Frobenius-scaled iteration   (matmuls only)
+Backward, with G_W = xc^T dY:
+  dxc = dY W^T + xc (G_S + G_S^T) / (N - ddof), dx = dxc - mean_rows(dxc)
+where G_S comes from the analytic ZCA formula U[(U^T sym(G_W) U) o K]U^T with
+K_ij = -1/(s_i s_j (s_i + s_j)), s = sqrt(lambda). It stays finite for repeated eigenvalues,
+unlike autograd through eigh. Cholesky and Newton-Schulz differentiate their small [G, g, g]
+matrix function with autograd (torch's analytic Cholesky backward; NS unrolled).
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+
+METHODS = ("zca", "cholesky", "newton_schulz")
+DEFAULT_NS_ITERS = 20
+
+
+def _cdt(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- matrix functions
+def zca_matrix(S: Tensor):
+    """W = S^-1/2 for a batch of SPD matrices [G, g, g], plus (U, sigma) for the backward."""
+    lam, U = torch.linalg.eigh(S)
+    sigma = lam.clamp_min(torch.finfo(S.dtype).tiny).sqrt()
+    return (U / sigma[..., None, :]) @ U.transpose(-1, -2), (U, sigma)
+
+
+def zca_grad_cov(G_W: Tensor, U: Tensor, sigma: Tensor) -> Tensor:
+    """G_S = U[(U^T sym(G_W) U) o K]U^T, K_ij = -1 / (s_i s_j (s_i + s_j))."""
+    sym = 0.5 * (G_W + G_W.transpose(-1, -2))
+    K = -1.0 / (sigma[..., :, None] * sigma[..., None, :] * (sigma[..., :, None] + sigma[..., None, :]))
+    return U @ ((U.transpose(-1, -2) @ sym @ U) * K) @ U.transpose(-1, -2)
+
+
+def cholesky_matrix(S: Tensor) -> Tensor:
+    """W = L^-T with S = L L^T, so that (xc W)^T (xc W) / n = L^-1 S L^-T = I."""
+    L = torch.linalg.cholesky(S)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
+    return torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
+
+
+def newton_schulz_matrix(S: Tensor, iters: int) -> Tensor:
+    """Coupled Newton-Schulz: Y0 = S/c, Z0 = I, T = (3I - Z Y)/2, Y <- Y T, Z <- T Z;
+    W = Z / sqrt(c) with c = ||S||_F. Converges for any SPD S (eigenvalues of S/c in (0, 1])."""
+    c = torch.linalg.matrix_norm(S, keepdim=True)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
+    Y, Z = S / c, eye
+    for _ in range(iters):
+        T = 1.5 * eye - 0.5 * (Z @ Y)
+        Y, Z = Y @ T, T @ Z
+    return Z / c.sqrt()
+
+
+def _matrix(S, method, iters):
+    if method == "cholesky":
+        return cholesky_matrix(S)
+    return newton_schulz_matrix(S, iters)
+
+
+# ----------------------------------------------------------------------------- the op
+def group_stats(xg: Tensor, eps: float, ddof: int):
+    """xg [G, N, g] in the compute dtype -> (xc, S) with the mean removed before the Gram."""
+    xc = xg - xg.mean(dim=1, keepdim=True)
+    S = xc.transpose(-1, -2) @ xc / (xg.shape[1] - ddof)
+    if eps:
+        S = S + eps * torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    return xc, S
+
+
+class _GroupWhiten(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, eps, ddof, method, iters, detach_stats, backend):
+        xc, S = group_stats(xg, eps, ddof)
+        if method == "zca":
+            W, (U, sigma) = zca_matrix(S)
+            ctx.save_for_backward(xc, W, U, sigma)
+        else:
+            if backend == "triton":  # method == "newton_schulz", checked by _resolve
+                from .kernels import whitening as K
+                W = K.newton_schulz_whitening_matrix(S, iters)
+            else:
+                W = _matrix(S, method, iters)
+            ctx.save_for_backward(xc, W, S)
+        ctx.cfg = (ddof, method, iters, detach_stats)
+        return xc @ W
+
+    @staticmethod
+    def backward(ctx, gy):
+        ddof, method, iters, detach_stats = ctx.cfg
+        xc, W = ctx.saved_tensors[:2]
+        gxc = gy @ W.transpose(-1, -2)
+        if not detach_stats:
+            G_W = xc.transpose(-1, -2) @ gy
+            if method == "zca":
+                G_S = zca_grad_cov(G_W, *ctx.saved_tensors[2:])
+            else:  # differentiate the [G, g, g] matrix function itself (NS: unrolled)
+                S = ctx.saved_tensors[2].detach().requires_grad_()
+                with torch.enable_grad():
+                    G_S, = torch.autograd.grad(_matrix(S, method, iters), S, G_W)
+            gxc = gxc + xc @ (G_S + G_S.transpose(-1, -2)) / (xc.shape[1] - ddof)
+        return gxc - gxc.mean(dim=1, keepdim=True), None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+def _check(x, num_groups, eps, ddof, method, iters, perm):
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [N, D], got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    N, D = x.shape
+    if not isinstance(num_groups, int) or num_groups < 1 or D % num_groups:
+        raise ValueError(f"num_groups must be a positive divisor of D={D}, got {num_groups}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if eps < 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if iters is not None and (method != "newton_schulz" or iters < 1):
+        raise ValueError("iters is the number of Newton-Schulz iterations (>= 1, method='newton_schulz')")
+    g = D // num_groups
+    if N - ddof < 1:
+        raise ValueError(f"need N - ddof >= 1 samples, got N={N}, ddof={ddof}")
+    if N - ddof < g and eps == 0:
+        raise ValueError(f"the group covariance is singular: N - ddof = {N - ddof} < group size {g}; "
+                         f"use more samples, fewer channels per group, or eps > 0")
+    if perm is not None:
+        if not isinstance(perm, Tensor) or perm.shape != (D,) or perm.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"perm must be an integer tensor of shape [{D}]")
+        if not torch.equal(torch.sort(perm.cpu()).values, torch.arange(D)):
+            raise ValueError("perm must be a permutation of range(D)")
+
+
+def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str = "zca",
+                 iters: Optional[int] = None, perm: Optional[Tensor] = None, ddof: int = 0,
+                 detach_stats: bool = False, backend: str = "auto") -> Tensor:
+    """Whiten x [N, D] in num_groups groups of D/num_groups consecutive channels.
+
+    Args:
+        eps: added to the covariance's diagonal (needed when N - ddof < group size).
+        method: "zca" | "cholesky" | "newton_schulz" (see the module docstring).
+        iters: Newton-Schulz iterations (default 20: within 1e-4 of ZCA in fp32 for
+            condition numbers up to ~1e4).
+        perm: LongTensor [D]: channels are permuted by perm before grouping and the output is
+            put back in the original channel order.
+        ddof: the covariance divides by N - ddof.
+        detach_stats: treat W as a constant (the stop-gradient of WhitenedCSE / Zero-CL); the
+            mean is still differentiated.
+        backend: "auto" | "torch" | "triton" (Newton-Schulz matrix in one fused Triton program
+            per group, group size <= 128) | "reference" (naive torch.linalg autograd).
+    Returns:
+        y [N, D] in x's dtype; each group of y satisfies y^T y / (N - ddof) ~= I.
+    """
+    _check(x, num_groups, eps, ddof, method, iters, perm)
+    iters = DEFAULT_NS_ITERS if iters is None else iters
+    N, D = x.shape
+    g = D // num_groups
+    backend = _resolve(backend, x, method, g)
+    xp = x[:, perm] if perm is not None else x
+    if backend == "reference":
+        y = whiten_reference(xp, num_groups, eps=eps, method=method, iters=iters, ddof=ddof,
+                             detach_stats=detach_stats)
+    else:
+        xg = xp.to(_cdt(x.dtype)).reshape(N, num_groups, g).transpose(0, 1)
+        yg = _GroupWhiten.apply(xg, eps, ddof, method, iters, detach_stats, backend)
+        y = yg.transpose(0, 1).reshape(N, D).to(x.dtype)
+    if perm is None:
+        return y
+    return y[:, torch.argsort(perm.to(y.device))]
+
+
+def _resolve(backend, x, method, g):
+    if backend == "auto":
+        ok = x.is_cuda and method == "newton_schulz" and g <= 128
+        return "triton" if ok and _dispatch.why_not("triton", x.device, x.dtype) is None else "torch"
+    if backend in ("torch", "reference"):
+        return backend
+    if backend == "triton":
+        if method != "newton_schulz":
+            raise _dispatch.BackendUnavailable(
+                f"backend='triton' is not usable: it implements method='newton_schulz' only "
+                f"(got {method!r}); eigh and Cholesky run in backend='torch'")
+        if g > 128:
+            raise _dispatch.BackendUnavailable(
+                f"backend='triton' is not usable: group size {g} > 128 does not fit one program")
+        reason = _dispatch.why_not("triton", x.device, x.dtype)
+        if reason is not None:
+            raise _dispatch.BackendUnavailable(f"backend='triton' is not usable: {reason}")
+        return backend
+    raise ValueError(f"backend must be one of ('auto', 'torch', 'triton', 'reference'), got {backend!r}")
+
+
+def whiten_reference(x, num_groups, *, eps=1e-5, method="zca", iters=DEFAULT_NS_ITERS, ddof=0,
+                     detach_stats=False):
+    """Naive group whitening with plain autograd (ZCA through eigh): the test oracle."""
+    N, D = x.shape
+    g = D // num_groups
+    xg = x.reshape(N, num_groups, g).transpose(0, 1)
+    xc = xg - xg.mean(dim=1, keepdim=True)
+    S = xc.transpose(-1, -2) @ xc / (N - ddof) + eps * torch.eye(g, dtype=x.dtype, device=x.device)
+    if method == "zca":
+        lam, U = torch.linalg.eigh(S)
+        W = U @ torch.diag_embed(lam.rsqrt()) @ U.transpose(-1, -2)
+    else:
+        W = _matrix(S, method, iters)
+    if detach_stats:
+        W = W.detach()
+    return (xc @ W).transpose(0, 1).reshape(N, D)
+
+
+def shuffled_group_whiten(x: Tensor, num_groups: int, k: int = 3, *, generator=None, **kwargs) -> Tensor:
+    """k views, each whitened with its own random channel permutation (WhitenedCSE).
+
+    x: [N, D] (the same batch for every view) or [k, N, D] (one batch per view).
+    Returns [k, N, D]. kwargs go to :func:`group_whiten`.
+    """
+    if x.dim() == 3:
+        if x.shape[0] != k:
+            raise ValueError(f"x has {x.shape[0]} views but k={k}")
+        views = x.unbind(0)
+    elif x.dim() == 2:
+        views = [x] * k
+    else:
+        raise ValueError(f"x must be [N, D] or [k, N, D], got {tuple(x.shape)}")
+    D = x.shape[-1]
+    perms = [torch.randperm(D, generator=generator).to(x.device) for _ in range(k)]
+    return torch.stack([group_whiten(v, num_groups, perm=p, **kwargs) for v, p in zip(views, perms)])

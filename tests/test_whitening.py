@@ -1,0 +1,216 @@
+import pytest
+import torch
+
+import fastcl
+import fastcl.functional as FCL
+from fastcl import whitening as Wh
+from conftest import DEVICE, HAS_CUDA
+
+METHODS = ["zca", "cholesky", "newton_schulz"]
+
+
+def _x(n, d, seed=0, offset=0.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    # Correlated channels with a large common mean: what centring before the Gram must survive.
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5 + torch.eye(d, dtype=torch.float64)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + offset).to(dtype)
+
+
+def _group_cov(y, num_groups, ddof=0):
+    n = y.shape[0]
+    yg = y.double().reshape(n, num_groups, -1).transpose(0, 1)
+    yc = yg - yg.mean(1, keepdim=True)
+    return yc.transpose(-1, -2) @ yc / (n - ddof)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("use_perm", [False, True])
+@pytest.mark.parametrize("detach_stats", [False, True])
+def test_gradcheck(method, use_perm, detach_stats):
+    x = _x(10, 6, seed=1).requires_grad_()
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(2)) if use_perm else None
+
+    def f(x):
+        return FCL.group_whiten(x, 2, eps=1e-3, method=method, perm=perm, detach_stats=detach_stats,
+                                backend="torch")
+
+    if not detach_stats:
+        assert torch.autograd.gradcheck(f, (x,))
+        return
+    # W held constant is deliberately not the true gradient: compare with the reference whose
+    # W is detached (the mean still carries gradient).
+    gy = torch.randn(10, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ours, = torch.autograd.grad((f(x) * gy).sum(), x)
+    xp = x[:, perm] if perm is not None else x
+    ref = Wh.whiten_reference(xp, 2, eps=1e-3, method=method, detach_stats=True)
+    if perm is not None:
+        ref = ref[:, torch.argsort(perm)]
+    expected, = torch.autograd.grad((ref * gy).sum(), x)
+    assert torch.allclose(ours, expected, atol=1e-10)
+    full, = torch.autograd.grad((FCL.group_whiten(x, 2, eps=1e-3, method=method, perm=perm,
+                                                  backend="torch") * gy).sum(), x)
+    assert not torch.allclose(ours, full)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_whitening_property_and_reference(method, ddof):
+    x = _x(300, 24, seed=3, offset=50.0)
+    y = FCL.group_whiten(x, 4, eps=0.0, method=method, ddof=ddof, backend="torch")
+    eye = torch.eye(6, dtype=torch.float64).expand(4, 6, 6)
+    assert torch.allclose(_group_cov(y, 4, ddof), eye, atol=1e-10)
+    ref = Wh.whiten_reference(x, 4, eps=0.0, method=method, ddof=ddof)
+    assert torch.allclose(y, ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_low_precision_inputs_against_float64(method, dtype):
+    """16-bit and fp32 inputs: statistics in fp32, output and gradients close to float64."""
+    x64 = _x(256, 32, seed=4, offset=20.0).to(dtype).double()
+    gy = torch.randn(256, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = x64.clone().requires_grad_()
+    ref = FCL.group_whiten(x, 4, method=method, backend="torch")
+    (ref * gy).sum().backward()
+    xl = x64.to(dtype).requires_grad_()
+    y = FCL.group_whiten(xl, 4, method=method, backend="torch")
+    assert y.dtype == dtype
+    (y.float() * gy.float()).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    assert (y.double() - ref).norm() / ref.norm() < tol
+    assert (xl.grad.double() - x.grad).norm() / x.grad.norm() < tol * 10
+
+
+def test_triton_newton_schulz_matches_torch():
+    x = _x(96, 40, seed=6, offset=3.0, dtype=torch.float32).to(DEVICE)
+    gy = torch.randn(96, 40, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    outs = []
+    for backend in ("torch", "triton"):
+        xx = x.clone().requires_grad_()
+        y = FCL.group_whiten(xx, 5, method="newton_schulz", backend=backend)  # g = 8
+        (y * gy).sum().backward()
+        outs.append((y, xx.grad))
+    (y_t, g_t), (y_k, g_k) = outs
+    assert torch.allclose(y_k, y_t, atol=1e-4) and torch.allclose(g_k, g_t, atol=1e-3)
+
+
+def test_triton_kernel_writes_every_entry():
+    S = _group_cov(_x(64, 48, seed=8, dtype=torch.float32), 2).float().to(DEVICE)  # g = 24, padded to 32
+    from fastcl.kernels import whitening as K
+    W = K.newton_schulz_whitening_matrix(S, 20)
+    assert torch.isfinite(W).all()
+    assert torch.allclose(W.double(), Wh.zca_matrix(S.double())[0], atol=1e-3)
+
+
+def test_analytic_zca_backward_finite_where_eigh_autograd_is_not():
+    """Orthonormal zero-mean columns: the covariance is I/N, every eigenvalue repeated."""
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(a - a.mean(0))
+    x = q.clone().requires_grad_()
+    gy = torch.randn(20, 4, generator=g, dtype=torch.float64)
+
+    y = FCL.group_whiten(x, 1, eps=0.0, method="zca", backend="torch")
+    (y * gy).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.autograd.gradcheck(lambda x: FCL.group_whiten(x, 1, eps=0.0, backend="torch"), (x,))
+
+    x2 = q.clone().requires_grad_()
+    (Wh.whiten_reference(x2, 1, eps=0.0) * gy).sum().backward()
+    assert not torch.isfinite(x2.grad).all()  # 1/(lambda_i - lambda_j) with lambda_i == lambda_j
+
+
+def test_zca_equals_scaled_polar_factor():
+    x = _x(50, 5, seed=10, offset=2.0)
+    xc = x - x.mean(0)
+    u, _, vh = torch.linalg.svd(xc, full_matrices=False)
+    polar = u @ vh
+    y = FCL.group_whiten(x, 1, eps=0.0, method="zca", backend="torch")
+    assert torch.allclose(y, 50 ** 0.5 * polar, atol=1e-10)
+
+
+def test_zca_invariant_to_channel_order_within_group():
+    x = _x(80, 6, seed=11)
+    p = torch.tensor([2, 0, 1, 5, 3, 4])  # permutes inside each of the 2 groups
+    y = FCL.group_whiten(x, 2, method="zca", backend="torch")
+    assert torch.allclose(FCL.group_whiten(x[:, p], 2, method="zca", backend="torch"), y[:, p], atol=1e-10)
+    c = FCL.group_whiten(x, 2, method="cholesky", backend="torch")
+    assert not torch.allclose(FCL.group_whiten(x[:, p], 2, method="cholesky", backend="torch"), c[:, p])
+
+
+def test_perm_groups_permuted_channels_and_restores_order():
+    x = _x(64, 8, seed=12)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(13))
+    y = FCL.group_whiten(x, 2, perm=perm, backend="torch")
+    expected = torch.empty_like(x)
+    expected[:, perm] = FCL.group_whiten(x[:, perm], 2, backend="torch")
+    assert torch.allclose(y, expected)
+
+
+def test_newton_schulz_converges_to_zca():
+    x = _x(200, 16, seed=14, offset=5.0)
+    zca = FCL.group_whiten(x, 2, method="zca", backend="torch")
+    errs = [float((FCL.group_whiten(x, 2, method="newton_schulz", iters=i, backend="torch") - zca).abs().max())
+            for i in (2, 4, 8, 16)]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    y32 = FCL.group_whiten(x.float(), 2, method="newton_schulz", backend="torch")  # default iters
+    assert float((y32.double() - zca).abs().max()) < 1e-4
+
+
+def test_badly_conditioned_few_samples_large_mean():
+    """N only slightly above the group size and a mean offset of 1e4: two-pass centring holds."""
+    x = _x(20, 16, seed=15, offset=1e4)
+    for method in METHODS:
+        y = FCL.group_whiten(x.float(), 1, eps=1e-6, method=method, backend="torch")
+        ref = Wh.whiten_reference(x, 1, eps=1e-6, method=method)
+        assert (y.double() - ref).norm() / ref.norm() < 2e-2, method
+
+
+def test_shuffled_group_whiten():
+    x = _x(40, 12, seed=16)
+    views = FCL.shuffled_group_whiten(x, 3, k=4, generator=torch.Generator().manual_seed(0), backend="torch")
+    assert views.shape == (4, 40, 12)
+    again = FCL.shuffled_group_whiten(x, 3, k=4, generator=torch.Generator().manual_seed(0), backend="torch")
+    assert torch.equal(views, again)
+    assert not torch.allclose(views[0], views[1])  # different permutations, different views
+    gen = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(12, generator=gen) for _ in range(4)]
+    for v, p in zip(views, perms):
+        assert torch.allclose(v, FCL.group_whiten(x, 3, perm=p, backend="torch"))
+    xs = torch.stack([x, 2 * x, x + 1])
+    assert FCL.shuffled_group_whiten(xs, 3, k=3, backend="torch").shape == (3, 40, 12)
+
+
+def test_module_running_statistics():
+    m = fastcl.nn.GroupWhitening(8, 2, momentum=0.5)
+    x = _x(128, 8, seed=17, offset=3.0, dtype=torch.float32)
+    y = m(x)
+    assert torch.allclose(y, FCL.group_whiten(x, 2))
+    for _ in range(30):
+        m(x)
+    m.eval()
+    ye = m(x)
+    assert torch.allclose(_group_cov(ye, 2), torch.eye(4, dtype=torch.float64).expand(2, 4, 4), atol=1e-3)
+    assert torch.allclose(m.running_mean, x.mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: FCL.group_whiten(torch.randn(10, 6), 4), ValueError, "divisor"),
+    (lambda: FCL.group_whiten(torch.randn(3, 8), 1, eps=0.0), ValueError, "singular"),
+    (lambda: FCL.group_whiten(torch.randn(10, 6), 2, method="pca"), ValueError, "method"),
+    (lambda: FCL.group_whiten(torch.randn(10, 6), 2, perm=torch.tensor([0, 1, 2, 3, 4, 4])), ValueError, "permutation"),
+    (lambda: FCL.group_whiten(torch.randn(10, 6), 2, iters=5), ValueError, "Newton-Schulz"),
+    (lambda: FCL.group_whiten(torch.randn(10), 1), ValueError, "2-D"),
+    (lambda: FCL.group_whiten(torch.randn(10, 6), 2, backend="triton"), fastcl.BackendUnavailable, "newton_schulz"),
+    (lambda: FCL.shuffled_group_whiten(torch.randn(2, 10, 6), 2, k=3), ValueError, "views"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_triton_on_gpu_bf16():
+    x = _x(512, 256, seed=18, dtype=torch.bfloat16).cuda()
+    y = FCL.group_whiten(x, 4, method="newton_schulz", backend="triton")  # g = 64
+    assert torch.allclose(_group_cov(y, 4).cpu(), torch.eye(64, dtype=torch.float64).expand(4, 64, 64), atol=5e-2)
