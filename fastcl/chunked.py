@@ -6,6 +6,9 @@ never B x N.
 """
 import torch
 
+# Statistics (max, log-sum) are natural logarithms; the Triton backend's are log2 (x LN2).
+LOG_UNIT = 1.0
+
 # Elements of one [chunk, N] score block; ~16 MB in float32. A few such blocks live at once.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -50,8 +53,8 @@ def lse_forward(u, v, scale, labels, symmetric: bool, row_cls=None, col_cls=None
     for i0, i1 in _chunks(B, N):
         S = (U[i0:i1] @ V.T).mul_(s)
         keep, ind, cnt = _tile_masks(S, i0, i1, labels, row_cls, col_cls, exclude_diag, exclude_pos)
-        if cnt is None:
-            row_stats[2, i0:i1] = S[ind]  # one positive per row
+        if cnt is None:  # at most one positive per row (none if y is outside this key block)
+            row_stats[2, i0:i1] = S.masked_fill(~ind, 0.0).sum(dim=1)
             row_stats[3, i0:i1] = 1.0
         else:
             row_stats[2, i0:i1] = (S * ind).sum(dim=1)
@@ -92,7 +95,7 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
         if cnt is None:
             # The positive takes the forward's stored logit, so P - 1 is exact even if this
             # recompute rounds differently from the forward's.
-            S[ind] = row_stats[2, i0:i1]
+            S = torch.where(ind, row_stats[2, i0:i1, None], S)
         P = torch.exp((S - row_stats[0, i0:i1, None]).sub_(row_stats[1, i0:i1, None]))
         P.masked_fill_(~keep, 0.0)
         P -= ind.to(P.dtype)  # the positives, subtracted element-wise (no cancellation later)

@@ -25,6 +25,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+LOG_UNIT = LN2  # the statistics (max, log-sum) are in log2 units: multiply by LN2 for natural logs
 # Finite stand-in for -inf in masked lanes: keeps (x - max) free of inf - inf = NaN.
 NEG = -1.0e30
 

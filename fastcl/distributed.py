@@ -1,0 +1,224 @@
+"""InfoNCE / CLIP loss over a batch split across torch.distributed ranks.
+
+Each rank holds its local q [B_r, D] and k [N_r, D]; the global batch is the concatenation in
+rank order, and batches may be uneven. Two ways to see the global negatives:
+
+- ``gather="all_gather"``: every rank gathers all keys (and, for the CLIP loss, all queries)
+  with gradient, then runs the fused op on its local rows against them. The gather's backward
+  all-reduces the gradient and keeps the owner's rows. Memory O(N_total * D) per rank.
+- ``gather="ring"``: key blocks travel around the ring with ``batch_isend_irecv``. The next
+  block's transfer overlaps this block's compute, and row log-sum-exps merge online. In the
+  backward each block travels again with its dk accumulator, which lands back at its owner
+  after world_size hops. Memory O(max local batch * D) per rank.
+
+Gradient convention (``grad_mode``):
+- ``"exact"`` (default): every rank returns the GLOBAL loss value. The gradients w.r.t. its
+  local q and k, and w.r.t. logit_scale (all-reduced once), equal those of the single-process
+  loss on the concatenated batch.
+- ``"ddp"``: for DistributedDataParallel, which AVERAGES parameter gradients over ranks. The
+  local part is scaled by world_size and logit_scale's gradient is left to DDP, so that after
+  DDP's averaging every parameter gets the exact gradient of the global loss, even for uneven
+  batches. open_clip's ``local_loss=True, gather_with_grad=True`` equals this only when every
+  rank has the same batch size (it averages per-rank means).
+"""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _dispatch, _validation
+from .info_nce import _impl, prepare, row_terms
+
+
+def _all_sizes(n: int, device, group):
+    t = torch.tensor([n], device=device, dtype=torch.int64)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [int(x) for x in out]
+
+
+def _padded(x: Tensor, rows: int) -> Tensor:
+    out = x.new_zeros((rows,) + tuple(x.shape[1:]))
+    out[: x.shape[0]] = x
+    return out
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Concatenate every rank's rows (uneven sizes allowed); backward sums and keeps ours."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        bufs = [torch.empty((max(sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+                for _ in sizes]
+        dist.all_gather(bufs, _padded(x, max(sizes)).contiguous(), group=group)
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return torch.cat([b[:s] for b, s in zip(bufs, sizes)])
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)  # gloo has no reduce-scatter; this is its superset
+        off = sum(ctx.sizes[: ctx.rank])
+        return g[off: off + ctx.sizes[ctx.rank]], None, None, None
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity; the gradient is summed over ranks once (logit_scale in "exact" mode)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def _ring_exchange(tensors, rank, world, group):
+    """Start sending `tensors` to rank+1 and receiving same-shaped ones from rank-1."""
+    recv = [torch.empty_like(t) for t in tensors]
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    ops = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, prv, group) for r in recv]
+    return dist.batch_isend_irecv(ops), recv
+
+
+class _RingRows(torch.autograd.Function):
+    """Per-row logsumexp_j S_ij - S_{i,y_i} of local rows u against keys spread over the ring."""
+
+    @staticmethod
+    def forward(ctx, u, v, scale, labels, sizes, rank, group, backend):
+        impl, world = _impl(backend), len(sizes)
+        offs = [sum(sizes[:r]) for r in range(world)]
+        cd = scale.dtype
+        lse = torch.full((u.shape[0],), float("-inf"), dtype=cd, device=u.device)
+        pos = torch.zeros(u.shape[0], dtype=cd, device=u.device)
+        block, owner = _padded(v, max(sizes)).contiguous(), rank
+        for step in range(world):
+            pending = _ring_exchange([block], rank, world, group) if step < world - 1 else None
+            vb = block[: sizes[owner]]
+            _, _, stats, _ = impl.lse_forward(u, vb, scale, None, False)
+            lse = torch.logaddexp(lse, ((stats[0] + stats[1]) * impl.LOG_UNIT).to(cd))
+            in_b = (labels >= offs[owner]) & (labels < offs[owner] + sizes[owner])
+            idx = (labels - offs[owner]).clamp(0, max(sizes[owner] - 1, 0))
+            if sizes[owner]:
+                pos = torch.where(in_b, (u.to(cd) * vb[idx].to(cd)).sum(1) * scale, pos)
+            if pending is not None:
+                for w in pending[0]:
+                    w.wait()
+                block, owner = pending[1][0], (owner - 1) % world
+        ctx.save_for_backward(u, v, scale, labels, lse, pos)
+        ctx.cfg = (sizes, rank, group, backend)
+        return lse - pos
+
+    @staticmethod
+    def backward(ctx, g):
+        u, v, scale, labels, lse, pos = ctx.saved_tensors
+        sizes, rank, group, backend = ctx.cfg
+        impl, world = _impl(backend), len(sizes)
+        offs = [sum(sizes[:r]) for r in range(world)]
+        unit = impl.LOG_UNIT
+        # The merged statistics in the backend's units: max = lse, log-sum = 0, the positive.
+        stats = torch.stack([lse / unit, torch.zeros_like(lse), pos / unit, torch.ones_like(lse)])
+        stats = stats.to(torch.float32 if backend == "triton" else lse.dtype).contiguous()
+        g = g.contiguous()
+        du = torch.zeros(u.shape, dtype=lse.dtype, device=u.device)
+        dscale = torch.zeros((), dtype=lse.dtype, device=u.device)
+        rows = max(sizes)
+        block, owner = _padded(v, rows).contiguous(), rank
+        dacc = torch.zeros((rows, v.shape[1]), dtype=lse.dtype, device=v.device)
+        for step in range(world):
+            # The key block for the next step can travel while this one is computed.
+            pending = _ring_exchange([block], rank, world, group) if step < world - 1 else None
+            n = sizes[owner]
+            if n:
+                in_b = (labels >= offs[owner]) & (labels < offs[owner] + n)
+                lab = torch.where(in_b, labels - offs[owner], torch.full_like(labels, -1))
+                du_p, dv_p, ds_p = impl.lse_backward(u, block[:n], scale, stats, stats[:2, :0], g, g,
+                                                     lab, False)
+                du += du_p.to(du.dtype)
+                dacc[:n] += dv_p.to(dacc.dtype)
+                dscale += ds_p.to(dscale.dtype)
+            # dk accumulators follow their blocks; after world_size hops each is at its owner
+            # (with one rank it never leaves).
+            if world > 1:
+                acc_pending = _ring_exchange([dacc], rank, world, group)
+                for w in acc_pending[0]:
+                    w.wait()
+                dacc = acc_pending[1][0]
+            if pending is not None:
+                for w in pending[0]:
+                    w.wait()
+                block, owner = pending[1][0], (owner - 1) % world
+        return (du.to(u.dtype), dacc[: v.shape[0]].to(v.dtype), dscale.to(scale.dtype),
+                None, None, None, None, None)
+
+
+def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None,
+                         labels: Optional[Tensor] = None, symmetric: bool = False,
+                         normalize: bool = True, reduction: str = "mean", gather: str = "all_gather",
+                         grad_mode: str = "exact", group=None, backend: str = "auto") -> Tensor:
+    """InfoNCE / CLIP loss of the global batch, each rank passing its local q [B_r, D] and k [N_r, D].
+
+    labels: int64 [B_r], GLOBAL column indices (rows of the concatenated k); default: the global
+    row index of each local query. symmetric: the CLIP loss (each rank needs N_r == B_r).
+    reduction: "mean" (over the global batch), "sum", or "none" (this rank's rows).
+    gather: "all_gather" or "ring"; grad_mode: "exact" or "ddp" (see the module docstring).
+    Every rank must call this collectively with the same arguments except the tensors.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("info_nce_distributed needs an initialised torch.distributed process group")
+    if gather not in ("all_gather", "ring"):
+        raise ValueError(f"gather must be 'all_gather' or 'ring', got {gather!r}")
+    if grad_mode not in ("exact", "ddp"):
+        raise ValueError(f"grad_mode must be 'exact' or 'ddp', got {grad_mode!r}")
+    _validation.check_embeddings(q, k)
+    _validation.check_reduction(reduction)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes_q, sizes_k = _all_sizes(q.shape[0], q.device, group), _all_sizes(k.shape[0], k.device, group)
+    B, N = sum(sizes_q), sum(sizes_k)
+    off_q, off_k = sum(sizes_q[:rank]), sum(sizes_k[:rank])
+    if symmetric:
+        if sizes_q != sizes_k:
+            raise ValueError(f"symmetric=True needs as many keys as queries on every rank, got "
+                             f"{sizes_q} and {sizes_k}")
+        if labels is not None:
+            raise ValueError("symmetric=True pairs row i with column i; labels are not supported with it")
+    if labels is None:
+        if N < B:
+            raise ValueError(f"fewer keys ({N}) than queries ({B}) in the global batch: pass labels")
+        labels = torch.arange(off_q, off_q + q.shape[0], device=q.device)
+    else:
+        _validation.check_labels(labels, q.shape[0], N, q.device)
+        labels = labels.long()
+    scale = _validation.scale_tensor(temperature, logit_scale, q.device)
+    if logit_scale is not None and grad_mode == "exact":
+        scale = _SumGradOverRanks.apply(scale, group)
+    backend = _dispatch.resolve(backend, q.device, q.dtype)
+    if backend == "reference":
+        raise _dispatch.BackendUnavailable("backend='reference' is not usable here: the distributed "
+                                           "loss runs on the fused op ('torch' or 'triton')")
+    u, v, scale = prepare(scale, normalize, q, k)
+    diag = torch.arange(off_k, off_k + k.shape[0], device=k.device)  # key j's positive: query j
+    if gather == "all_gather":
+        per, _ = row_terms(u, _AllGatherRows.apply(v, sizes_k, rank, group), scale, backend, labels=labels)
+        if symmetric:
+            col, _ = row_terms(v, _AllGatherRows.apply(u, sizes_q, rank, group), scale, backend, labels=diag)
+    else:
+        per = _RingRows.apply(u, v, scale, labels, sizes_k, rank, group, backend)
+        if symmetric:
+            col = _RingRows.apply(v, u, scale, diag, sizes_q, rank, group, backend)
+    if symmetric:
+        per = 0.5 * (per + col)
+    if reduction == "none":
+        return per
+    local = per.sum() / (B if reduction == "mean" else 1)
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    if grad_mode == "ddp":
+        local = local * world
+    return local + (total - local.detach())  # the global value; gradients of the local part

@@ -1,0 +1,112 @@
+"""Distributed InfoNCE on gloo (CPU): every rank's loss and gradients vs one process on the
+concatenated batch. One spawn per world size runs all configurations, to keep CI short."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastcl
+from fastcl.distributed import info_nce_distributed
+
+# Uneven local batches: queries per rank, and keys per rank for the one-direction loss.
+SIZES = {1: ([6], [8]), 2: ([5, 3], [6, 4]), 3: ([4, 1, 6], [2, 7, 3]), 4: ([3, 5, 2, 4], [4, 4, 6, 1])}
+D = 7
+CONFIGS = [
+    # name, gather, symmetric, custom labels, learnable scale, grad_mode, backend
+    ("gather", "all_gather", False, False, False, "exact", "torch"),
+    ("gather_clip", "all_gather", True, False, True, "exact", "torch"),
+    ("gather_labels", "all_gather", False, True, True, "exact", "torch"),
+    ("ring", "ring", False, False, False, "exact", "torch"),
+    ("ring_clip", "ring", True, False, True, "exact", "torch"),
+    ("ring_labels", "ring", False, True, True, "exact", "torch"),
+    ("ring_ddp", "ring", True, False, True, "ddp", "torch"),
+    ("gather_ddp", "all_gather", False, True, True, "ddp", "torch"),
+    ("ring_triton", "ring", True, False, True, "exact", "triton"),
+    ("gather_triton", "all_gather", False, True, False, "exact", "triton"),
+]
+
+
+def _global_data(world, symmetric, custom_labels):
+    bq, bk = SIZES[world]
+    if symmetric:
+        bk = bq
+    g = torch.Generator().manual_seed(world)
+    Q = torch.randn(sum(bq), D, generator=g, dtype=torch.float64)
+    K = torch.randn(sum(bk), D, generator=g, dtype=torch.float64)
+    K[: min(len(Q), len(K))] += Q[: min(len(Q), len(K))]
+    labels = torch.randint(0, sum(bk), (sum(bq),), generator=g) if custom_labels else None
+    return bq, bk, Q, K, labels
+
+
+def _worker(rank, world, init_file, out_prefix):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    for name, gather, sym, custom, learn, mode, backend in CONFIGS:
+        bq, bk, Q, K, labels = _global_data(world, sym, custom)
+        dtype = torch.float32 if backend == "triton" else torch.float64
+        oq, ok = sum(bq[:rank]), sum(bk[:rank])
+        q = Q[oq: oq + bq[rank]].to(dtype).requires_grad_()
+        k = K[ok: ok + bk[rank]].to(dtype).requires_grad_()
+        ls = torch.tensor(2.0, dtype=dtype, requires_grad=True)
+        loss = info_nce_distributed(
+            q, k, temperature=None if learn else 0.2, logit_scale=ls if learn else None,
+            labels=None if labels is None else labels[oq: oq + bq[rank]], symmetric=sym,
+            gather=gather, grad_mode=mode, backend=backend)
+        loss.backward()
+        results[name] = dict(loss=loss.detach(), dq=q.grad, dk=k.grad, dls=ls.grad)
+    torch.save(results, f"{out_prefix}{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_distributed_equals_single_process(world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name, gather, sym, custom, learn, mode, backend in CONFIGS:
+        bq, bk, Q, K, labels = _global_data(world, sym, custom)
+        q, k = Q.clone().requires_grad_(), K.clone().requires_grad_()
+        ls = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+        ref = fastcl.info_nce_reference(q, k, temperature=None if learn else 0.2,
+                                        logit_scale=ls if learn else None, labels=labels, symmetric=sym)
+        ref.backward()
+        tol = 1e-5 if backend == "triton" else 1e-10
+        scale = world if mode == "ddp" else 1  # DDP averages: its ranks carry world x the gradient
+        dls_sum = 0.0
+        for r, res in enumerate(per_rank):
+            out = res[name]
+            oq, ok = sum(bq[:r]), sum(bk[:r])
+            assert torch.allclose(out["loss"].double(), ref.detach(), atol=tol), (name, r)
+            assert torch.allclose(out["dq"].double(), scale * q.grad[oq: oq + bq[r]], atol=tol), (name, r, "dq")
+            assert torch.allclose(out["dk"].double(), scale * k.grad[ok: ok + bk[r]], atol=tol), (name, r, "dk")
+            if learn:
+                dls_sum += float(out["dls"])
+                if mode == "exact":  # all-reduced once: every rank holds the full gradient
+                    assert abs(float(out["dls"]) - float(ls.grad)) < tol * 10, (name, r, "dls")
+        if learn and mode == "ddp":  # DDP's average of the per-rank gradients is the full one
+            assert abs(dls_sum / world - float(ls.grad)) < tol * 10, (name, "dls")
+
+
+def _errors_worker(rank, world, init_file, out_prefix):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    errors = []
+    for kwargs, n_k in [(dict(symmetric=True), 3 + rank), (dict(gather="tree"), 4), (dict(grad_mode="sum"), 4)]:
+        try:
+            info_nce_distributed(torch.randn(4, 3), torch.randn(n_k, 3), **kwargs)
+        except ValueError as e:
+            errors.append(str(e))
+    torch.save(errors, f"{out_prefix}{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_distributed_bad_input(tmp_path):
+    with pytest.raises(RuntimeError, match="process group"):
+        info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3))
+    mp.spawn(_errors_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2, join=True)
+    errors = torch.load(tmp_path / "rank0.pt")
+    assert len(errors) == 3 and "as many keys" in errors[0] and "gather" in errors[1] and "grad_mode" in errors[2]
+
+
+if os.name != "posix":  # pragma: no cover - gloo over file:// init is tested on Linux
+    pytestmark = pytest.mark.skip("distributed tests run on POSIX")
