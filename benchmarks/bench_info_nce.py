@@ -4,15 +4,11 @@ Counts 8*B*N*D flops for fwd+bwd (2 for the forward logits, 6 for the backward's
 and the two gradient matmuls), the nominal figure used across the suite.
 """
 import argparse
-import csv
-import math
-import os
-
 import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import header, is_oom, peak_memory, time_fn
+from benchmarks.common import append_csv, header, measure
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,15 +56,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
                 else:
                     fn(qq, kk, 0.07, symmetric)
 
-            try:
-                med, p20, p80 = time_fn(step, device, reps)
-                mem = peak_memory(step, device)
-                status = "ok"
-            except Exception as e:  # OOM is a result, not a crash
-                if not is_oom(e):
-                    raise
-                med = p20 = p80 = mem = float("nan")
-                status = "OOM"
+            med, p20, p80, mem, status = measure(step, device, reps)
             del qq, kk
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -83,14 +71,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
             ms = "OOM" if status == "OOM" else f"{med:.3f}"
             print(f"{name:<15}{B:>9}{ms:>11}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>11.1f}"
                   f"{tflops:>9.1f}{speedup:>9.2f}", flush=True)
-    if csv_path:
-        new = not os.path.exists(csv_path)
-        with open(csv_path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["header"])
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({**r, "header": header(device)})
+    append_csv(csv_path, rows, device)
     return rows
 
 

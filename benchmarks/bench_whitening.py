@@ -1,11 +1,8 @@
 """Group whitening fwd+bwd: fastcl backends vs the naive torch.linalg reference (eigh autograd)."""
 import argparse
-import csv
-import os
-
 import torch
 
-from benchmarks.common import header, is_oom, peak_memory, time_fn
+from benchmarks.common import append_csv, header, measure
 from fastcl.whitening import group_whiten
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -31,14 +28,7 @@ def run(n, d, group, methods, reps, device, dtype="fp32", csv_path=None):
                 xx.grad = None
                 group_whiten(xx, d // group, method=method, backend=backend).backward(gy)
 
-            try:
-                med, p20, p80 = time_fn(step, device, reps)
-                mem, status = peak_memory(step, device), "ok"
-            except Exception as e:
-                if not is_oom(e):
-                    raise
-                med = p20 = p80 = mem = float("nan")
-                status = "OOM"
+            med, p20, p80, mem, status = measure(step, device, reps)
             if backend == "reference":
                 ref_ms = med
             row = dict(op="group_whiten", method=method, backend=backend, N=n, D=d, group=group,
@@ -47,14 +37,7 @@ def run(n, d, group, methods, reps, device, dtype="fp32", csv_path=None):
             rows.append(row)
             print(f"{method:<15}{backend:<11}{med:>10.2f}{f'{p20:.2f}-{p80:.2f}':>17}"
                   f"{row['peak_mib']:>10.1f}{ref_ms / med:>13.2f}", flush=True)
-    if csv_path:
-        new = not os.path.exists(csv_path)
-        with open(csv_path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["header"])
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({**r, "header": header(device)})
+    append_csv(csv_path, rows, device)
     return rows
 
 

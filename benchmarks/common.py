@@ -1,4 +1,5 @@
 """Timing and memory helpers shared by the benchmarks."""
+import csv
 import os
 import platform
 import statistics
@@ -71,3 +72,28 @@ def peak_memory(fn, device) -> float:
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def measure(step, device, reps):
+    """(median ms, p20, p80, peak bytes, status) of step(); out-of-memory is a result ("OOM")."""
+    try:
+        med, p20, p80 = time_fn(step, device, reps)
+        return med, p20, p80, peak_memory(step, device), "ok"
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        nan = float("nan")
+        return nan, nan, nan, nan, "OOM"
+
+
+def append_csv(path, rows, device):
+    """Append result rows (dicts with the same keys) to an append-only CSV, with the header line."""
+    if not path or not rows:
+        return
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["header"])
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**r, "header": header(device)})

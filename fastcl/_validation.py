@@ -37,32 +37,26 @@ def check_reduction(reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
+def check_class_ids(labels, batch: int, device, name="labels"):
+    """Integer ids, one per row (any values: class ids of multi-positive losses)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an integer tensor (int64), got {labels.dtype}")
     if labels.shape != (batch,):
-        raise ValueError(f"{name} must have shape [{batch}] (one per row of q), got {tuple(labels.shape)}")
+        raise ValueError(f"{name} must have shape [{batch}] (one per row), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"{name} must be on {device}, got {labels.device}")
+
+
+def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
+    """Column indices: integer [batch] on `device`, each in [0, num_classes)."""
+    check_class_ids(labels, batch, device, name)
     if not _compiling():
         lo, hi = int(labels.min()), int(labels.max())  # one host sync; worth it for a clear error
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) (the rows of k), "
                              f"got values in [{lo}, {hi}]")
-
-
-def check_class_ids(labels, batch: int, device, name="labels"):
-    """Class ids (any integer values) for multi-positive losses."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of class ids, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an integer tensor of class ids, got {labels.dtype}")
-    if labels.shape != (batch,):
-        raise ValueError(f"{name} must have shape [{batch}] (one class id per sample), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"{name} must be on {device}, got {labels.device}")
 
 
 def scale_tensor(temperature, logit_scale, device) -> torch.Tensor:

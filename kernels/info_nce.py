@@ -47,6 +47,20 @@ def _score_tile(U, V, rows, cols, rmask, cmask, D, s_ud, s_ub, s_vd, s_vn,
 
 
 @triton.jit
+def _label_and_class(LABELS, ROW_CLS, idx, mask, HAS_LABELS: tl.constexpr, MULTI_POS: tl.constexpr):
+    """Row idx's positive column (labels, else idx itself) and class id (if multi-positive)."""
+    if HAS_LABELS:
+        y = tl.load(LABELS + idx, mask=mask, other=-1)
+    else:
+        y = idx
+    if MULTI_POS:
+        cls = tl.load(ROW_CLS + idx, mask=mask, other=-1)
+    else:
+        cls = y
+    return y, cls
+
+
+@triton.jit
 def _keep(valid, r_idx, c_idx, is_pos, EXCL_DIAG: tl.constexpr, EXCL_POS: tl.constexpr):
     """Which logits enter the row's log-sum-exp: not self (NT-Xent, SupCon, DCL), not the
     positive (DCL's decoupling)."""
@@ -70,12 +84,7 @@ def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_CLS, COL_CLS, ROW_STATS, COL_M, COL_
     for rb in range(pid, tl.cdiv(B, BM), NUM_PROGS):
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B
-        if HAS_LABELS:
-            y = tl.load(LABELS + rows, mask=rmask, other=-1)
-        else:
-            y = rows
-        if MULTI_POS:
-            rcls = tl.load(ROW_CLS + rows, mask=rmask, other=-1)
+        y, rcls = _label_and_class(LABELS, ROW_CLS, rows, rmask, HAS_LABELS, MULTI_POS)
         m_i = tl.full((BM,), -1.0e30, tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         pos = tl.zeros((BM,), tl.float32)
@@ -133,14 +142,7 @@ def _row_side(ROW_STATS, GR, LABELS, ROW_CLS, idx, mask, B, HAS_LABELS: tl.const
     pos = tl.load(ROW_STATS + 2 * B + idx, mask=mask, other=0.0)
     inv_cnt = 1.0 / tl.maximum(tl.load(ROW_STATS + 3 * B + idx, mask=mask, other=1.0), 1.0)
     g = tl.load(GR + idx, mask=mask, other=0.0)
-    if HAS_LABELS:
-        y = tl.load(LABELS + idx, mask=mask, other=-1)
-    else:
-        y = idx
-    if MULTI_POS:
-        cls = tl.load(ROW_CLS + idx, mask=mask, other=-1)
-    else:
-        cls = y
+    y, cls = _label_and_class(LABELS, ROW_CLS, idx, mask, HAS_LABELS, MULTI_POS)
     return m2, l2, g, y, pos, inv_cnt, cls
 
 
