@@ -26,7 +26,8 @@ for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
     for name, fn in cases.items():
         res = []
         for b in ("torch", "triton"):
-            q, k = q0.to(dtype).requires_grad_(), k0.to(dtype).requires_grad_()
+            # clone: .to() of a same-dtype tensor returns it, and both backends would share .grad
+            q, k = q0.to(dtype).clone().requires_grad_(), k0.to(dtype).clone().requires_grad_()
             out = fn(q, k, b)
             out.backward()
             res.append([out.detach().float(), q.grad.float(), k.grad.float() if k.grad is not None else torch.zeros(1, device=dev)])
