@@ -17,6 +17,7 @@ PY=${PYTHON:-python3}
 timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -rs tests 2>&1 | tee "$OUT/tests.log"
 rc=${PIPESTATUS[0]}
 $PY scripts/gpu_sanity.py 2>&1 | tee -a "$OUT/tests.log"
+timeout 300 $PY scripts/gpu_quick_check.py 2>&1 | tee -a "$OUT/tests.log" || rc=1
 
 B="timeout ${BENCH_TIMEOUT:-150} $PY -m benchmarks.bench_info_nce --csv $OUT/info_nce.csv"
 {
