@@ -30,29 +30,61 @@ class InfoNCELoss(nn.Module):
 
 
 class ClipLoss(nn.Module):
-    """Symmetric CLIP loss; ``forward(image [B, D], text [B, D])`` -> scalar.
+    """Symmetric CLIP loss with open_clip's ``ClipLoss`` signature.
 
-    With ``learnable=True`` the logit scale is a parameter ``logit_scale`` initialised to
-    log(1/init_temperature) and clamped to log(max_scale) in the forward, as in CLIP.
+    ``forward(image_features [B, D], text_features [B, D], logit_scale=None, output_dict=False)``.
+    As in open_clip, ``logit_scale`` is the logit MULTIPLIER (the model's ``logit_scale.exp()``)
+    and the features are used as given (open_clip's models normalise them; pass
+    ``normalize=True`` to do it here). ``output_dict=True`` returns
+    ``{"contrastive_loss": loss}``.
+
+    With ``world_size > 1`` the loss sees every rank's pairs through
+    :func:`fastcl.distributed.info_nce_distributed`, with gradients scaled for DDP (see its
+    docstring; the ``local_loss`` / ``gather_with_grad`` flags are accepted for compatibility,
+    the result is the exact global loss either way). ``cache_labels`` and ``use_horovod`` are
+    accepted and ignored: no label tensor is built, and horovod is not supported.
+
+    fastcl extension: ``init_temperature=t`` gives the module its own learnable
+    ``logit_scale`` parameter (log(1/t), clamped to log(max_scale) in the forward, as in CLIP),
+    used when forward gets no ``logit_scale``.
     """
 
-    def __init__(self, init_temperature: float = 0.07, learnable: bool = True,
-                 max_scale: float = 100.0, normalize: bool = True, reduction: str = "mean",
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *,
+                 init_temperature=None, max_scale: float = 100.0, normalize: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        value = torch.tensor(math.log(1.0 / init_temperature))
-        if learnable:
-            self.logit_scale = nn.Parameter(value)
-        else:
-            self.register_buffer("logit_scale", value)
+        if use_horovod:
+            raise NotImplementedError("horovod is not supported; use torch.distributed")
+        self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
+        self.rank, self.world_size = rank, world_size
         self.max_log_scale = math.log(max_scale)
-        self.normalize, self.reduction, self.backend = normalize, reduction, backend
+        self.normalize, self.backend = normalize, backend
+        if init_temperature is not None:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        else:
+            self.logit_scale = None
 
-    def forward(self, image_features, text_features):
-        logit_scale = self.logit_scale.clamp(max=self.max_log_scale)
-        return info_nce(image_features, text_features, logit_scale=logit_scale.to(image_features.device),
-                        symmetric=True, normalize=self.normalize, reduction=self.reduction,
-                        backend=self.backend)
+    def forward(self, image_features, text_features, logit_scale=None, output_dict: bool = False):
+        if logit_scale is None:
+            if self.logit_scale is None:
+                raise ValueError("pass logit_scale (the multiplier, as open_clip does) or build "
+                                 "ClipLoss(init_temperature=...) for a learnable one")
+            log_scale = self.logit_scale.clamp(max=self.max_log_scale).to(image_features.device)
+        else:
+            if not isinstance(logit_scale, torch.Tensor):
+                logit_scale = torch.tensor(float(logit_scale), device=image_features.device)
+            log_scale = logit_scale.reshape(()).log()  # open_clip passes exp(logit_scale)
+        kw = dict(logit_scale=log_scale, symmetric=True, normalize=self.normalize, backend=self.backend)
+        if self.world_size > 1:
+            from .distributed import info_nce_distributed
+            loss = info_nce_distributed(image_features, text_features, grad_mode="ddp", **kw)
+        else:
+            loss = info_nce(image_features, text_features, **kw)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self):
+        return f"world_size={self.world_size}, learnable={self.logit_scale is not None}"
 
 
 def _no_gather(gather_distributed):

@@ -1,7 +1,9 @@
+import importlib.util
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastcl
 import fastcl.functional as FCL
@@ -164,10 +166,9 @@ def test_auto_backend_and_module():
 
 
 def test_clip_module_learns_scale():
-    m = fastcl.nn.ClipLoss(init_temperature=0.07, backend="torch")
+    m = fastcl.nn.ClipLoss(init_temperature=0.07, normalize=True, backend="torch").double()
     img = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
     txt = torch.randn(16, 8, dtype=torch.float64)
-    m.double()
     loss = m(img, txt)
     loss.backward()
     ref = fastcl.info_nce_reference(img, txt, logit_scale=m.logit_scale.detach(), symmetric=True)
@@ -177,6 +178,32 @@ def test_clip_module_learns_scale():
         m.logit_scale.fill_(10.0)  # clamped to log(100) in the forward
     clamped = fastcl.info_nce_reference(img, txt, temperature=0.01, symmetric=True)
     assert torch.allclose(m(img, txt), clamped)
+
+
+def test_clip_module_open_clip_signature():
+    """open_clip's call: normalised features and the multiplier exp(logit_scale)."""
+    img = torch.nn.functional.normalize(torch.randn(12, 8, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(12, 8, dtype=torch.float64), dim=-1)
+    ls = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    out = fastcl.nn.ClipLoss()(img, txt, ls.exp(), output_dict=True)
+    logits = ls.exp() * img @ txt.T
+    labels = torch.arange(12)
+    ref = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    assert torch.allclose(out["contrastive_loss"], ref)
+    g1, = torch.autograd.grad(out["contrastive_loss"], ls)
+    g2, = torch.autograd.grad(ref, ls)
+    assert torch.allclose(g1, g2)
+    with pytest.raises(ValueError, match="logit_scale"):
+        fastcl.nn.ClipLoss()(img, txt)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip not installed")
+def test_clip_module_equals_open_clip():
+    import open_clip
+    img = torch.nn.functional.normalize(torch.randn(12, 8, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(12, 8, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(14.0, dtype=torch.float64)
+    assert torch.allclose(open_clip.ClipLoss()(img, txt, scale), fastcl.nn.ClipLoss()(img, txt, scale))
 
 
 def test_drop_in_for_cross_entropy():

@@ -309,3 +309,5 @@ def test_equals_sentence_transformers_mnrl():
     st = MultipleNegativesRankingLoss(Embedder(), scale=20.0)
     expected = st([{"x": a}, {"x": p}, {"x": n}], None)
     assert torch.allclose(expected, fastcl.nn.MultipleNegativesRankingLoss(scale=20.0)(a, p, n))
+    from fastcl.integrations import MultipleNegativesRankingLoss as FusedMNRL
+    assert torch.allclose(expected, FusedMNRL(Embedder(), scale=20.0)([{"x": a}, {"x": p}, {"x": n}], None))

@@ -1,0 +1,34 @@
+"""Drop-in losses for other libraries' training loops."""
+import torch
+from torch import nn
+
+from . import losses
+
+
+class MultipleNegativesRankingLoss(nn.Module):
+    """Fused drop-in for ``sentence_transformers.losses.MultipleNegativesRankingLoss``.
+
+    Same constructor and forward as sentence-transformers' loss, so it plugs into
+    ``SentenceTransformerTrainer``: ``forward(sentence_features, labels)`` embeds each column
+    (anchor, positive, negative_1, ...) with ``model(features)["sentence_embedding"]``. It then
+    scores every anchor against all positives and negatives of the batch (cosine x scale)
+    without building the [B, B*(1+k)] score matrix.
+    """
+
+    def __init__(self, model, scale: float = 20.0, similarity_fct=None, backend: str = "auto"):
+        super().__init__()
+        if similarity_fct is not None and getattr(similarity_fct, "__name__", "") != "cos_sim":
+            raise NotImplementedError("only cosine similarity (the default) is fused")
+        self.model, self.scale, self.backend = model, scale, backend
+
+    def forward(self, sentence_features, labels=None):
+        reps = [self.model(f)["sentence_embedding"] for f in sentence_features]
+        if len(reps) < 2:
+            raise ValueError("need at least (anchor, positive) columns")
+        anchor, positive, *negatives = reps
+        neg = torch.cat(negatives) if negatives else None
+        return losses.multiple_negatives_ranking(anchor, positive, neg, scale=self.scale,
+                                                 backend=self.backend)
+
+    def get_config_dict(self):
+        return {"scale": self.scale, "similarity_fct": "cos_sim"}

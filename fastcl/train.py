@@ -1,0 +1,378 @@
+"""A small trainer for contrastive recipes on fastcl's fused losses.
+
+    recipe = SimCLR(encoder, augment, loss="dcl", temperature=0.1)
+    trainer = Trainer(recipe, batches, TrainConfig(steps=500, lr=1e-3, chunk_size=256))
+    history = trainer.train()
+
+- Recipes: SimCLR (two augmented views), SimCSE (two dropout views of the same input),
+  WhitenedCSE (shuffled group-whitening views, multi-positive InfoNCE), CLIP (two towers, a
+  learnable logit scale). A recipe says how a batch becomes encoder inputs and how the
+  embeddings become a loss.
+- ``chunk_size`` turns on GradCache-style accumulation that keeps every negative. The batch is
+  embedded in chunks without a graph. Then the fused loss and the embeddings' gradients are
+  computed once, on the whole batch. Then each chunk is re-encoded with a graph, and that
+  gradient is backpropagated through it. The chunk's RNG state is replayed, so dropout and
+  similar noise are the same in both passes.
+- ``amp="bf16" | "fp16"`` runs the encoders under autocast (fp16 with a GradScaler); the loss
+  runs in fp32 on the embeddings.
+- Under torch.distributed (initialised by the caller), the encoders are wrapped in DDP and the
+  InfoNCE/CLIP losses see the global batch (``fastcl.distributed``, gradients scaled for DDP).
+- ``checkpoint_path`` saves model, optimizer, scaler, RNG and history; ``resume=True`` loads it.
+- Logged per step: loss, temperature, alignment and uniformity (Wang & Isola 2020).
+"""
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as FCL
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ----------------------------------------------------------------------------- recipes
+class Recipe(nn.Module):
+    """Encoders (``self.encoders``, a ModuleDict) plus the loss's own parameters."""
+
+    def views(self, batch) -> List[Tuple[str, Tensor]]:
+        """(encoder name, input) per view. Random augmentation happens here, once per step."""
+        raise NotImplementedError
+
+    def loss(self, z: Sequence[Tensor]) -> Tensor:
+        """The loss from the views' embeddings (fp32, each [N, D])."""
+        raise NotImplementedError
+
+    def temperature(self) -> float:
+        return float(self.tau)
+
+    def _info_nce(self, a, b, **kw):
+        if _distributed():
+            from .distributed import info_nce_distributed
+            return info_nce_distributed(a, b, grad_mode="ddp", **kw)
+        return FCL.info_nce(a, b, **kw)
+
+    def _local_only(self, name):
+        if _distributed():
+            raise NotImplementedError(f"the {name} loss is not distributed yet; use loss='info_nce' "
+                                      f"(or the CLIP recipe) with torch.distributed")
+
+
+class SimCLR(Recipe):
+    """Two augmented views of each sample; loss "info_nce" (symmetric), "nt_xent", "dcl" or "dclw"."""
+
+    def __init__(self, encoder: nn.Module, augment: Callable[[Tensor], Tensor], loss: str = "info_nce",
+                 temperature: float = 0.1):
+        super().__init__()
+        if loss not in ("info_nce", "nt_xent", "dcl", "dclw"):
+            raise ValueError(f"loss must be info_nce, nt_xent, dcl or dclw, got {loss!r}")
+        self.encoders = nn.ModuleDict({"encoder": encoder})
+        self.augment, self.kind, self.tau = augment, loss, temperature
+
+    def views(self, batch):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return [("encoder", self.augment(x)), ("encoder", self.augment(x))]
+
+    def loss(self, z):
+        if self.kind == "info_nce":
+            return self._info_nce(z[0], z[1], temperature=self.tau, symmetric=True)
+        self._local_only(self.kind)
+        if self.kind == "nt_xent":
+            return FCL.nt_xent(z[0], z[1], temperature=self.tau)
+        return FCL.dcl(z[0], z[1], temperature=self.tau, weight="vmf" if self.kind == "dclw" else None)
+
+
+class SimCSE(Recipe):
+    """Unsupervised SimCSE: the same input twice through an encoder with dropout."""
+
+    def __init__(self, encoder: nn.Module, temperature: float = 0.05):
+        super().__init__()
+        self.encoders = nn.ModuleDict({"encoder": encoder})
+        self.tau = temperature
+
+    def views(self, batch):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return [("encoder", x), ("encoder", x)]
+
+    def loss(self, z):
+        return self._info_nce(z[0], z[1], temperature=self.tau)
+
+
+class WhitenedCSE(Recipe):
+    """WhitenedCSE: k views from shuffled group whitening of the embeddings (each view with its
+    own channel permutation), and a multi-positive InfoNCE whose positives are the other views
+    of the same sample (the fused SupCon loss)."""
+
+    def __init__(self, encoder: nn.Module, num_groups: int, k: int = 3, temperature: float = 0.05,
+                 method: str = "zca", detach_stats: bool = True, eps: float = 1e-5):
+        super().__init__()
+        self.encoders = nn.ModuleDict({"encoder": encoder})
+        self.num_groups, self.k, self.tau = num_groups, k, temperature
+        self.whiten_kw = dict(method=method, detach_stats=detach_stats, eps=eps)
+
+    def views(self, batch):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return [("encoder", x)]
+
+    def loss(self, z):
+        self._local_only("WhitenedCSE")
+        views = FCL.shuffled_group_whiten(z[0], self.num_groups, self.k, **self.whiten_kw)  # [k, N, D]
+        return FCL.supcon(views.transpose(0, 1), temperature=self.tau)
+
+
+class CLIP(Recipe):
+    """Two towers (``image`` and ``text`` encoders) and CLIP's learnable logit scale."""
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, init_temperature: float = 0.07,
+                 max_scale: float = 100.0):
+        super().__init__()
+        self.encoders = nn.ModuleDict({"image": image_encoder, "text": text_encoder})
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_scale)
+
+    def views(self, batch):
+        images, texts = batch
+        return [("image", images), ("text", texts)]
+
+    def loss(self, z):
+        return self._info_nce(z[0], z[1], logit_scale=self.logit_scale.clamp(max=self.max_log_scale),
+                              symmetric=True)
+
+    def temperature(self):
+        return float(torch.exp(-self.logit_scale.detach().clamp(max=self.max_log_scale)))
+
+
+# ----------------------------------------------------------------------------- metrics
+@torch.no_grad()
+def alignment(a: Tensor, b: Tensor) -> float:
+    """E ||u_a - u_b||^2 over positive pairs (lower is better)."""
+    return float((F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1)).square().sum(1).mean())
+
+
+@torch.no_grad()
+def uniformity(a: Tensor, max_n: int = 1024) -> float:
+    """log E exp(-2 ||u_i - u_j||^2) over distinct pairs (lower is more uniform)."""
+    u = F.normalize(a[:max_n].float(), dim=-1)
+    if u.shape[0] < 2:
+        return float("nan")
+    return float(torch.pdist(u).square().mul(-2).exp().mean().log())
+
+
+# ----------------------------------------------------------------------------- trainer
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    chunk_size: Optional[int] = None       # GradCache chunk (samples per encoder pass); None: one pass
+    amp: Optional[str] = None              # None | "bf16" | "fp16"
+    log_every: int = 10
+    checkpoint_path: Optional[str] = None
+    checkpoint_every: int = 0              # 0: only at the end (if checkpoint_path is set)
+    resume: bool = False
+    progress: bool = True
+    device: str = "cpu"
+
+
+class _RngReplay:
+    """Captures the RNG state before a chunk's first encoding and restores it for the second."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if self.cuda else None
+        self.device = device
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = [self.device] if self.cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda:
+                torch.cuda.set_rng_state(self.cuda_state, self.device)
+            yield
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, data: Iterable, config: TrainConfig,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
+        if config.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {config.amp!r}")
+        if config.chunk_size is not None and config.chunk_size < 1:
+            raise ValueError("chunk_size must be a positive number of samples")
+        self.config, self.device = config, torch.device(config.device)
+        self.recipe = recipe.to(self.device)
+        self.encoders = dict(self.recipe.encoders.items())
+        self._loose = []  # the loss's own parameters (e.g. CLIP's logit scale), outside DDP
+        if _distributed():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.encoders = {k: DDP(m, device_ids=ids) for k, m in self.encoders.items()}
+            wrapped = {id(p) for m in self.recipe.encoders.values() for p in m.parameters()}
+            self._loose = [p for p in self.recipe.parameters() if id(p) not in wrapped]
+        self.optimizer = optimizer or torch.optim.AdamW(self.recipe.parameters(), lr=config.lr,
+                                                        weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.data, self._iter, self._skip = data, None, 0
+        self.step, self.history = 0, []
+        if config.resume and config.checkpoint_path and os.path.exists(config.checkpoint_path):
+            self.load(config.checkpoint_path)
+
+    # -- one step -------------------------------------------------------------------------
+    def _autocast(self):
+        if self.config.amp is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _encode(self, name, x):
+        with self._autocast():
+            z = self.encoders[name](x)
+        # The loss runs in fp32 (or fp64): lift 16-bit autocast outputs, never lower fp64.
+        return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+    def train_step(self, batch) -> dict:
+        self.recipe.train()
+        views = [(name, x.to(self.device)) for name, x in self.recipe.views(_to(batch, self.device))]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.chunk_size is None:
+            z = [self._encode(name, x) for name, x in views]
+            loss = self.recipe.loss(z)
+            self.scaler.scale(loss).backward()
+        else:
+            loss, z = self._grad_cache_step(views, self.config.chunk_size)
+        for p in self._loose:  # average like DDP does for the encoders' parameters
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        zd = [t.detach() for t in z]
+        return {"step": self.step, "loss": float(loss.detach()), "temperature": self.recipe.temperature(),
+                "alignment": alignment(zd[0], zd[1]) if len(zd) > 1 else float("nan"),
+                "uniformity": uniformity(zd[0])}
+
+    def _grad_cache_step(self, views, chunk):
+        # 1. Embed every chunk without a graph, remembering each chunk's RNG state.
+        states, z = [], []
+        with torch.no_grad():
+            for name, x in views:
+                parts = []
+                for i in range(0, x.shape[0], chunk):
+                    states.append(_RngReplay(self.device))
+                    parts.append(self._encode(name, x[i:i + chunk]))
+                z.append(torch.cat(parts).requires_grad_())
+        # 2. The fused loss over the FULL batch: every negative, and the embeddings' gradients.
+        loss = self.recipe.loss(z)
+        self.scaler.scale(loss).backward()
+        # 3. Re-encode each chunk with a graph (same RNG) and backpropagate its embedding gradient.
+        # DDP all-reduces on a module's backward unless no_sync: let each encoder sync once, on
+        # the last chunk that goes through it.
+        k, last_of = 0, {}
+        for name, x in views:
+            k += math.ceil(x.shape[0] / chunk)
+            last_of[name] = k - 1
+        k = 0
+        for (name, x), zi in zip(views, z):
+            for i in range(0, x.shape[0], chunk):
+                enc = self.encoders[name]
+                last = k == last_of[name]
+                sync = contextlib.nullcontext() if last or not hasattr(enc, "no_sync") else enc.no_sync()
+                with sync, states[k].replay():
+                    self._encode(name, x[i:i + chunk]).backward(zi.grad[i:i + chunk])
+                k += 1
+        return loss, z
+
+    # -- loop, logging, checkpoints ---------------------------------------------------------
+    def _next_batch(self):
+        if self._iter is None:
+            self._iter = iter(self.data)
+            # After a resume, continue where the saved run stopped (epochs of a re-iterable
+            # dataset replay in the same order; a one-shot iterator is simply consumed).
+            for _ in range(self._skip):
+                self._next_batch()
+            self._skip = 0
+        try:
+            return next(self._iter)
+        except StopIteration:  # a new epoch
+            self._iter = iter(self.data)
+            return next(self._iter)
+
+    def train(self) -> List[dict]:
+        cfg = self.config
+        main = not _distributed() or dist.get_rank() == 0
+        bar = _progress(cfg.steps, self.step, cfg.progress and main, cfg.log_every)
+        t0 = time.perf_counter()
+        while self.step < cfg.steps:
+            m = self.train_step(self._next_batch())
+            m["seconds"] = time.perf_counter() - t0
+            self.history.append(m)
+            bar.update(m)
+            if cfg.checkpoint_path and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and main:
+                self.save(cfg.checkpoint_path)
+        bar.close()
+        if cfg.checkpoint_path and main:
+            self.save(cfg.checkpoint_path)
+        return self.history
+
+    def save(self, path: str):
+        state = {"step": self.step, "recipe": self.recipe.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "history": self.history, "rng": torch.get_rng_state(),
+                 "config": dataclasses.asdict(self.config)}
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # never leave a half-written checkpoint
+
+    def load(self, path: str):
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.recipe.load_state_dict(state["recipe"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = state["step"], state["history"]
+        torch.set_rng_state(state["rng"])
+        self._iter, self._skip = None, self.step
+
+
+def _to(batch, device):
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch
+
+
+class _progress:
+    """tqdm when installed, else a line every log step; silent when disabled."""
+
+    def __init__(self, total, start, enabled, every):
+        self.enabled, self.bar, self.every = enabled, None, max(1, every)
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, initial=start, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, m):
+        if not self.enabled:
+            return
+        text = f"loss {m['loss']:.4f} tau {m['temperature']:.3f} align {m['alignment']:.3f} unif {m['uniformity']:.3f}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        elif m["step"] % self.every == 0:
+            print(f"step {m['step']}: {text}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

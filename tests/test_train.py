@@ -1,0 +1,148 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from fastcl import train as T
+
+
+def _mlp(d_in=6, d_out=5, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(d_in, 16), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else []) + [nn.Linear(16, d_out)]
+    return nn.Sequential(*layers).double()
+
+
+def _noise(x):
+    return x + 0.1 * torch.randn_like(x)
+
+
+def _batches(n=5, b=20, d=6, seed=0, pairs=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(b, d, generator=g, dtype=torch.float64)
+        out.append((x, x + 0.3 * torch.randn(b, d, generator=g, dtype=torch.float64)) if pairs else x)
+    return out
+
+
+def _params(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def _cfg(**kw):
+    return T.TrainConfig(**{**dict(steps=1, lr=1e-2, progress=False), **kw})
+
+
+@pytest.mark.parametrize("recipe_name", ["simclr_info_nce", "simclr_dcl", "clip", "whitened"])
+def test_grad_cache_equals_one_pass(recipe_name):
+    """Chunked encoding (GradCache) gives exactly the gradient of one pass over the batch."""
+    def make():
+        return {
+            "simclr_info_nce": lambda: T.SimCLR(_mlp(), _noise, loss="info_nce"),
+            "simclr_dcl": lambda: T.SimCLR(_mlp(), _noise, loss="dcl"),
+            "clip": lambda: T.CLIP(_mlp(seed=1), _mlp(seed=2)).double(),
+            "whitened": lambda: T.WhitenedCSE(_mlp(d_out=6), num_groups=2, k=3),
+        }[recipe_name]()
+
+    data = _batches(pairs=recipe_name == "clip")
+    results = []
+    for chunk in (None, 7):  # 7 does not divide 20: a ragged last chunk
+        recipe = make()
+        torch.manual_seed(123)  # the same augmentation noise in both runs
+        T.Trainer(recipe, data, _cfg(steps=2, chunk_size=chunk)).train()
+        results.append(_params(recipe))
+    assert torch.allclose(results[0], results[1], atol=1e-12)
+
+
+def test_grad_cache_replays_dropout():
+    """With dropout, the re-encoding sees the same masks as the first pass (RNG replayed):
+    the update equals full-graph encoding of the same chunks from the same RNG state."""
+    data = _batches(n=1)
+    recipe = T.SimCSE(_mlp(dropout=0.3))
+    before = copy.deepcopy(recipe)
+    torch.manual_seed(7)
+    T.Trainer(recipe, data, _cfg(chunk_size=6, lr=1e-2)).train()
+
+    ref = before
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)  # the trainer's defaults
+    torch.manual_seed(7)
+    x = data[0]
+    z = [torch.cat([ref.encoders["encoder"](x[i:i + 6]) for i in range(0, 20, 6)]) for _ in range(2)]
+    ref.loss(z).backward()
+    opt.step()
+    assert torch.allclose(_params(recipe), _params(ref), atol=1e-12)
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    data = _batches(n=4)
+    full = T.SimCLR(_mlp(), _noise, loss="nt_xent")
+    torch.manual_seed(0)
+    hist_full = T.Trainer(full, data, _cfg(steps=6)).train()
+
+    path = str(tmp_path / "ckpt.pt")
+    part = T.SimCLR(_mlp(), _noise, loss="nt_xent")
+    torch.manual_seed(0)
+    T.Trainer(part, data, _cfg(steps=3, checkpoint_path=path)).train()
+    resumed = T.SimCLR(_mlp(seed=99), _noise, loss="nt_xent")  # different init: the checkpoint wins
+    trainer = T.Trainer(resumed, data, _cfg(steps=6, checkpoint_path=path, resume=True))
+    assert trainer.step == 3
+    hist = trainer.train()
+    assert torch.allclose(_params(resumed), _params(full), atol=1e-12)
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in hist_full], abs=1e-12)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains(amp):
+    enc = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 8))
+    data = [x.float() for x in _batches(n=3, b=32)]
+    torch.manual_seed(0)
+    hist = T.Trainer(T.SimCLR(enc, _noise, loss="dclw"), data,
+                     _cfg(steps=30, amp=amp, chunk_size=10, lr=3e-3)).train()
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    assert sum(h["loss"] for h in hist[-5:]) < sum(h["loss"] for h in hist[:5])
+
+
+def test_metrics_logged_and_temperature_learned():
+    data = _batches(n=4, pairs=True)
+    recipe = T.CLIP(_mlp(seed=1), _mlp(seed=2), init_temperature=0.07).double()
+    hist = T.Trainer(recipe, data, _cfg(steps=8)).train()
+    assert set(hist[-1]) >= {"step", "loss", "temperature", "alignment", "uniformity", "seconds"}
+    assert hist[-1]["temperature"] != pytest.approx(0.07)  # the logit scale is learned
+    assert T.alignment(torch.ones(3, 2), torch.ones(3, 2)) == 0.0
+    assert T.uniformity(torch.eye(4)) < 0
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="amp"):
+        T.Trainer(T.SimCSE(_mlp()), [], T.TrainConfig(amp="fp8"))
+    with pytest.raises(ValueError, match="chunk_size"):
+        T.Trainer(T.SimCSE(_mlp()), [], T.TrainConfig(chunk_size=0))
+    with pytest.raises(ValueError, match="loss must be"):
+        T.SimCLR(_mlp(), _noise, loss="triplet")
+
+
+# --- DDP on gloo: two ranks with half the batch each equal one process on the whole batch ---
+
+def _ddp_worker(rank, world, init_file, out, chunk):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    data = _batches(n=2, pairs=True)
+    local = [(x[rank * 10:(rank + 1) * 10], y[rank * 10:(rank + 1) * 10]) for x, y in data]
+    recipe = T.CLIP(_mlp(seed=1), _mlp(seed=2)).double()
+    # SGD: updates linear in the gradient (Adam's m/sqrt(v) would amplify 1e-16 differences of
+    # near-zero gradients into 1e-8 parameter differences).
+    T.Trainer(recipe, local, _cfg(steps=2, chunk_size=chunk), torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
+    torch.save(_params(recipe), f"{out}{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_ddp_equals_single_process(tmp_path, chunk):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), chunk), nprocs=2, join=True)
+    recipe = T.CLIP(_mlp(seed=1), _mlp(seed=2)).double()
+    T.Trainer(recipe, _batches(n=2, pairs=True), _cfg(steps=2), torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
+    for r in range(2):
+        assert torch.allclose(torch.load(tmp_path / f"r{r}.pt"), _params(recipe), atol=1e-10)
