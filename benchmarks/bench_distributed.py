@@ -41,6 +41,7 @@ def _worker(rank, world, init_file, local_b, dim, reps, gather, out):
     peak = (torch.cuda.max_memory_allocated(device) if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     torch.save((statistics.median(times), peak), f"{out}{rank}.pt")
+    dist.barrier()  # no rank tears down gloo while a peer still talks to it
     dist.destroy_process_group()
 
 

@@ -12,5 +12,5 @@ P="$VENV/bin/python -m pip install -q --disable-pip-version-check"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $P "torch==${FASTCL_TORCH_VERSION:-2.13.0}" >&2
 fi
-$P -e ".[triton,test]" >&2
+$P -e ".[triton,test,demo]" >&2
 echo "$VENV/bin/python"

@@ -57,6 +57,7 @@ def _worker(rank, world, init_file, out_prefix):
         loss.backward()
         results[name] = dict(loss=loss.detach(), dq=q.grad, dk=k.grad, dls=ls.grad)
     torch.save(results, f"{out_prefix}{rank}.pt")
+    dist.barrier()  # no rank tears down gloo while a peer still talks to it
     dist.destroy_process_group()
 
 
@@ -97,6 +98,7 @@ def _errors_worker(rank, world, init_file, out_prefix):
         except ValueError as e:
             errors.append(str(e))
     torch.save(errors, f"{out_prefix}{rank}.pt")
+    dist.barrier()  # no rank tears down gloo while a peer still talks to it
     dist.destroy_process_group()
 
 
