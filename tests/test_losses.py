@@ -311,3 +311,45 @@ def test_equals_sentence_transformers_mnrl():
     assert torch.allclose(expected, fastcl.nn.MultipleNegativesRankingLoss(scale=20.0)(a, p, n))
     from fastcl.integrations import MultipleNegativesRankingLoss as FusedMNRL
     assert torch.allclose(expected, FusedMNRL(Embedder(), scale=20.0)([{"x": a}, {"x": p}, {"x": n}], None))
+
+
+@pytest.mark.skipif(not all(_has(m) for m in ("sentence_transformers", "datasets", "accelerate")),
+                    reason="sentence-transformers, datasets or accelerate not installed")
+def test_mnrl_drop_in_trains_like_the_original_in_sentence_transformer_trainer(tmp_path, monkeypatch):
+    """The fused loss inside SentenceTransformerTrainer: the same steps as sentence-transformers'
+    own MultipleNegativesRankingLoss, from the same start (an offline model built here)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from datasets import Dataset
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments)
+    try:
+        from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    except ImportError:  # releases before the module move
+        from sentence_transformers.models import StaticEmbedding
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as STMNRL
+    except ImportError:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss as STMNRL
+    from fastcl.integrations import MultipleNegativesRankingLoss as FusedMNRL
+
+    words = "the a cat dog sat ran on mat park fast slow red blue big small [UNK]".split()
+    data = Dataset.from_dict({"anchor": ["the cat sat", "a dog ran", "red mat", "big park"] * 4,
+                              "positive": ["cat sat on mat", "dog ran fast", "the red mat", "a big park"] * 4})
+    weights = []
+    for loss_cls in (STMNRL, FusedMNRL):
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        torch.manual_seed(0)
+        model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_dim=16)], device="cpu")
+        start = model[0].embedding.weight.detach().clone()
+        # SGD: updates linear in the gradient. Adam turns rounding-level differences of gradients
+        # that are zero in exact arithmetic (duplicated rows) into full +-lr steps.
+        args = SentenceTransformerTrainingArguments(output_dir=str(tmp_path / loss_cls.__name__), max_steps=3,
+                                                    per_device_train_batch_size=4, report_to="none",
+                                                    save_strategy="no", learning_rate=0.5, optim="sgd",
+                                                    use_cpu=True)
+        SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss_cls(model)).train()
+        weights.append(model[0].embedding.weight.detach().clone())
+    assert not torch.allclose(weights[1], start)  # it trained
+    assert torch.allclose(weights[0], weights[1], atol=1e-5), float((weights[0] - weights[1]).abs().max())
