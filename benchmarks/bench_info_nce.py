@@ -4,11 +4,14 @@ Counts 8*B*N*D flops for fwd+bwd (2 for the forward logits, 6 for the backward's
 and the two gradient matmuls), the nominal figure used across the suite.
 """
 import argparse
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import append_csv, header, measure
+from benchmarks.common import append_csv, header, measure, plot, progress
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -22,30 +25,50 @@ def naive_torch(q, k, temperature, symmetric):
     return loss
 
 
-def providers(device):
+def _symmetric(fn, q, k, sym):
+    return 0.5 * (fn(q, k) + fn(k, q)) if sym else fn(q, k)
+
+
+def providers(device, compile_naive: bool):
+    """Everything that computes the same loss, in one run: fastcl backends, naive torch (eager
+    and compiled), and the libraries users have today where they are installed."""
     out = {"naive-torch": lambda q, k, t, sym: naive_torch(q, k, t, sym)}
+    if compile_naive:
+        compiled = torch.compile(naive_torch)
+        out["torch-compile"] = lambda q, k, t, sym: compiled(q, k, t, sym)
     if device.type == "cuda":
         out["fastcl-triton"] = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym,
                                                                  backend="triton")
     out["fastcl-torch"] = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym,
                                                             backend="torch")
+    if importlib.util.find_spec("open_clip"):
+        import open_clip
+        oc = open_clip.ClipLoss()
+        out["open_clip"] = lambda q, k, t, sym: (oc(F.normalize(q, dim=-1), F.normalize(k, dim=-1), 1.0 / t)
+                                                 if sym else naive_torch(q, k, t, sym))
+    if device.type == "cuda" and importlib.util.find_spec("inf_cl"):
+        from inf_cl import cal_inf_loss  # one direction per call: two calls for the CLIP loss
+        out["inf-cl"] = lambda q, k, t, sym: _symmetric(
+            lambda a, b: cal_inf_loss(F.normalize(a, dim=-1), F.normalize(b, dim=-1), scale=1.0 / t), q, k, sym)
     return out
 
 
-def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mode="fwd+bwd"):
+def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mode="fwd+bwd",
+        compile_naive=False, plot_path=None):
     print(header(device))
     print(f"info_nce {mode} | D={dim} | {dtype} | symmetric={symmetric} | median of {reps} (p20-p80)")
     cols = f"{'provider':<15}{'B':>9}{'ms':>11}{'p20-p80':>17}{'peak MiB':>11}{'TFLOP/s':>9}{'x naive':>9}"
     flop_factor = 8 if mode == "fwd+bwd" else 2
     print(cols)
     rows, naive_ms = [], {}
+    provs = {n: f for n, f in providers(device, compile_naive).items() if not only or n in only}
+    bar = progress(len(sizes) * len(provs), "info_nce")
     for B in sizes:
         g = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(B, dim, device=device, generator=g).to(DTYPES[dtype])
         k = (q.float() + 0.5 * torch.randn(B, dim, device=device, generator=g)).to(DTYPES[dtype])
-        for name, fn in providers(device).items():
-            if only and name not in only:
-                continue
+        for name, fn in provs.items():
+            bar.update()
             backward = mode == "fwd+bwd"
             qq, kk = q.clone().requires_grad_(backward), k.clone().requires_grad_(backward)
 
@@ -68,10 +91,13 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
                        status=status, ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, tflops=tflops,
                        speedup_vs_naive=speedup, device=str(device))
             rows.append(row)
-            ms = "OOM" if status == "OOM" else f"{med:.3f}"
+            ms = status if status != "ok" else f"{med:.3f}"
             print(f"{name:<15}{B:>9}{ms:>11}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>11.1f}"
                   f"{tflops:>9.1f}{speedup:>9.2f}", flush=True)
+    bar.close()
     append_csv(csv_path, rows, device)
+    if plot_path and len(sizes) > 1:
+        plot(rows, plot_path, "B", f"info_nce {mode}, D={dim}, {dtype}")
     return rows
 
 
@@ -86,10 +112,14 @@ def main(argv=None):
     p.add_argument("--csv", default=None)
     p.add_argument("--only", default=None, help="comma-separated providers")
     p.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd+bwd")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="also time torch.compile of the naive loss (default: on CUDA only)")
+    p.add_argument("--plot", default=None, help="PNG path for time/memory vs B")
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     run([int(s) for s in a.sizes.split(",")], a.dim, a.dtype, not a.one_direction, a.reps, device,
-        a.csv, a.only.split(",") if a.only else None, a.mode)
+        a.csv, a.only.split(",") if a.only else None, a.mode,
+        cuda if a.compile is None else a.compile, a.plot)
 
 
 if __name__ == "__main__":

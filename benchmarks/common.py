@@ -97,3 +97,49 @@ def append_csv(path, rows, device):
             w.writeheader()
         for r in rows:
             w.writerow({**r, "header": header(device)})
+
+
+def progress(total: int, desc: str):
+    """A tqdm bar on stderr when tqdm is installed (the table goes to stdout), else nothing."""
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    except ImportError:
+        class _Null:
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+        return _Null()
+
+
+def plot(rows, path, x="B", title=""):
+    """Time and peak memory vs `x` per provider, log-log, saved as PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in zip(axes, ("ms", "peak_mib"), ("time per step (ms)", "peak memory (MiB)")):
+        drawn = False
+        for name in dict.fromkeys(r["provider"] for r in rows):
+            # OOM rows and unmeasured memory (CPU) are NaN: plot the finite points only.
+            pts = [r for r in rows if r["provider"] == name and r[key] == r[key] and r[key] > 0]
+            if pts:
+                ax.plot([p[x] for p in pts], [p[key] for p in pts], marker="o", label=name)
+                drawn = True
+        if drawn:
+            ax.set(xscale="log", yscale="log")
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured on this device", ha="center", transform=ax.transAxes)
+        ax.set(xlabel=x, ylabel=label, title=title)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot saved to {path}")

@@ -26,5 +26,6 @@ B="timeout ${BENCH_TIMEOUT:-150} $PY -m benchmarks.bench_info_nce --csv $OUT/inf
   $B --sizes 32768 --dim 512 --dtype bf16 --one-direction
   $B --sizes 131072,262144 --dim 512 --dtype bf16 --only fastcl-triton,naive-torch --reps 5
   timeout 120 $PY -m benchmarks.bench_whitening --csv "$OUT/whitening.csv"
+  timeout 150 $PY -m benchmarks.bench_family --csv "$OUT/family.csv"
 } 2>&1 | tee "$OUT/bench.log"
 exit "$rc"

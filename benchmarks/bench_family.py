@@ -1,0 +1,133 @@
+"""The loss family, fwd+bwd: fastcl vs naive torch vs the libraries users have today, same run.
+
+nt_xent: lightly / pytorch-metric-learning NTXentLoss; supcon: pytorch-metric-learning
+SupConLoss; mnrl: sentence-transformers MultipleNegativesRankingLoss (on given embeddings).
+Libraries that are not installed are left out of the table. B is the number of pairs (nt_xent)
+or samples (supcon, mnrl).
+"""
+import argparse
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+import fastcl.functional as FCL
+from benchmarks.common import append_csv, header, measure, plot, progress
+from fastcl import reference as R
+
+
+def _has(m):
+    return importlib.util.find_spec(m) is not None
+
+
+def providers(op, device):
+    fused = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    out = {}
+    if op == "nt_xent":
+        out["naive-torch"] = lambda a, b, lab: R.nt_xent_reference(a, b, temperature=0.1)
+        for be in fused:
+            out[f"fastcl-{be}"] = lambda a, b, lab, be=be: FCL.nt_xent(a, b, temperature=0.1, backend=be)
+        if _has("pytorch_metric_learning"):
+            from pytorch_metric_learning.losses import NTXentLoss
+            pml = NTXentLoss(temperature=0.1)
+            out["pml"] = lambda a, b, lab: pml(torch.cat([a, b]), torch.arange(a.shape[0], device=a.device).repeat(2))
+        if _has("lightly"):
+            from lightly.loss import NTXentLoss as LNT
+            ll = LNT(temperature=0.1)
+            out["lightly"] = lambda a, b, lab: ll(a, b)
+    elif op == "supcon":
+        out["naive-torch"] = lambda a, b, lab: R.supcon_reference(a, lab, temperature=0.1)
+        for be in fused:
+            out[f"fastcl-{be}"] = lambda a, b, lab, be=be: FCL.supcon(a, lab, temperature=0.1, backend=be)
+        if _has("pytorch_metric_learning"):
+            from pytorch_metric_learning.losses import SupConLoss
+            pml = SupConLoss(temperature=0.1)
+            out["pml"] = lambda a, b, lab: pml(a, lab)
+    elif op == "mnrl":
+        def naive(a, b, lab):
+            scores = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T * 20.0
+            return F.cross_entropy(scores.float(), torch.arange(a.shape[0], device=a.device))
+        out["naive-torch"] = naive
+        for be in fused:
+            out[f"fastcl-{be}"] = lambda a, b, lab, be=be: FCL.multiple_negatives_ranking(a, b, backend=be)
+        if _has("sentence_transformers"):
+            try:
+                from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+            except ImportError:
+                from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+            class _Given(torch.nn.Module):  # the embeddings are the features: time the loss alone
+                def forward(self, f):
+                    return {"sentence_embedding": f["x"]}
+            st = MultipleNegativesRankingLoss(_Given(), scale=20.0)
+            out["sentence-transformers"] = lambda a, b, lab: st([{"x": a}, {"x": b}], None)
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    return out
+
+
+def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=2000.0):
+    print(header(device))
+    print(f"{op} fwd+bwd | D={dim} | fp32 | median of {reps} (p20-p80)")
+    print(f"{'provider':<22}{'B':>8}{'ms':>10}{'p20-p80':>17}{'peak MiB':>10}{'x naive':>9}")
+    provs = providers(op, device)
+    bar = progress(len(sizes) * len(provs), op)
+    rows, too_slow = [], set()
+    for B in sizes:
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(B, dim, device=device, generator=g)
+        b = a + 0.5 * torch.randn(B, dim, device=device, generator=g)
+        lab = torch.randint(0, max(2, B // 8), (B,), device=device, generator=g)
+        naive_ms = float("nan")
+        for name, fn in provs.items():
+            bar.update()
+            aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+
+            def step():
+                aa.grad = bb.grad = None
+                loss = fn(aa, bb, lab)
+                loss.backward()
+
+            if name in too_slow:  # a step already took > slow_ms at a smaller B
+                nan = float("nan")
+                med, p20, p80, mem, status = nan, nan, nan, nan, "slow"
+            else:
+                med, p20, p80, mem, status = measure(step, device, reps)
+                if med > slow_ms:
+                    too_slow.add(name)
+            if name == "naive-torch":
+                naive_ms = med
+            row = dict(op=op, mode="fwd+bwd", provider=name, B=B, D=dim, dtype="fp32", status=status,
+                       ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, speedup_vs_naive=naive_ms / med,
+                       device=str(device))
+            rows.append(row)
+            ms = status if status != "ok" else f"{med:.3f}"
+            print(f"{name:<22}{B:>8}{ms:>10}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>10.1f}"
+                  f"{naive_ms / med:>9.2f}", flush=True)
+    bar.close()
+    append_csv(csv_path, rows, device)
+    if plot_path and len(sizes) > 1:
+        plot(rows, plot_path, "B", f"{op} fwd+bwd, D={dim}")
+    return rows
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--ops", default="nt_xent,supcon,mnrl")
+    p.add_argument("--sizes", default="4096,16384" if cuda else "256,1024")
+    p.add_argument("--dim", type=int, default=256 if cuda else 64)
+    p.add_argument("--reps", type=int, default=20 if cuda else 3)
+    p.add_argument("--csv", default=None)
+    p.add_argument("--plot-dir", default=None)
+    p.add_argument("--slow-ms", type=float, default=2000.0,
+                   help="a provider slower than this per step is skipped at larger B")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    for op in a.ops.split(","):
+        run(op, [int(s) for s in a.sizes.split(",")], a.dim, a.reps, device, a.csv,
+            f"{a.plot_dir}/{op}.png" if a.plot_dir else None, a.slow_ms)
+
+
+if __name__ == "__main__":
+    main()
