@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import append_csv, header, measure, plot, progress
+from benchmarks.common import finish, fmt_ms, header, measure, progress
 from fastcl import reference as R
 
 
@@ -101,14 +101,10 @@ def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=200
                        ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, speedup_vs_naive=naive_ms / med,
                        device=str(device))
             rows.append(row)
-            ms = status if status != "ok" else f"{med:.3f}"
+            ms = fmt_ms(status, med)
             print(f"{name:<22}{B:>8}{ms:>10}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>10.1f}"
                   f"{naive_ms / med:>9.2f}", flush=True)
-    bar.close()
-    append_csv(csv_path, rows, device)
-    if plot_path and len(sizes) > 1:
-        plot(rows, plot_path, "B", f"{op} fwd+bwd, D={dim}")
-    return rows
+    return finish(rows, bar, csv_path, device, plot_path, f"{op} fwd+bwd, D={dim}")
 
 
 def main(argv=None):

@@ -5,13 +5,12 @@ and the two gradient matmuls), the nominal figure used across the suite.
 """
 import argparse
 import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import append_csv, header, measure, plot, progress
+from benchmarks.common import finish, fmt_ms, header, measure, progress
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -72,7 +71,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
             backward = mode == "fwd+bwd"
             qq, kk = q.clone().requires_grad_(backward), k.clone().requires_grad_(backward)
 
-            def step():
+            def step(qq=qq, kk=kk):  # bound now: the names are freed below before the next provider
                 if backward:
                     qq.grad = kk.grad = None
                     fn(qq, kk, 0.07, symmetric).backward()
@@ -80,7 +79,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
                     fn(qq, kk, 0.07, symmetric)
 
             med, p20, p80, mem, status = measure(step, device, reps)
-            del qq, kk
+            del qq, kk, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if name == "naive-torch":
@@ -91,14 +90,10 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
                        status=status, ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, tflops=tflops,
                        speedup_vs_naive=speedup, device=str(device))
             rows.append(row)
-            ms = status if status != "ok" else f"{med:.3f}"
+            ms = fmt_ms(status, med)
             print(f"{name:<15}{B:>9}{ms:>11}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>11.1f}"
                   f"{tflops:>9.1f}{speedup:>9.2f}", flush=True)
-    bar.close()
-    append_csv(csv_path, rows, device)
-    if plot_path and len(sizes) > 1:
-        plot(rows, plot_path, "B", f"info_nce {mode}, D={dim}, {dtype}")
-    return rows
+    return finish(rows, bar, csv_path, device, plot_path, f"info_nce {mode}, D={dim}, {dtype}")
 
 
 def main(argv=None):

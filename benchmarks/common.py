@@ -54,7 +54,8 @@ def time_fn(fn, device, reps: int, warmup: int = 2):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    # inclusive: percentiles stay within the measured times even for a handful of runs
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     return statistics.median(times), q[1], q[7]
 
 
@@ -143,3 +144,17 @@ def plot(rows, path, x="B", title=""):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"plot saved to {path}")
+
+
+def fmt_ms(status: str, ms: float) -> str:
+    """The table's time cell: the median, or why there is none (OOM, slow)."""
+    return f"{ms:.3f}" if status == "ok" else status
+
+
+def finish(rows, bar, csv_path, device, plot_path=None, title=""):
+    """Close the sweep's progress bar, append its rows to the CSV and plot them."""
+    bar.close()
+    append_csv(csv_path, rows, device)
+    if plot_path and len({r["B"] for r in rows}) > 1:
+        plot(rows, plot_path, "B", title)
+    return rows
