@@ -59,7 +59,7 @@ def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
                              f"got values in [{lo}, {hi}]")
 
 
-def scale_tensor(temperature, logit_scale, device) -> torch.Tensor:
+def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch.Tensor:
     """The logit multiplier s as a 0-dim tensor: exp(logit_scale) (differentiable) or 1/temperature."""
     if temperature is not None and logit_scale is not None:
         raise ValueError("give either temperature or logit_scale, not both")
@@ -80,4 +80,6 @@ def scale_tensor(temperature, logit_scale, device) -> torch.Tensor:
     temperature = float(temperature)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    return torch.tensor(1.0 / temperature, device=device, dtype=torch.float32)
+    # float64 inputs get a float64 1/temperature: rounding it to fp32 would cost ~1e-8 relative.
+    return torch.tensor(1.0 / temperature, device=device,
+                        dtype=torch.float64 if dtype == torch.float64 else torch.float32)

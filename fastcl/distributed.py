@@ -176,9 +176,22 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
         raise ValueError(f"gather must be 'all_gather' or 'ring', got {gather!r}")
     if grad_mode not in ("exact", "ddp"):
         raise ValueError(f"grad_mode must be 'exact' or 'ddp', got {grad_mode!r}")
-    _validation.check_embeddings(q, k)
-    _validation.check_reduction(reduction)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    # Validate collectively: a rank that raised alone would leave its peers blocked in the
+    # next collective. Every rank learns whether any rank's inputs are bad, and all raise.
+    local_error = None
+    try:
+        _validation.check_embeddings(q, k)
+        _validation.check_reduction(reduction)
+        if labels is not None:
+            _validation.check_class_ids(labels, q.shape[0], q.device)
+    except (ValueError, TypeError) as e:
+        local_error = e
+    bad = _all_sizes(int(local_error is not None), q.device if isinstance(q, Tensor) else "cpu", group)
+    if local_error is not None:
+        raise local_error
+    if any(bad):
+        raise ValueError(f"invalid inputs on rank(s) {[r for r, b in enumerate(bad) if b]} (see their error)")
     sizes_q, sizes_k = _all_sizes(q.shape[0], q.device, group), _all_sizes(k.shape[0], k.device, group)
     B, N = sum(sizes_q), sum(sizes_k)
     off_q, off_k = sum(sizes_q[:rank]), sum(sizes_k[:rank])
@@ -193,9 +206,14 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
             raise ValueError(f"fewer keys ({N}) than queries ({B}) in the global batch: pass labels")
         labels = torch.arange(off_q, off_q + q.shape[0], device=q.device)
     else:
-        _validation.check_labels(labels, q.shape[0], N, q.device)
+        # The range needs the global N; the min/max are all-reduced so every rank agrees.
+        lo_hi = torch.stack([-labels.min(), labels.max()]).long()
+        dist.all_reduce(lo_hi, op=dist.ReduceOp.MAX, group=group)
+        if -int(lo_hi[0]) < 0 or int(lo_hi[1]) >= N:
+            raise ValueError(f"labels must lie in [0, {N}) (the global rows of k), "
+                             f"got values in [{-int(lo_hi[0])}, {int(lo_hi[1])}] across ranks")
         labels = labels.long()
-    scale = _validation.scale_tensor(temperature, logit_scale, q.device)
+    scale = _validation.scale_tensor(temperature, logit_scale, q.device, q.dtype)
     if logit_scale is not None and grad_mode == "exact":
         scale = _SumGradOverRanks.apply(scale, group)
     backend = _dispatch.resolve(backend, q.device, q.dtype)
@@ -215,7 +233,7 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
     if symmetric:
         per = 0.5 * (per + col)
     if reduction == "none":
-        return per
+        return per * world if grad_mode == "ddp" else per  # the same DDP scaling as the reductions
     local = per.sum() / (B if reduction == "mean" else 1)
     total = local.detach().clone()
     dist.all_reduce(total, group=group)

@@ -101,6 +101,8 @@ def prepare(scale: Tensor, normalize: bool, *xs: Tensor):
 def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=None, col_cls=None,
               exclude_diag=False, exclude_pos=False):
     """(row_loss [B], col_loss [N] or [0]) from the fused op; see info_nce_rows."""
+    if symmetric and (exclude_diag or exclude_pos or row_cls is not None):
+        raise ValueError("the column (symmetric) term is defined without exclusions or class ids")
     if labels is not None:
         labels = labels.long().contiguous()
     if row_cls is not None:
@@ -159,7 +161,7 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
                              f"is k[i]; pass labels or more keys")
     else:
         _validation.check_labels(labels, B, N, q.device)
-    scale = _validation.scale_tensor(temperature, logit_scale, q.device)
+    scale = _validation.scale_tensor(temperature, logit_scale, q.device, q.dtype)
     backend = _dispatch.resolve(backend, q.device, q.dtype)
 
     if backend == "reference":

@@ -23,9 +23,14 @@ def _check_views(z1, z2, min_pairs=1):
                          f"empty), got {z1.shape[0]}")
 
 
+def _partner(n, device):
+    """Index of each of the 2N stacked views' other view: [n..2n-1, 0..n-1]."""
+    return torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(device)
+
+
 def _setup(a, temperature, reduction, backend):
     _validation.check_reduction(reduction)
-    scale = _validation.scale_tensor(temperature, None, a.device)
+    scale = _validation.scale_tensor(temperature, None, a.device, a.dtype)
     return scale, _dispatch.resolve(backend, a.device, a.dtype)
 
 
@@ -46,7 +51,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
     n = z1.shape[0]
     z = torch.cat([z1, z2])
     u, scale = prepare(scale, normalize, z)
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    partner = _partner(n, z.device)
     per, _ = row_terms(u, u, scale, backend, labels=partner, exclude_diag=True)
     return reduce(per, reduction)
 
@@ -72,7 +77,8 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
     Args:
         z1, z2: [N, D] two views; N >= 2 (there must be negatives).
         weight: None (DCL, w = 1); "vmf" (DCLW: w = 2 - N softmax(<z1_i, z2_i> / sigma));
-            a tensor [N]; or a callable (z1n, z2n) -> [N] on the normalised views, called as
+            a tensor [N]; or a callable (z1n, z2n) -> [N] on the views as the loss sees them
+            (normalised when normalize=True), called as
             weight(z1n, z2n) for view 1's anchors and weight(z2n, z1n) for view 2's (lightly's
             ``weight_fn`` convention).
         detach_weight: treat w as a constant, as lightly and the paper's code do. With False,
@@ -96,7 +102,7 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
     u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
     u1, u2 = u[:n], u[n:]
     if negatives == "joint":
-        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device)
+        partner = _partner(n, u.device)
         # row_loss = lse over the negatives - S(anchor, partner)
         per, _ = row_terms(u, u, scale, backend, labels=partner, exclude_diag=True, exclude_pos=True)
     else:

@@ -21,8 +21,7 @@ def info_nce_reference(q, k, *, temperature=None, logit_scale=None, labels=None,
         scale = 1.0 / (0.07 if temperature is None else temperature)
     logits = scale * (q @ k.T)
     B = q.shape[0]
-    if labels is None:
-        labels = torch.arange(B, device=q.device)
+    labels = torch.arange(B, device=q.device) if labels is None else labels.long()
     ls = label_smoothing
     if not symmetric:
         return F.cross_entropy(logits, labels, reduction=reduction, label_smoothing=ls)

@@ -17,7 +17,11 @@
   runs in fp32 on the embeddings.
 - Under torch.distributed (initialised by the caller), the encoders are wrapped in DDP and the
   InfoNCE/CLIP losses see the global batch (``fastcl.distributed``, gradients scaled for DDP).
-- ``checkpoint_path`` saves model, optimizer, scaler, RNG and history; ``resume=True`` loads it.
+- ``checkpoint_path`` saves model, optimizer, scaler, CPU and CUDA RNG states and history;
+  ``resume=True`` loads it and skips the batches already seen. Resuming reproduces the
+  uninterrupted run exactly when the data's order does not depend on the global RNG: a list,
+  or a DataLoader given its own seeded ``generator``. A plain ``shuffle=True`` DataLoader
+  draws its order from the restored global RNG, so it resumes with a different order.
 - Logged per step: loss, temperature, alignment and uniformity (Wang & Isola 2020).
 """
 import contextlib
@@ -328,6 +332,7 @@ class Trainer:
     def save(self, path: str):
         state = {"step": self.step, "recipe": self.recipe.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "history": self.history, "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                  "config": dataclasses.asdict(self.config)}
         tmp = path + ".tmp"
         torch.save(state, tmp)
@@ -339,7 +344,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = state["step"], state["history"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # map_location moved it; RNG states live on the CPU
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
         self._iter, self._skip = None, self.step
 
 

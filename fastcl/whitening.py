@@ -19,13 +19,10 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from .chunked import compute_dtype as _cdt
 
 METHODS = ("zca", "cholesky", "newton_schulz")
 DEFAULT_NS_ITERS = 20
-
-
-def _cdt(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- matrix functions
@@ -78,10 +75,20 @@ def group_stats(xg: Tensor, eps: float, ddof: int):
     return xc, S
 
 
+def _check_not_singular(S: Tensor, eps: float):
+    """With eps == 0 a rank-deficient group would whiten to ~1e19: refuse it (one host sync)."""
+    if eps == 0:
+        lam = torch.linalg.eigvalsh(S)
+        if bool((lam[..., 0] <= 1e-12 * lam[..., -1].abs()).any()):
+            raise ValueError("a group's covariance is singular (rank-deficient channels): "
+                             "use eps > 0")
+
+
 class _GroupWhiten(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg, eps, ddof, method, iters, detach_stats, backend):
         xc, S = group_stats(xg, eps, ddof)
+        _check_not_singular(S, eps)
         if method == "zca":
             W, (U, sigma) = zca_matrix(S)
             ctx.save_for_backward(xc, W, U, sigma)

@@ -305,6 +305,14 @@ def _num_programs(device: torch.device, n_row_blocks: int) -> int:
     return max(1, min(n_row_blocks, cap))
 
 
+def check_int32_offsets(*tensors):
+    """The kernels index with int32: refuse shapes whose element offsets would wrap."""
+    for t in tensors:
+        if t.shape[0] * max(t.stride(0), 1) + t.shape[1] * max(t.stride(1), 1) >= 2**31:
+            raise ValueError(f"a [{t.shape[0]}, {t.shape[1]}] operand exceeds the Triton kernels' int32 "
+                             f"offsets (2^31 elements); use backend='torch' or split the batch")
+
+
 def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, symmetric: bool,
                 row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False):
     """(row_loss [B], col_loss [N] or [0], row_stats [4, B], col_stats [2, N] or [2, 0]), float32.
@@ -315,6 +323,7 @@ def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, s
     (symmetric, no exclusions). The stats (max, log-sum in log2 units, positive, number of
     positives) are what lse_backward needs.
     """
+    check_int32_offsets(u, v)
     B, D = u.shape
     N = v.shape[0]
     cfg = _config(u.device, backward=False)

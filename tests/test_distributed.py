@@ -92,11 +92,24 @@ def test_distributed_equals_single_process(world, tmp_path):
 def _errors_worker(rank, world, init_file, out_prefix):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     errors = []
-    for kwargs, n_k in [(dict(symmetric=True), 3 + rank), (dict(gather="tree"), 4), (dict(grad_mode="sum"), 4)]:
+    bad_on_rank1 = [
+        (dict(symmetric=True), 4, 3 + rank, None),                                   # sizes differ
+        (dict(gather="tree"), 4, 4, None),
+        (dict(grad_mode="sum"), 4, 4, None),
+        ({}, 4, 4, torch.tensor([0, 1, 2, 99]) if rank == 1 else torch.arange(4)),  # one rank's labels
+        ({}, 0 if rank == 1 else 4, 4, None),                                       # one rank's empty batch
+    ]
+    for kwargs, n_q, n_k, labels in bad_on_rank1:
         try:
-            info_nce_distributed(torch.randn(4, 3), torch.randn(n_k, 3), **kwargs)
+            info_nce_distributed(torch.randn(n_q, 3), torch.randn(n_k, 3), labels=labels, **kwargs)
+            errors.append("no error")
         except ValueError as e:
             errors.append(str(e))
+    # reduction="none" carries the same DDP scaling as the reductions
+    q, k = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    per_exact = info_nce_distributed(q, k, reduction="none")
+    per_ddp = info_nce_distributed(q, k, reduction="none", grad_mode="ddp")
+    errors.append(bool(torch.allclose(per_ddp, world * per_exact)))
     torch.save(errors, f"{out_prefix}{rank}.pt")
     dist.barrier()  # no rank tears down gloo while a peer still talks to it
     dist.destroy_process_group()
@@ -106,8 +119,12 @@ def test_distributed_bad_input(tmp_path):
     with pytest.raises(RuntimeError, match="process group"):
         info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3))
     mp.spawn(_errors_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2, join=True)
-    errors = torch.load(tmp_path / "rank0.pt")
-    assert len(errors) == 3 and "as many keys" in errors[0] and "gather" in errors[1] and "grad_mode" in errors[2]
+    for rank in range(2):  # every rank raises, including the one whose own inputs were fine
+        errors = torch.load(tmp_path / f"rank{rank}.pt")
+        assert "as many keys" in errors[0] and "gather" in errors[1] and "grad_mode" in errors[2]
+        assert "[0, 8)" in errors[3]
+        assert ("empty batch" if rank == 1 else "rank(s) [1]") in errors[4]
+        assert errors[5] is True
 
 
 if os.name != "posix":  # pragma: no cover - gloo over file:// init is tested on Linux

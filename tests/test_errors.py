@@ -62,3 +62,29 @@ def test_available_backends_reports_reasons():
     av = fastcl.available_backends("cpu")
     assert av["torch"] is None and av["reference"] is None
     assert "CUDA C++" in av["cuda"]
+
+
+def test_float64_temperature_is_exact():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    ref = fastcl.info_nce_reference(a, b, temperature=0.07)
+    assert abs(float(FCL.info_nce(a, b, temperature=0.07, backend="torch") - ref)) < 1e-13
+
+
+def test_reference_accepts_int32_labels():
+    lab = torch.tensor([1, 0, 3, 2], dtype=torch.int32)
+    assert torch.allclose(FCL.info_nce(q, k, labels=lab, backend="reference"),
+                          FCL.info_nce(q, k, labels=lab, backend="torch"))
+
+
+def test_triton_refuses_shapes_beyond_int32_offsets():
+    from fastcl.kernels.info_nce import check_int32_offsets
+    with pytest.raises(ValueError, match="int32"):
+        check_int32_offsets(torch.empty(2**20, 2**11, device="meta"))
+    check_int32_offsets(torch.empty(2**19, 2**11, device="meta"))  # 2^30 elements: fine
+
+
+def test_symmetric_term_refuses_exclusions():
+    from fastcl.info_nce import row_terms
+    with pytest.raises(ValueError, match="column"):
+        row_terms(q, k, torch.tensor(1.0), "torch", symmetric=True, exclude_diag=True)

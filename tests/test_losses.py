@@ -13,7 +13,7 @@ from conftest import DEVICE, HAS_CUDA
 from helpers import assert_within_budget
 
 BACKENDS = ["torch", "triton"]
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _leaves(tensors, dtype, device):
@@ -34,6 +34,8 @@ def _run(fn, tensors, dtype, device, seed=0):
 
 def check(fused, ref, tensors, dtype, backend, names):
     """fused(backend=...) vs ref in float64 (oracle) and in `dtype` (the error budget)."""
+    if backend == "triton" and dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("the Triton interpreter computes bf16 wrongly (fastcl refuses it)")
     oracle = _run(ref, [t.double() for t in tensors], torch.float64, "cpu")
     naive = _run(ref, tensors, dtype, DEVICE)
     ours = _run(lambda *xs: fused(*xs, backend=backend), tensors, dtype, DEVICE)

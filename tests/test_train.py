@@ -95,6 +95,27 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in hist_full], abs=1e-12)
 
 
+def test_checkpoint_resume_with_a_seeded_shuffling_dataloader(tmp_path):
+    """A DataLoader with its own generator: the resumed run sees the same batches and noise."""
+    xs = torch.cat(_batches(n=3))
+
+    def loader():
+        return torch.utils.data.DataLoader(xs, batch_size=20, shuffle=True,
+                                           generator=torch.Generator().manual_seed(5))
+
+    full = T.SimCLR(_mlp(), _noise, loss="info_nce")
+    torch.manual_seed(0)
+    hist_full = T.Trainer(full, loader(), _cfg(steps=5)).train()
+    path = str(tmp_path / "ckpt.pt")
+    part = T.SimCLR(_mlp(), _noise, loss="info_nce")
+    torch.manual_seed(0)
+    T.Trainer(part, loader(), _cfg(steps=4, checkpoint_path=path)).train()  # crosses an epoch
+    resumed = T.SimCLR(_mlp(), _noise, loss="info_nce")
+    hist = T.Trainer(resumed, loader(), _cfg(steps=5, checkpoint_path=path, resume=True)).train()
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in hist_full], abs=1e-12)
+    assert torch.allclose(_params(resumed), _params(full), atol=1e-12)
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_trains(amp):
     enc = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 8))

@@ -197,6 +197,8 @@ def test_module_running_statistics():
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: FCL.group_whiten(torch.randn(10, 6), 4), ValueError, "divisor"),
     (lambda: FCL.group_whiten(torch.randn(3, 8), 1, eps=0.0), ValueError, "singular"),
+    (lambda: FCL.group_whiten(torch.randn(40, 4).repeat(1, 2), 1, eps=0.0, backend="torch"), ValueError,
+     "rank-deficient"),
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, method="pca"), ValueError, "method"),
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, perm=torch.tensor([0, 1, 2, 3, 4, 4])), ValueError, "permutation"),
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, iters=5), ValueError, "Newton-Schulz"),
