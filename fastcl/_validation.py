@@ -52,7 +52,10 @@ def check_class_ids(labels, batch: int, device, name="labels"):
 def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
     """Column indices: integer [batch] on `device`, each in [0, num_classes)."""
     check_class_ids(labels, batch, device, name)
-    if not _compiling():
+    if _compiling():  # no host sync inside a graph: a device-side assert still refuses bad labels
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                            f"{name} must lie in [0, {num_classes}) (the rows of k)")
+    else:
         lo, hi = int(labels.min()), int(labels.max())  # one host sync; worth it for a clear error
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) (the rows of k), "

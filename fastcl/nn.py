@@ -203,24 +203,15 @@ class GroupWhitening(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"expected [N, {self.num_features}], got {tuple(x.shape)}")
         if self.training or not self.track_running_stats:
-            y = whitening.group_whiten(x, self.num_groups, **self.kw)
+            y, W = whitening.group_whiten(x, self.num_groups, return_matrix=True, **self.kw)
             if self.training and self.track_running_stats:
-                self._update(x)
+                with torch.no_grad():  # the batch's own W: no second eigh / iteration
+                    self.running_mean.lerp_(x.detach().mean(0).to(self.running_mean.dtype), self.momentum)
+                    self.running_whitening.lerp_(W.to(self.running_whitening.dtype), self.momentum)
             return y
         N, G = x.shape[0], self.num_groups
         xc = (x - self.running_mean.to(x.dtype)).reshape(N, G, -1).transpose(0, 1)
         return (xc @ self.running_whitening.to(x.dtype)).transpose(0, 1).reshape(N, -1)
-
-    @torch.no_grad()
-    def _update(self, x):
-        N, G = x.shape[0], self.num_groups
-        xg = x.to(whitening._cdt(x.dtype)).reshape(N, G, -1).transpose(0, 1)
-        _, S = whitening.group_stats(xg, self.kw["eps"], self.kw["ddof"])
-        method, iters = self.kw["method"], self.kw["iters"] or whitening.DEFAULT_NS_ITERS
-        W = whitening.zca_matrix(S)[0] if method == "zca" else whitening._matrix(S, method, iters)
-        m = self.momentum
-        self.running_mean.lerp_(x.mean(0).to(self.running_mean.dtype), m)
-        self.running_whitening.lerp_(W.to(self.running_whitening.dtype), m)
 
     def extra_repr(self):
         return f"{self.num_features}, num_groups={self.num_groups}, method={self.kw['method']!r}"

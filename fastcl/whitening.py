@@ -100,10 +100,11 @@ class _GroupWhiten(torch.autograd.Function):
                 W = _matrix(S, method, iters)
             ctx.save_for_backward(xc, W, S)
         ctx.cfg = (ddof, method, iters, detach_stats)
-        return xc @ W
+        ctx.mark_non_differentiable(W)
+        return xc @ W, W  # W for running statistics (GroupWhitening); it gets no gradient
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx, gy, _gW):
         ddof, method, iters, detach_stats = ctx.cfg
         xc, W = ctx.saved_tensors[:2]
         gxc = gy @ W.transpose(-1, -2)
@@ -149,7 +150,7 @@ def _check(x, num_groups, eps, ddof, method, iters, perm):
 
 def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str = "zca",
                  iters: Optional[int] = None, perm: Optional[Tensor] = None, ddof: int = 0,
-                 detach_stats: bool = False, backend: str = "auto") -> Tensor:
+                 detach_stats: bool = False, backend: str = "auto", return_matrix: bool = False):
     """Whiten x [N, D] in num_groups groups of D/num_groups consecutive channels.
 
     Args:
@@ -165,7 +166,9 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
         backend: "auto" | "torch" | "triton" (Newton-Schulz matrix in one fused Triton program
             per group, group size <= 128) | "reference" (naive torch.linalg autograd).
     Returns:
-        y [N, D] in x's dtype; each group of y satisfies y^T y / (N - ddof) ~= I.
+        y [N, D] in x's dtype; each group of y satisfies y^T y / (N - ddof) ~= I. With
+        return_matrix=True, also the batch's whitening matrices W [G, g, g] (detached; in the
+        permuted channel order if perm is given; not with backend="reference").
     """
     _check(x, num_groups, eps, ddof, method, iters, perm)
     iters = DEFAULT_NS_ITERS if iters is None else iters
@@ -173,16 +176,19 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     g = D // num_groups
     backend = _resolve(backend, x, method, g)
     xp = x[:, perm] if perm is not None else x
+    W = None
     if backend == "reference":
+        if return_matrix:
+            raise ValueError("return_matrix is not available with backend='reference'")
         y = whiten_reference(xp, num_groups, eps=eps, method=method, iters=iters, ddof=ddof,
                              detach_stats=detach_stats)
     else:
         xg = xp.to(_cdt(x.dtype)).reshape(N, num_groups, g).transpose(0, 1)
-        yg = _GroupWhiten.apply(xg, eps, ddof, method, iters, detach_stats, backend)
+        yg, W = _GroupWhiten.apply(xg, eps, ddof, method, iters, detach_stats, backend)
         y = yg.transpose(0, 1).reshape(N, D).to(x.dtype)
-    if perm is None:
-        return y
-    return y[:, torch.argsort(perm.to(y.device))]
+    if perm is not None:
+        y = y[:, torch.argsort(perm.to(y.device))]
+    return (y, W) if return_matrix else y
 
 
 def _resolve(backend, x, method, g):

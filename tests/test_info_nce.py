@@ -250,6 +250,15 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(out, ref) and torch.allclose(ls.grad, ls2.grad)
 
 
+def test_torch_compile_refuses_out_of_range_labels():
+    q, k = torch.randn(6, 4), torch.randn(6, 4)
+    f = torch.compile(lambda q, k, y: FCL.info_nce(q, k, labels=y, backend="torch"),
+                      backend="aot_eager", fullgraph=True)
+    assert torch.isfinite(f(q, k, torch.tensor([0, 1, 2, 3, 4, 5])))
+    with pytest.raises(RuntimeError, match="must lie in"):
+        f(q, k, torch.tensor([0, 1, 2, 3, 4, 6]))
+
+
 class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -148,11 +148,20 @@ def test_bad_config():
 
 # --- DDP on gloo: two ranks with half the batch each equal one process on the whole batch ---
 
-def _ddp_worker(rank, world, init_file, out, chunk):
+def _ddp_recipe(kind):
+    # CLIP: two towers; SimCSE: one encoder used twice per step (deterministic: no dropout).
+    return T.CLIP(_mlp(seed=1), _mlp(seed=2)).double() if kind == "clip" else T.SimCSE(_mlp(seed=3))
+
+
+def _ddp_data(kind):
+    return _batches(n=2, pairs=kind == "clip")
+
+
+def _ddp_worker(rank, world, init_file, out, chunk, kind):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    data = _batches(n=2, pairs=True)
-    local = [(x[rank * 10:(rank + 1) * 10], y[rank * 10:(rank + 1) * 10]) for x, y in data]
-    recipe = T.CLIP(_mlp(seed=1), _mlp(seed=2)).double()
+    sl = slice(rank * 10, (rank + 1) * 10)
+    local = [(b[0][sl], b[1][sl]) if kind == "clip" else b[sl] for b in _ddp_data(kind)]
+    recipe = _ddp_recipe(kind)
     # SGD: updates linear in the gradient (Adam's m/sqrt(v) would amplify 1e-16 differences of
     # near-zero gradients into 1e-8 parameter differences).
     T.Trainer(recipe, local, _cfg(steps=2, chunk_size=chunk), torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
@@ -161,10 +170,11 @@ def _ddp_worker(rank, world, init_file, out, chunk):
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("kind", ["clip", "simcse"])
 @pytest.mark.parametrize("chunk", [None, 4])
-def test_ddp_equals_single_process(tmp_path, chunk):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), chunk), nprocs=2, join=True)
-    recipe = T.CLIP(_mlp(seed=1), _mlp(seed=2)).double()
-    T.Trainer(recipe, _batches(n=2, pairs=True), _cfg(steps=2), torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
+def test_ddp_equals_single_process(tmp_path, chunk, kind):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), chunk, kind), nprocs=2, join=True)
+    recipe = _ddp_recipe(kind)
+    T.Trainer(recipe, _ddp_data(kind), _cfg(steps=2), torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
     for r in range(2):
         assert torch.allclose(torch.load(tmp_path / f"r{r}.pt"), _params(recipe), atol=1e-10)
