@@ -46,13 +46,22 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map 'auto' to a concrete backend; raise BackendUnavailable for one that cannot run."""
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, unsupported=None) -> str:
+    """Map 'auto' to a concrete backend; raise BackendUnavailable for one that cannot run.
+
+    unsupported: {backend: reason} for limits of the calling op itself (e.g. group whitening's
+    Triton kernel covers one method and group sizes <= 128); None values are ignored.
+    """
+    unsupported = {k: v for k, v in (unsupported or {}).items() if v}
+
+    def reason_for(b):
+        return unsupported.get(b) or why_not(b, device, dtype)
+
     if backend == "auto":
-        if device.type == "cuda" and why_not("triton", device, dtype) is None:
-            return "triton"
-        return "torch"
-    reason = why_not(backend, device, dtype)
+        return "triton" if device.type == "cuda" and reason_for("triton") is None else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    reason = reason_for(backend)
     if reason is not None:
         raise BackendUnavailable(f"backend={backend!r} is not usable: {reason}")
     return backend

@@ -174,7 +174,7 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     iters = DEFAULT_NS_ITERS if iters is None else iters
     N, D = x.shape
     g = D // num_groups
-    backend = _resolve(backend, x, method, g)
+    backend = _dispatch.resolve(backend, x.device, x.dtype, {"triton": _triton_limits(method, g)})
     xp = x[:, perm] if perm is not None else x
     W = None
     if backend == "reference":
@@ -191,25 +191,14 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     return (y, W) if return_matrix else y
 
 
-def _resolve(backend, x, method, g):
-    if backend == "auto":
-        ok = x.is_cuda and method == "newton_schulz" and g <= 128
-        return "triton" if ok and _dispatch.why_not("triton", x.device, x.dtype) is None else "torch"
-    if backend in ("torch", "reference"):
-        return backend
-    if backend == "triton":
-        if method != "newton_schulz":
-            raise _dispatch.BackendUnavailable(
-                f"backend='triton' is not usable: it implements method='newton_schulz' only "
-                f"(got {method!r}); eigh and Cholesky run in backend='torch'")
-        if g > 128:
-            raise _dispatch.BackendUnavailable(
-                f"backend='triton' is not usable: group size {g} > 128 does not fit one program")
-        reason = _dispatch.why_not("triton", x.device, x.dtype)
-        if reason is not None:
-            raise _dispatch.BackendUnavailable(f"backend='triton' is not usable: {reason}")
-        return backend
-    raise ValueError(f"backend must be one of ('auto', 'torch', 'triton', 'reference'), got {backend!r}")
+def _triton_limits(method, g):
+    """Why this call is outside the Triton whitening kernel (None if it is not)."""
+    if method != "newton_schulz":
+        return (f"it implements method='newton_schulz' only (got {method!r}); eigh and Cholesky "
+                f"run in backend='torch'")
+    if g > 128:
+        return f"group size {g} > 128 does not fit one program"
+    return None
 
 
 def whiten_reference(x, num_groups, *, eps=1e-5, method="zca", iters=DEFAULT_NS_ITERS, ddof=0,

@@ -127,6 +127,25 @@ def test_amp_trains(amp):
     assert sum(h["loss"] for h in hist[-5:]) < sum(h["loss"] for h in hist[:5])
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_step_matches_fp32_step(amp):
+    """One SGD step under autocast (fp16 with the GradScaler, through GradCache) moves the weights
+    like the fp32 step, within 16-bit precision: catches a missing unscale or a wrong scale."""
+    data = [x.float() for x in _batches(n=1, b=32)]
+    deltas = []
+    for mode in (None, amp):
+        torch.manual_seed(0)
+        enc = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 8))
+        start = _params(enc).clone()
+        recipe = T.SimCLR(enc, _noise, loss="info_nce")
+        torch.manual_seed(1)
+        T.Trainer(recipe, data, _cfg(steps=1, amp=mode, chunk_size=10),
+                  torch.optim.SGD(recipe.parameters(), lr=1.0)).train()
+        deltas.append(_params(enc) - start)
+    rel = float((deltas[1] - deltas[0]).norm() / deltas[0].norm())
+    assert rel < 3e-2, rel
+
+
 def test_metrics_logged_and_temperature_learned():
     data = _batches(n=4, pairs=True)
     recipe = T.CLIP(_mlp(seed=1), _mlp(seed=2), init_temperature=0.07).double()
