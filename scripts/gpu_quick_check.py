@@ -1,5 +1,7 @@
-"""Short GPU check of every Triton kernel variant: each loss and the whitening kernel, Triton vs
-the torch backend on the same GPU tensors (fp32 and bf16). Prints one line per case, then a summary."""
+"""Short, ad-hoc GPU check of the Triton kernel variants: each loss and the whitening kernel,
+Triton vs the torch backend on the same GPU tensors (fp32 and bf16). One line per case, then a
+summary. (gpu_run.sh runs the full test suite on the GPU instead, which covers the same variants
+against float64.)"""
 import sys
 
 import torch

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The ONE script for a lent GPU: GPU test suite, then the benchmark sweep, in one call.
-# Writes env.txt, tests.log, bench.log and info_nce.csv under $OUT (default ./gpu_out).
+# The ONE script for a lent GPU: GPU test suite, then the benchmark sweeps, in one call.
+# Writes env.txt, tests.log, bench.log and CSVs under $OUT (default ./gpu_out).
 # Uses the machine's own python3/torch/triton (no internet there) and the source checkout.
+# Step timeouts add up to ~9.5 minutes, inside the device tool's 10-minute call limit; a fresh
+# machine compiles every Triton variant, so the tests take most of it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -14,18 +16,20 @@ PY=${PYTHON:-python3}
   git rev-parse --short HEAD 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.txt"
 
-timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -rs tests 2>&1 | tee "$OUT/tests.log"
+# The GPU-relevant tests: every loss, gradient and kernel variant against float64 on the GPU
+# (the gloo, trainer and demo tests are CPU-only and run in CI).
+timeout "${TEST_TIMEOUT:-270}" $PY -m pytest -q -rs tests --ignore=tests/test_distributed.py \
+  --ignore=tests/test_train.py --ignore=tests/test_demo.py 2>&1 | tee "$OUT/tests.log"
 rc=${PIPESTATUS[0]}
-$PY scripts/gpu_sanity.py 2>&1 | tee -a "$OUT/tests.log"
-timeout 300 $PY scripts/gpu_quick_check.py 2>&1 | tee -a "$OUT/tests.log" || rc=1
+timeout 30 $PY scripts/gpu_sanity.py 2>&1 | tee -a "$OUT/tests.log"
 
-B="timeout ${BENCH_TIMEOUT:-150} $PY -m benchmarks.bench_info_nce --csv $OUT/info_nce.csv"
+B="$PY -m benchmarks.bench_info_nce --csv $OUT/info_nce.csv"
 {
-  $B --sizes 4096,16384,32768,65536 --dim 512 --dtype bf16
-  $B --sizes 32768 --dim 512 --dtype bf16 --mode fwd
-  $B --sizes 32768 --dim 512 --dtype bf16 --one-direction
-  $B --sizes 131072,262144 --dim 512 --dtype bf16 --only fastcl-triton,naive-torch --reps 5
-  timeout 120 $PY -m benchmarks.bench_whitening --csv "$OUT/whitening.csv"
-  timeout 150 $PY -m benchmarks.bench_family --csv "$OUT/family.csv"
+  timeout 90 $B --sizes 4096,16384,32768,65536 --dim 512 --dtype bf16
+  timeout 25 $B --sizes 32768 --dim 512 --dtype bf16 --mode fwd
+  timeout 25 $B --sizes 32768 --dim 512 --dtype bf16 --one-direction
+  timeout 60 $B --sizes 131072,262144 --dim 512 --dtype bf16 --only fastcl-triton,naive-torch --reps 5
+  timeout 30 $PY -m benchmarks.bench_whitening --csv "$OUT/whitening.csv"
+  timeout 40 $PY -m benchmarks.bench_family --csv "$OUT/family.csv"
 } 2>&1 | tee "$OUT/bench.log"
 exit "$rc"
