@@ -25,7 +25,9 @@ CONFIGS = [
     ("gather_ddp", "all_gather", False, True, True, "ddp", "torch"),
     ("ring_triton", "ring", True, False, True, "exact", "triton"),
     ("gather_triton", "all_gather", False, True, False, "exact", "triton"),
+    ("ring_sum", "ring", True, False, True, "exact", "torch"),  # reduction="sum" (see REDUCTION)
 ]
+REDUCTION = {"ring_sum": "sum"}
 
 
 def _global_data(world, symmetric, custom_labels):
@@ -53,7 +55,7 @@ def _worker(rank, world, init_file, out_prefix):
         loss = info_nce_distributed(
             q, k, temperature=None if learn else 0.2, logit_scale=ls if learn else None,
             labels=None if labels is None else labels[oq: oq + bq[rank]], symmetric=sym,
-            gather=gather, grad_mode=mode, backend=backend)
+            gather=gather, grad_mode=mode, backend=backend, reduction=REDUCTION.get(name, "mean"))
         loss.backward()
         results[name] = dict(loss=loss.detach(), dq=q.grad, dk=k.grad, dls=ls.grad)
     torch.save(results, f"{out_prefix}{rank}.pt")
@@ -70,7 +72,8 @@ def test_distributed_equals_single_process(world, tmp_path):
         q, k = Q.clone().requires_grad_(), K.clone().requires_grad_()
         ls = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
         ref = fastcl.info_nce_reference(q, k, temperature=None if learn else 0.2,
-                                        logit_scale=ls if learn else None, labels=labels, symmetric=sym)
+                                        logit_scale=ls if learn else None, labels=labels, symmetric=sym,
+                                        reduction=REDUCTION.get(name, "mean"))
         ref.backward()
         tol = 1e-5 if backend == "triton" else 1e-10
         scale = world if mode == "ddp" else 1  # DDP averages: its ranks carry world x the gradient
