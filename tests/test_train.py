@@ -1,5 +1,6 @@
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -185,8 +186,13 @@ def _ddp_worker(rank, world, init_file, out, chunk, kind):
     # near-zero gradients into 1e-8 parameter differences).
     T.Trainer(recipe, local, _cfg(steps=2, chunk_size=chunk), torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
     torch.save(_params(recipe), f"{out}{rank}.pt")
-    dist.barrier()  # no rank tears down gloo while a peer still talks to it
-    dist.destroy_process_group()
+    dist.barrier()  # every rank is done talking
+
+    # Results are on disk; skip the process-group teardown, whose C++ destructors race with
+
+    # gloo threads at exit and now and then abort ("terminate called without an active exception").
+
+    os._exit(0)
 
 
 @pytest.mark.parametrize("kind", ["clip", "simcse"])
