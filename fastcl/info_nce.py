@@ -99,17 +99,18 @@ def prepare(scale: Tensor, normalize: bool, *xs: Tensor):
 
 
 def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=None, col_cls=None,
-              exclude_diag=False, exclude_pos=False):
-    """(row_loss [B], col_loss [N] or [0]) from the fused op; see info_nce_rows."""
+              exclude_diag=False, exclude_pos=False, with_counts=False):
+    """(row_loss [B], col_loss [N] or [0]) from the fused op; see info_nce_rows. with_counts
+    adds each row's number of positives [B], which the op counted in the tiles."""
     if symmetric and (exclude_diag or exclude_pos or row_cls is not None):
         raise ValueError("the column (symmetric) term is defined without exclusions or class ids")
     if labels is not None:
         labels = labels.long().contiguous()
     if row_cls is not None:
         row_cls, col_cls = row_cls.long().contiguous(), col_cls.long().contiguous()
-    row, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, scale, labels, symmetric, row_cls, col_cls,
-                                                    exclude_diag, exclude_pos, backend)
-    return row, col
+    row, col, row_stats, _ = torch.ops.fastcl.info_nce_rows(u, v, scale, labels, symmetric, row_cls,
+                                                            col_cls, exclude_diag, exclude_pos, backend)
+    return (row, col, row_stats[3]) if with_counts else (row, col)
 
 
 def pair_logit(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ positives. None of them forks the tile math. Only O(N*D) terms are added in torc
 from typing import Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _dispatch, _validation, reference
@@ -58,8 +59,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
 
 def dcl_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
     """DCLW's weights w_i = 2 - N softmax_i(<u1_i, u2_i> / sigma) on normalised views (mean 1)."""
-    return reference.vmf_weights(torch.nn.functional.normalize(z1, dim=-1),
-                                 torch.nn.functional.normalize(z2, dim=-1), sigma)
+    return reference.vmf_weights(F.normalize(z1, dim=-1), F.normalize(z2, dim=-1), sigma)
 
 
 WeightArg = Union[None, str, Tensor, Callable[[Tensor, Tensor], Tensor]]
@@ -93,14 +93,16 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
         raise ValueError(f"negatives must be 'joint' or 'split', got {negatives!r}")
     scale, backend = _setup(z1, temperature, reduction, backend)
     n = z1.shape[0]
-    w1, w2 = _dcl_weights(z1, z2, weight, sigma, detach_weight, normalize)
     if backend == "reference":
+        n1, n2 = (F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)) if normalize else (z1, z2)
+        w1, w2 = _dcl_weights(n1, n2, weight, sigma, detach_weight)
         return reference.dcl_reference(z1, z2, temperature=temperature,
                                        weight=None if w1 is None else torch.cat([w1, w2]),
                                        negatives=negatives, normalize=normalize, reduction=reduction)
 
     u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
     u1, u2 = u[:n], u[n:]
+    w1, w2 = _dcl_weights(u1, u2, weight, sigma, detach_weight)  # the views as the loss sees them
     if negatives == "joint":
         partner = _partner(n, u.device)
         # row_loss = lse over the negatives - S(anchor, partner)
@@ -119,11 +121,10 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
     return reduce(per, reduction)
 
 
-def _dcl_weights(z1, z2, weight, sigma, detach, normalize):
+def _dcl_weights(n1, n2, weight, sigma, detach):
+    """Per-anchor weights (view 1's, view 2's) from the views as the loss sees them."""
     if weight is None:
         return None, None
-    n1 = torch.nn.functional.normalize(z1, dim=-1) if normalize else z1
-    n2 = torch.nn.functional.normalize(z2, dim=-1) if normalize else z2
     if isinstance(weight, str):
         if weight != "vmf":
             raise ValueError(f"weight must be None, 'vmf', a tensor or a callable, got {weight!r}")
@@ -136,8 +137,8 @@ def _dcl_weights(z1, z2, weight, sigma, detach, normalize):
     else:
         raise TypeError(f"weight must be None, 'vmf', a tensor or a callable, got {type(weight).__name__}")
     for w in (w1, w2):
-        if not isinstance(w, Tensor) or w.shape != (z1.shape[0],):
-            raise ValueError(f"DCL weights must be a tensor of shape [{z1.shape[0]}]")
+        if not isinstance(w, Tensor) or w.shape != (n1.shape[0],):
+            raise ValueError(f"DCL weights must be a tensor of shape [{n1.shape[0]}]")
     return (w1.detach(), w2.detach()) if detach else (w1, w2)
 
 
@@ -169,9 +170,9 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, *, temperature: fl
         return reference.supcon_reference(flat, cls, temperature=temperature, normalize=normalize,
                                           reduction=reduction)
     u, scale = prepare(scale, normalize, flat)
-    per, _ = row_terms(u, u, scale, backend, row_cls=cls, col_cls=cls, exclude_diag=True)
-    _, inverse, counts = torch.unique(cls, return_inverse=True, return_counts=True)
-    return reduce(per, reduction, counts[inverse] > 1)  # anchors with at least one positive
+    per, _, positives = row_terms(u, u, scale, backend, row_cls=cls, col_cls=cls, exclude_diag=True,
+                                  with_counts=True)
+    return reduce(per, reduction, positives > 0)  # anchors with at least one positive
 
 
 def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor] = None, *,

@@ -75,10 +75,11 @@ def group_stats(xg: Tensor, eps: float, ddof: int):
     return xc, S
 
 
-def _check_not_singular(S: Tensor, eps: float):
-    """With eps == 0 a rank-deficient group would whiten to ~1e19: refuse it (one host sync)."""
+def _check_not_singular(S: Tensor, eps: float, lam: Optional[Tensor] = None):
+    """With eps == 0 a rank-deficient group would whiten to ~1e19: refuse it (one host sync).
+    lam: S's ascending eigenvalues when the caller already has them."""
     if eps == 0:
-        lam = torch.linalg.eigvalsh(S)
+        lam = torch.linalg.eigvalsh(S) if lam is None else lam
         if bool((lam[..., 0] <= 1e-12 * lam[..., -1].abs()).any()):
             raise ValueError("a group's covariance is singular (rank-deficient channels): "
                              "use eps > 0")
@@ -88,11 +89,12 @@ class _GroupWhiten(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg, eps, ddof, method, iters, detach_stats, backend):
         xc, S = group_stats(xg, eps, ddof)
-        _check_not_singular(S, eps)
         if method == "zca":
             W, (U, sigma) = zca_matrix(S)
+            _check_not_singular(S, eps, sigma.square())  # sigma^2: eigh's eigenvalues, clamped > 0
             ctx.save_for_backward(xc, W, U, sigma)
         else:
+            _check_not_singular(S, eps)
             if backend == "triton":  # method == "newton_schulz", checked by _resolve
                 from .kernels import whitening as K
                 W = K.newton_schulz_whitening_matrix(S, iters)
