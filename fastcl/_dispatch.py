@@ -25,8 +25,22 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
     if backend in ("torch", "reference"):
         return None
     if backend == "cuda":
-        return ("the CUDA C++ extension (csrc/) is not part of this build yet; "
-                "use backend='triton' on GPUs")
+        from . import cuda_backend
+        err = cuda_backend.unavailable()
+        if err:
+            return err
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"the CUDA kernels take float16/bfloat16/float32, not {dtype} (use backend='torch')"
+        if device.type != "cuda":
+            return f"tensors are on {device.type}; the CUDA C++ kernels need CUDA tensors"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"the CUDA kernels need compute capability 8.0+, this GPU is {major}.{minor}"
+        # A cubin for sm_XY runs on sm_XZ with Z >= Y (same major); no PTX is embedded.
+        if not any(a // 10 == major and a % 10 <= minor for a in cuda_backend.compiled_archs()):
+            return (f"fastcl._C holds kernels for sm {cuda_backend.compiled_archs()}, not for this "
+                    f"GPU (sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
+        return None
     if backend == "triton":
         err = _import_error("triton")
         if err:
@@ -46,6 +60,35 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# Measured fwd+bwd milliseconds of the InfoNCE op per GPU architecture (CLIP loss, B=32768,
+# D=512, bf16; benchmarks/RESULTS.md). `auto` takes the fastest usable backend that has a
+# figure for the GPU it runs on, and Triton where no backend has one: figures, not guesses.
+MEASURED_MS = {
+    "sm_90": {"triton": 35.4},  # H100 80GB HBM3, 2026-11-22; the cuda backend is not measured yet
+}
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def auto_gpu_choice(device: torch.device, dtype: torch.dtype, reason_for=None):
+    """(backend, why) that `auto` picks on a CUDA device, or (None, why) if neither GPU backend
+    can run."""
+    reason_for = reason_for or (lambda b: why_not(b, device, dtype))
+    usable = [b for b in ("cuda", "triton") if reason_for(b) is None]
+    if not usable:
+        return None, "; ".join(f"{b}: {reason_for(b)}" for b in ("cuda", "triton"))
+    arch = _arch(device)
+    figures = {b: ms for b, ms in MEASURED_MS.get(arch, {}).items() if b in usable}
+    if figures:
+        best = min(figures, key=figures.get)
+        return best, f"fastest measured on {arch}: " + ", ".join(f"{b} {ms} ms" for b, ms in figures.items())
+    best = "triton" if "triton" in usable else usable[0]
+    return best, f"no measured figures for {arch}; {best} is the default"
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, unsupported=None) -> str:
     """Map 'auto' to a concrete backend; raise BackendUnavailable for one that cannot run.
 
@@ -58,7 +101,11 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, unsupported=
         return unsupported.get(b) or why_not(b, device, dtype)
 
     if backend == "auto":
-        return "triton" if device.type == "cuda" and reason_for("triton") is None else "torch"
+        if device.type == "cuda":
+            choice, _ = auto_gpu_choice(device, dtype, reason_for)
+            if choice is not None:
+                return choice
+        return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     reason = reason_for(backend)

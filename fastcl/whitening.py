@@ -176,7 +176,8 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     iters = DEFAULT_NS_ITERS if iters is None else iters
     N, D = x.shape
     g = D // num_groups
-    backend = _dispatch.resolve(backend, x.device, x.dtype, {"triton": _triton_limits(method, g)})
+    backend = _dispatch.resolve(backend, x.device, x.dtype, {"triton": _triton_limits(method, g),
+                                                            "cuda": _NO_CUDA_KERNEL})
     xp = x[:, perm] if perm is not None else x
     W = None
     if backend == "reference":
@@ -191,6 +192,10 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     if perm is not None:
         y = y[:, torch.argsort(perm.to(y.device))]
     return (y, W) if return_matrix else y
+
+
+_NO_CUDA_KERNEL = ("there is no CUDA C++ whitening kernel yet; backend='triton' (Newton-Schulz) "
+                   "and backend='torch' cover every method")
 
 
 def _triton_limits(method, g):

@@ -19,3 +19,23 @@ def pytest_report_header(config):
 
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# The kernel backends every loss test runs over. A backend that cannot run here (the CUDA C++
+# extension without a GPU or without a build, say) is skipped with the dispatcher's reason.
+KERNEL_BACKENDS = ["torch", "triton", "cuda"]
+
+
+def why_not_here(backend, dtype=torch.float32):
+    from fastcl import _dispatch
+    return _dispatch.why_not(backend, DEVICE, dtype)
+
+
+USABLE_BACKENDS = [b for b in KERNEL_BACKENDS if why_not_here(b) is None]
+
+
+@pytest.fixture(autouse=True)
+def _skip_unusable_backend(request):
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None
+    if backend in KERNEL_BACKENDS and why_not_here(backend) is not None:
+        pytest.skip(f"backend={backend!r}: {why_not_here(backend)}")

@@ -37,7 +37,8 @@ def test_bad_input_raises(args, kwargs, exc, match):
 
 
 def test_cuda_backend_says_why():
-    with pytest.raises(fastcl.BackendUnavailable, match="CUDA C\\+\\+ extension"):
+    # CPU tensors: either the extension is not built/loadable, or it is and needs CUDA tensors.
+    with pytest.raises(fastcl.BackendUnavailable, match="fastcl._C|CUDA C\\+\\+ kernels need CUDA"):
         FCL.info_nce(q, k, backend="cuda")
 
 
@@ -61,7 +62,7 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
 def test_available_backends_reports_reasons():
     av = fastcl.available_backends("cpu")
     assert av["torch"] is None and av["reference"] is None
-    assert "CUDA C++" in av["cuda"]
+    assert "fastcl._C" in av["cuda"] or "need CUDA tensors" in av["cuda"]
 
 
 def test_float64_temperature_is_exact():

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 import fastcl
 import fastcl.functional as FCL
 from fastcl import chunked
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS, USABLE_BACKENDS
 from helpers import assert_within_budget
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = KERNEL_BACKENDS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -137,7 +137,7 @@ def test_small_gradients_near_best_representable(dtype, symmetric):
     q64, k64 = q.clone().requires_grad_(), k.clone().requires_grad_()
     fastcl.info_nce_reference(q64, k64, temperature=0.07, symmetric=symmetric).backward()
     floor = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
-    for backend in BACKENDS:
+    for backend in USABLE_BACKENDS:
         if _interpreter_bf16(backend, dtype):
             continue
         qq = q.to(DEVICE, dtype).requires_grad_()
@@ -154,7 +154,7 @@ def test_fp16_large_scale_no_overflow():
     q = torch.randn(40, 32, dtype=torch.float64) * 30
     k = q + torch.randn(40, 32, dtype=torch.float64)
     ref = fastcl.info_nce_reference(q, k, temperature=0.01, normalize=True)
-    for backend in BACKENDS:
+    for backend in USABLE_BACKENDS:
         out = FCL.info_nce(q.half().to(DEVICE), k.half().to(DEVICE), temperature=0.01, backend=backend)
         assert torch.isfinite(out)
         assert abs(float(out) - float(ref)) <= 2e-3 * max(1.0, abs(float(ref)))
@@ -288,9 +288,11 @@ def test_torch_backend_memory_not_quadratic(monkeypatch, symmetric):
     assert mode.largest * 200 < B * B  # at B=4096: the full matrix would be 256x the bound
 
 
-def test_triton_forward_writes_every_row():
-    """The launcher poisons its outputs with NaN: any row the kernel skips would stay NaN."""
-    from fastcl.kernels import info_nce as K
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_forward_writes_every_row(backend):
+    """The launchers poison their outputs with NaN: any row a kernel skips would stay NaN."""
+    from fastcl.info_nce import _impl
+    K = _impl(backend)
     for B, N in [(1, 1), (31, 33), (97, 97), (200, 64)]:
         u, v = torch.randn(B, 16, device=DEVICE), torch.randn(N, 16, device=DEVICE)
         sym = B == N

@@ -9,10 +9,10 @@ import fastcl
 import fastcl.functional as FCL
 import fastcl.nn
 from fastcl import reference as R
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS, USABLE_BACKENDS
 from helpers import assert_within_budget
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = KERNEL_BACKENDS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -1,0 +1,36 @@
+// The CUDA backend's ops and their input checks (shared by the .cu launchers and the bindings).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace fastcl {
+
+// Per-row InfoNCE terms of S = scale * u @ v.T and their O(B + N) statistics; see
+// fastcl/cuda_backend.py for the contract (identical to the Triton backend's).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_cuda(
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& scale,
+    const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& row_cls,
+    const c10::optional<at::Tensor>& col_cls, bool symmetric, bool exclude_diag, bool exclude_pos);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& scale, const at::Tensor& row_stats,
+    const at::Tensor& col_stats, const at::Tensor& g_row, const at::Tensor& g_col,
+    const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& row_cls,
+    const c10::optional<at::Tensor>& col_cls, bool symmetric, bool exclude_diag, bool exclude_pos);
+
+// TORCH_CHECKs with messages that name the argument and what was expected.
+void check_forward_inputs(const at::Tensor& u, const at::Tensor& v, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& labels,
+                          const c10::optional<at::Tensor>& row_cls,
+                          const c10::optional<at::Tensor>& col_cls, bool symmetric, bool exclude_diag,
+                          bool exclude_pos);
+void check_backward_inputs(const at::Tensor& u, const at::Tensor& v, const at::Tensor& row_stats,
+                           const at::Tensor& col_stats, const at::Tensor& g_row,
+                           const at::Tensor& g_col, bool symmetric);
+
+// nvcc's __CUDA_ARCH_LIST__ for this build, e.g. "800,900".
+const char* compiled_archs();
+
+}  // namespace fastcl

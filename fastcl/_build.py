@@ -1,0 +1,99 @@
+"""How the CUDA extension fastcl._C is built: read by setup.py (loaded by path, so it imports
+nothing from fastcl) and by nothing at run time.
+
+FASTCL_BUILD_CUDA=1 forces the extension (and fails loudly if it cannot be built), 0 skips it;
+unset, it is built when the build environment has a CUDA build of torch and nvcc.
+TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (the kernels need sm_80+: bf16 tensor cores).
+MAX_JOBS defaults to what the machine's memory allows (an nvcc job can take ~3 GiB).
+"""
+import os
+
+SOURCES = ["csrc/bindings.cpp", "csrc/info_nce.cu"]
+DEFAULT_ARCHS = "8.0;9.0"
+# No -std: torch.utils.cpp_extension picks the standard its headers need (C++20 for torch 2.14).
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+CXX_FLAGS = ["-O3"]
+GIB_PER_JOB = 3
+
+
+def mode() -> str:
+    """'force', 'skip' or 'auto' from FASTCL_BUILD_CUDA."""
+    flag = os.environ.get("FASTCL_BUILD_CUDA", "").strip().lower()
+    if flag in ("1", "true", "yes", "on"):
+        return "force"
+    if flag in ("0", "false", "no", "off"):
+        return "skip"
+    return "auto"
+
+
+def memory_bounded_jobs() -> int:
+    """Parallel compile jobs: no more than the CPUs, nor than available memory / 3 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        by_mem = max(1, kib // (GIB_PER_JOB * 1024 * 1024))
+    except (OSError, StopIteration, ValueError):
+        by_mem = 1
+    return max(1, min(os.cpu_count() or 1, by_mem))
+
+
+def _default_cuda_home():
+    # torch derives CUDA_HOME from `which nvcc`; a wrapper script in /usr/local/bin (as on these
+    # machines) would make that /usr/local, which has no CUDA headers.
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        if os.path.exists("/usr/local/cuda/bin/nvcc"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+def pip_cuda_include_dirs():
+    """Headers of the CUDA libraries a pip-installed CUDA torch brings (cuSPARSE, cuBLAS, ...),
+    which ATen's CUDA headers include and an nvcc-only toolkit may lack."""
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    out = []
+    for root in spec.submodule_search_locations:
+        for name in sorted(os.listdir(root)):
+            inc = os.path.join(root, name, "include")
+            if os.path.isdir(inc):
+                out.append(inc)
+    return out
+
+
+def why_not_buildable():
+    """None if a CUDA extension can be built here, else the reason."""
+    _default_cuda_home()
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return ("torch is not importable in the build environment; build CUDA wheels with "
+                "`pip wheel . --no-build-isolation` next to an installed CUDA torch")
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build"
+    if cpp_extension.CUDA_HOME is None:
+        return "nvcc was not found (set CUDA_HOME)"
+    return None
+
+
+def ext_modules():
+    """[CUDAExtension] and {'build_ext': BuildExtension}, or ([], {}) for a pure-Python build."""
+    m = mode()
+    if m == "skip":
+        return [], {}
+    reason = why_not_buildable()
+    if reason is not None:
+        if m == "force":
+            raise RuntimeError(f"FASTCL_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+        print(f"fastcl: building without the CUDA extension ({reason})")
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    os.environ.setdefault("MAX_JOBS", str(memory_bounded_jobs()))
+    print(f"fastcl: building fastcl._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+          f"with MAX_JOBS={os.environ['MAX_JOBS']}")
+    ext = CUDAExtension("fastcl._C", SOURCES, include_dirs=pip_cuda_include_dirs(),
+                        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})
+    return [ext], {"build_ext": BuildExtension}

@@ -1,0 +1,81 @@
+"""Launchers of the CUDA C++ backend: the kernels in csrc/, built as the extension fastcl._C.
+
+The extension registers ``torch.ops.fastcl_cuda.lse_forward`` / ``lse_backward`` with
+torch.library; this module gives them fake (shape) implementations for torch.compile and the
+same Python contract as the Triton launchers (kernels/info_nce.py), so fastcl's op
+(``fastcl::info_nce_rows``) uses either one interchangeably. Statistics are in log2 units.
+
+Build it with ``FASTCL_BUILD_CUDA=1 pip install --no-build-isolation .`` (or
+``python setup.py build_ext --inplace`` in a checkout) next to a CUDA build of torch; see
+csrc/README.md.
+"""
+import functools
+import math
+
+import torch
+
+LOG_UNIT = math.log(2.0)  # the statistics (max, log-sum) are in log2 units
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(module, None) or (None, why it is not available)."""
+    try:
+        from . import _C
+    except ModuleNotFoundError:
+        return None, ("the CUDA extension fastcl._C is not built; build it with FASTCL_BUILD_CUDA=1 "
+                      "next to a CUDA torch (csrc/README.md)")
+    except ImportError as e:  # built, but against another torch, or CPU torch installed
+        return None, (f"fastcl._C is built but cannot be loaded with torch {torch.__version__} ({e}); "
+                      f"rebuild it against this torch (csrc/README.md)")
+    _register_fakes()
+    return _C, None
+
+
+def unavailable():
+    """None if the extension is importable, else the reason."""
+    return _load()[1]
+
+
+def compiled_archs():
+    """The SM architectures the built extension holds kernels for, e.g. [80, 90]."""
+    mod, err = _load()
+    if mod is None:
+        raise RuntimeError(err)
+    return [int(a) // 10 for a in mod.compiled_archs().split(",") if a.strip().isdigit()]
+
+
+def _register_fakes():
+    # Shapes only, for torch.compile / meta tensors; mirrors csrc/info_nce.cu.
+    @torch.library.register_fake("fastcl_cuda::lse_forward")
+    def _(u, v, scale, labels, row_cls, col_cls, symmetric, exclude_diag, exclude_pos):
+        B, N = u.shape[0], (v.shape[0] if symmetric else 0)
+        f = dict(dtype=torch.float32, device=u.device)
+        return (u.new_empty(B, **f), u.new_empty(N, **f), u.new_empty(4, B, **f),
+                u.new_empty(2, N, **f))
+
+    @torch.library.register_fake("fastcl_cuda::lse_backward")
+    def _(u, v, scale, row_stats, col_stats, g_row, g_col, labels, row_cls, col_cls, symmetric,
+          exclude_diag, exclude_pos):
+        return torch.empty_like(u), torch.empty_like(v), scale.new_empty((), dtype=torch.float32)
+
+
+def lse_forward(u, v, scale, labels, symmetric: bool, row_cls=None, col_cls=None,
+                exclude_diag=False, exclude_pos=False):
+    """(row_loss [B], col_loss [N] or [0], row_stats [4, B], col_stats [2, N] or [2, 0]),
+    float32; the same contract as fastcl.kernels.info_nce.lse_forward."""
+    if unavailable():
+        raise RuntimeError(unavailable())
+    return torch.ops.fastcl_cuda.lse_forward(u.contiguous(), v.contiguous(), scale, labels, row_cls,
+                                             col_cls, symmetric, exclude_diag, exclude_pos)
+
+
+def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool,
+                 row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False):
+    """dU [B, D], dV [N, D] (input dtype), d scale [] (float32); the same contract as
+    fastcl.kernels.info_nce.lse_backward."""
+    if unavailable():
+        raise RuntimeError(unavailable())
+    return torch.ops.fastcl_cuda.lse_backward(
+        u.contiguous(), v.contiguous(), scale, row_stats, col_stats, g_row.contiguous(),
+        g_col.contiguous(), labels, row_cls, col_cls, symmetric, exclude_diag, exclude_pos)

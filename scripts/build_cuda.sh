@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds the CUDA wheel of fastcl WITHOUT a GPU, and checks it (CI runs this after the tests).
+#  1. A separate venv (.venv-cuda) with the CUDA build of torch (2.14.1+cu130, ~5.5 GB; its CUDA
+#     library headers come with it) and the peers that need torchvision (open_clip, lightly).
+#  2. `pip wheel . --no-build-isolation` with FASTCL_BUILD_CUDA=1: nvcc compiles csrc/ for
+#     TORCH_CUDA_ARCH_LIST (default 8.0;9.0); a compile error fails this script.
+#  3. Installs that wheel and, from outside the checkout (so the wheel is what gets imported),
+#     runs the tests that need it: the extension loads, registers its ops and shape functions,
+#     refuses CPU tensors with its reason; and equality with open_clip and lightly.
+# The kernels themselves are tested on a GPU by scripts/gpu_run.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${FASTCL_CUDA_VENV:-.venv-cuda}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+VENV=$(cd "$VENV" && pwd)
+P="$VENV/bin/python -m pip install -q --disable-pip-version-check"
+# torch first and pinned: nothing later may swap it for another build.
+$P "torch==${FASTCL_CUDA_TORCH_VERSION:-2.14.1}" 2>&1 | grep -v "is ignored" || true
+$P ninja setuptools wheel numpy pytest "torchvision==${FASTCL_CUDA_TORCHVISION_VERSION:-0.29.1}" \
+   open_clip_torch lightly 2>&1 | grep -v "is ignored" || true
+"$VENV/bin/python" -c "import torch; assert torch.version.cuda, torch.__version__; print('build torch', torch.__version__)"
+
+[ -n "${CUDA_HOME:-}" ] || { [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda; } || true
+rm -rf dist/fastcl-*.whl build/
+FASTCL_BUILD_CUDA=1 "$VENV/bin/python" -m pip wheel . --no-build-isolation --no-deps -w dist -q \
+  2>&1 | grep -v "is ignored" || true
+WHEEL=$(ls dist/fastcl-*-linux_x86_64.whl)
+"$VENV/bin/python" - "$WHEEL" <<'PYEOF'
+import sys, zipfile
+so = [n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.startswith("fastcl/_C")]
+print("built", sys.argv[1], "with", so)
+sys.exit(0 if so else "the wheel has no fastcl/_C extension")
+PYEOF
+$P --no-deps --force-reinstall "$WHEEL"
+
+cd "$(mktemp -d)"
+"$VENV/bin/python" -c "import fastcl, fastcl.cuda_backend as c; assert c.unavailable() is None, c.unavailable(); \
+print('fastcl._C loads; kernels for sm', c.compiled_archs(), 'from', fastcl.__file__)"
+"$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider --rootdir "$ROOT" \
+  "$ROOT/tests/test_cuda_backend.py" "$ROOT/tests/test_errors.py" \
+  "$ROOT/tests/test_losses.py::test_equals_lightly" "$ROOT/tests/test_info_nce.py::test_clip_module_equals_open_clip"

@@ -1,0 +1,168 @@
+"""The CUDA C++ backend (csrc/, fastcl._C): build facts and shape functions wherever the
+extension loads (a CUDA torch, even without a GPU), and on a GPU its agreement with the Triton
+backend over every flag of the fused op. The loss/gradient-vs-float64 matrices in
+test_info_nce.py and test_losses.py run it too (backend='cuda')."""
+import math
+
+import pytest
+import torch
+
+import fastcl
+import fastcl.functional as FCL
+from fastcl import cuda_backend
+from conftest import HAS_CUDA, why_not_here
+
+needs_extension = pytest.mark.skipif(cuda_backend.unavailable() is not None,
+                                     reason=str(cuda_backend.unavailable()))
+needs_cuda_backend = pytest.mark.skipif(why_not_here("cuda") is not None or why_not_here("triton") is not None,
+                                        reason=f"cuda: {why_not_here('cuda')}; triton: {why_not_here('triton')}")
+
+
+@needs_extension
+def test_extension_holds_default_archs():
+    archs = cuda_backend.compiled_archs()
+    assert archs and all(a >= 80 for a in archs), archs
+
+
+@needs_extension
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fake_shapes_on_meta(symmetric):
+    """register_fake gives torch.compile the output shapes without running a kernel."""
+    B, N, D = 7, 7 if symmetric else 11, 5
+    u, v = torch.empty(B, D, device="meta"), torch.empty(N, D, device="meta")
+    s = torch.empty(1, device="meta")
+    row, col, rs, cs = torch.ops.fastcl_cuda.lse_forward(u, v, s, None, None, None, symmetric, False, False)
+    assert (row.shape, col.shape, rs.shape, cs.shape) == ((B,), (N if symmetric else 0,), (4, B),
+                                                          (2, N if symmetric else 0))
+    assert row.dtype == torch.float32
+    du, dv, ds = torch.ops.fastcl_cuda.lse_backward(u, v, s, rs, cs, row, col, None, None, None,
+                                                     symmetric, False, False)
+    assert du.shape == u.shape and dv.shape == v.shape and ds.shape == ()
+
+
+@needs_extension
+def test_cpu_tensors_refused_with_reason():
+    with pytest.raises(fastcl.BackendUnavailable, match="need CUDA tensors"):
+        FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), backend="cuda")
+
+
+@needs_cuda_backend
+def test_cpp_input_checks():
+    op = torch.ops.fastcl_cuda.lse_forward
+    u = torch.randn(8, 4, device="cuda")
+    s = torch.ones(1, device="cuda")
+    with pytest.raises(RuntimeError, match="must be float16, bfloat16 or float32"):
+        op(u.double(), u.double(), s, None, None, None, False, False, False)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        op(u.T, u.T, s, None, None, None, False, False, False)
+    with pytest.raises(RuntimeError, match="embedding dims differ"):
+        op(u, torch.randn(8, 5, device="cuda"), s, None, None, None, False, False, False)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        op(u.cpu(), u, s, None, None, None, False, False, False)
+    with pytest.raises(RuntimeError, match="labels must have shape"):
+        op(u, u, s, torch.zeros(3, dtype=torch.long, device="cuda"), None, None, False, False, False)
+
+
+# Every flag combination the losses use: plain / labels + extra negatives (InfoNCE, MNRL),
+# symmetric (CLIP), exclude_diag (NT-Xent), exclude_diag + exclude_pos (DCL), class ids (SupCon).
+FLAG_CASES = {
+    "plain": dict(),
+    "labels_extra_negatives": dict(labels=True, N_extra=37),
+    "symmetric": dict(symmetric=True),
+    "exclude_diag": dict(exclude_diag=True, labels=True),
+    "dcl": dict(exclude_diag=True, exclude_pos=True, labels=True),
+    "supcon": dict(multi=True, exclude_diag=True),
+}
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+@pytest.mark.parametrize("B,D", [(1, 1), (63, 7), (65, 129), (200, 256), (130, 300)])
+def test_cuda_matches_triton_op(case, dtype, B, D):
+    """The op itself, cuda vs triton vs float64: row/column losses, dU, dV, d scale."""
+    cfg = FLAG_CASES[case]
+    g = torch.Generator().manual_seed(B * 1000 + D)
+    N = B + cfg.get("N_extra", 0)
+    u = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, N, (B,), generator=g) if cfg.get("labels") else None
+    cls = torch.randint(0, 4, (B,), generator=g) if cfg.get("multi") else None
+    sym = cfg.get("symmetric", False)
+    gr = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    gc = torch.rand(N if sym else 0, generator=g, dtype=torch.float64) + 0.5
+    scale = 1.0 / 0.07
+
+    def run(backend, dt, device):
+        uu = u.to(device, dt).requires_grad_()
+        vv = v.to(device, dt).requires_grad_()
+        ss = torch.tensor(scale, device=device, dtype=torch.float64 if dt == torch.float64 else torch.float32,
+                          requires_grad=True)
+        lab = None if labels is None else labels.to(device)
+        c = None if cls is None else cls.to(device)
+        row, col = fastcl.info_nce.row_terms(uu, vv, ss, backend, labels=lab, symmetric=sym, row_cls=c,
+                                             col_cls=c, exclude_diag=cfg.get("exclude_diag", False),
+                                             exclude_pos=cfg.get("exclude_pos", False))
+        ok = torch.isfinite(row.detach())  # a lone SupCon anchor has no positive: loss -inf/nan
+        loss = (row[ok] * gr.to(device, row.dtype)[ok]).sum() + (col * gc.to(device, col.dtype)).sum()
+        loss.backward()
+        return [t.detach().double().cpu() for t in (row, col, uu.grad, vv.grad, ss.grad)]
+
+    ref = run("torch", torch.float64, "cpu")
+    tri = run("triton", dtype, "cuda")
+    cu = run("cuda", dtype, "cuda")
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for name, a, b, r in zip(["row", "col", "du", "dv", "dscale"], cu, tri, ref):
+        fin = torch.isfinite(r)
+        assert torch.equal(torch.isfinite(a), fin), name
+        err_cu = float((a[fin] - r[fin]).norm() / r[fin].norm().clamp_min(1.0))
+        err_tri = float((b[fin] - r[fin]).norm() / r[fin].norm().clamp_min(1.0))
+        # The two kernels round differently; neither may be much worse than the other.
+        assert err_cu <= max(4 * err_tri, tol), (name, err_cu, err_tri)
+
+
+@needs_cuda_backend
+def test_cuda_under_torch_compile():
+    q = torch.randn(96, 40, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(96, 40, device="cuda", dtype=torch.bfloat16)
+    ls = torch.tensor(math.log(1 / 0.07), device="cuda", requires_grad=True)
+
+    def f(q, k, ls):
+        return FCL.info_nce(q, k, logit_scale=ls, symmetric=True, backend="cuda")
+
+    out = torch.compile(f, fullgraph=True)(q, k, ls)
+    out.backward()
+    ls2 = ls.detach().clone().requires_grad_()
+    ref = f(q, k, ls2)
+    ref.backward()
+    assert torch.allclose(out, ref) and torch.allclose(ls.grad, ls2.grad)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_auto_follows_measured_figures(monkeypatch):
+    from fastcl import _dispatch
+    dev = torch.device("cuda")
+    arch = _dispatch._arch(dev)
+    monkeypatch.setattr(_dispatch, "MEASURED_MS", {arch: {"triton": 2.0, "cuda": 1.0}})
+    expected = "cuda" if why_not_here("cuda") is None else "triton"
+    assert _dispatch.resolve("auto", dev, torch.float16) == expected
+    monkeypatch.setattr(_dispatch, "MEASURED_MS", {})
+    assert _dispatch.resolve("auto", dev, torch.float16) == "triton"
+
+
+@pytest.mark.parametrize("figures,usable,expected", [
+    ({"triton": 2.0, "cuda": 1.0}, ("cuda", "triton"), "cuda"),
+    ({"triton": 1.0, "cuda": 2.0}, ("cuda", "triton"), "triton"),
+    ({"triton": 1.0}, ("cuda", "triton"), "triton"),      # cuda not measured: not chosen
+    ({}, ("cuda", "triton"), "triton"),                    # nothing measured: the default
+    ({"triton": 1.0, "cuda": 2.0}, ("cuda",), "cuda"),     # triton unusable: cuda
+    ({}, (), None),
+])
+def test_auto_choice_logic(monkeypatch, figures, usable, expected):
+    """`auto` on a GPU takes the fastest measured usable backend (no GPU needed: arch faked)."""
+    from fastcl import _dispatch
+    monkeypatch.setattr(_dispatch, "_arch", lambda device: "sm_90")
+    monkeypatch.setattr(_dispatch, "MEASURED_MS", {"sm_90": figures})
+    reason_for = lambda b: None if b in usable else "not usable here"  # noqa: E731
+    choice, why = _dispatch.auto_gpu_choice(torch.device("cpu"), torch.float16, reason_for)
+    assert choice == expected, why
