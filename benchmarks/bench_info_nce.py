@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
+from fastcl import _dispatch
 from benchmarks.common import finish, fmt_ms, header, measure, progress
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,6 +36,9 @@ def providers(device, compile_naive: bool):
     if compile_naive:
         compiled = torch.compile(naive_torch)
         out["torch-compile"] = lambda q, k, t, sym: compiled(q, k, t, sym)
+    if _dispatch.why_not("cuda", device, torch.float16) is None:  # the extension is built
+        out["fastcl-cuda"] = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym,
+                                                               backend="cuda")
     if device.type == "cuda":
         out["fastcl-triton"] = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym,
                                                                  backend="triton")
@@ -56,7 +60,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
         compile_naive=False, plot_path=None):
     print(header(device))
     print(f"info_nce {mode} | D={dim} | {dtype} | symmetric={symmetric} | median of {reps} (p20-p80)")
-    cols = f"{'provider':<15}{'B':>9}{'ms':>11}{'p20-p80':>17}{'peak MiB':>11}{'TFLOP/s':>9}{'x naive':>9}"
+    cols = f"{'provider':<16}{'B':>9}{'ms':>11}{'p20-p80':>17}{'peak MiB':>11}{'TFLOP/s':>9}{'x naive':>9}"
     flop_factor = 8 if mode == "fwd+bwd" else 2
     print(cols)
     rows, naive_ms = [], {}
@@ -91,7 +95,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
                        speedup_vs_naive=speedup, device=str(device))
             rows.append(row)
             ms = fmt_ms(status, med)
-            print(f"{name:<15}{B:>9}{ms:>11}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>11.1f}"
+            print(f"{name:<16}{B:>9}{ms:>11}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>11.1f}"
                   f"{tflops:>9.1f}{speedup:>9.2f}", flush=True)
     return finish(rows, bar, csv_path, device, plot_path, f"info_nce {mode}, D={dim}, {dtype}")
 

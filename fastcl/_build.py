@@ -49,6 +49,10 @@ def pip_cuda_include_dirs():
     """Headers of the CUDA libraries a pip-installed CUDA torch brings (cuSPARSE, cuBLAS, ...),
     which ATen's CUDA headers include and an nvcc-only toolkit may lack."""
     import importlib.util
+
+    from torch.utils.cpp_extension import CUDA_HOME
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []  # a full toolkit: its own headers only
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
         return []

@@ -9,7 +9,7 @@ import fastcl
 import fastcl.functional as FCL
 import fastcl.nn
 from fastcl import reference as R
-from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS, USABLE_BACKENDS
+from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS
 from helpers import assert_within_budget
 
 BACKENDS = KERNEL_BACKENDS

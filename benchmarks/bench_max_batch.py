@@ -1,0 +1,80 @@
+"""The largest CLIP-loss batch each provider can run (fwd+bwd) on this device.
+
+For each provider, B doubles from --start until the step runs out of memory, exceeds --max-seconds
+for one fwd+bwd, or reaches --max-b. Reports the largest B that ran, its time and peak memory,
+and why the probe stopped. One run per size (a capacity probe, not a timing benchmark).
+"""
+import argparse
+import time
+
+import torch
+
+from benchmarks.bench_info_nce import DTYPES, providers
+from benchmarks.common import append_csv, header, is_oom, peak_memory
+
+
+def probe(name, fn, device, dim, dtype, start, max_b, max_seconds):
+    best, B, stop = None, start, f"reached --max-b {max_b}"
+    while B <= max_b:
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(B, dim, device=device, generator=g).to(DTYPES[dtype]).requires_grad_()
+            k = torch.randn(B, dim, device=device, generator=g).to(DTYPES[dtype]).requires_grad_()
+
+            def step():
+                fn(q, k, 0.07, True).backward()
+
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                mem = peak_memory(step, device)  # runs the step once, synchronised
+            else:
+                step()
+                mem = float("nan")
+            seconds = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - OOM is the result we look for; others are reported
+            stop = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:80]}"
+            break
+        finally:
+            q = k = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        best = dict(B=B, seconds=seconds, peak_mib=mem / 2**20)
+        print(f"  {name:<16} B={B:>9} {seconds:8.3f} s {best['peak_mib']:>10.0f} MiB", flush=True)
+        if seconds > max_seconds:
+            stop = f"one step took {seconds:.1f} s > {max_seconds} s"
+            break
+        B *= 2
+    return best, stop
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dim", type=int, default=512 if cuda else 64)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if cuda else "fp32")
+    p.add_argument("--start", type=int, default=4096 if cuda else 256)
+    p.add_argument("--max-b", type=int, default=1 << 20 if cuda else 4096)
+    p.add_argument("--max-seconds", type=float, default=60.0 if cuda else 5.0)
+    p.add_argument("--only", default=None, help="comma-separated providers")
+    p.add_argument("--csv", default=None)
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    print(header(device))
+    print(f"largest CLIP-loss batch, fwd+bwd, D={a.dim}, {a.dtype}")
+    rows = []
+    for name, fn in providers(device, compile_naive=False).items():
+        if a.only and name not in a.only.split(","):
+            continue
+        best, stop = probe(name, fn, device, a.dim, a.dtype, a.start, a.max_b, a.max_seconds)
+        row = dict(op="info_nce_max_batch", provider=name, D=a.dim, dtype=a.dtype, device=str(device),
+                   max_B=best["B"] if best else 0, seconds=best["seconds"] if best else float("nan"),
+                   peak_mib=best["peak_mib"] if best else float("nan"), stopped_by=stop)
+        rows.append(row)
+        print(f"{name:<16} largest B {row['max_B']:>9}  (stopped: {stop})", flush=True)
+    if a.csv:
+        append_csv(a.csv, rows, device)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
