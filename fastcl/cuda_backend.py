@@ -10,6 +10,7 @@ Build it with ``FASTCL_BUILD_CUDA=1 pip install --no-build-isolation .`` (or
 csrc/README.md.
 """
 import functools
+import importlib.util
 import math
 
 import torch
@@ -20,11 +21,11 @@ LOG_UNIT = math.log(2.0)  # the statistics (max, log-sum) are in log2 units
 @functools.lru_cache(maxsize=None)
 def _load():
     """(module, None) or (None, why it is not available)."""
-    try:
-        from . import _C
-    except ModuleNotFoundError:
+    if importlib.util.find_spec(f"{__package__}._C") is None:
         return None, ("the CUDA extension fastcl._C is not built; build it with FASTCL_BUILD_CUDA=1 "
                       "next to a CUDA torch (csrc/README.md)")
+    try:
+        from . import _C
     except ImportError as e:  # built, but against another torch, or CPU torch installed
         return None, (f"fastcl._C is built but cannot be loaded with torch {torch.__version__} ({e}); "
                       f"rebuild it against this torch (csrc/README.md)")
