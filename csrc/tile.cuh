@@ -8,7 +8,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifndef FASTCL_EMULATE  // csrc/emulate/cuda_emu.h provides nvcuda::wmma on the CPU
 #include <mma.h>
+#endif
 
 #include <cstdint>
 
