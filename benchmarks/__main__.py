@@ -6,7 +6,7 @@ Extra arguments go to the InfoNCE sweep (see ``python -m benchmarks.bench_info_n
 import os
 import sys
 
-from benchmarks import bench_family, bench_info_nce, bench_whitening
+from benchmarks import bench_family, bench_info_nce, bench_max_batch, bench_whitening
 
 if __name__ == "__main__":
     out = os.environ.get("FASTCL_BENCH_DIR", os.path.join(os.path.dirname(__file__), "results"))
@@ -15,3 +15,4 @@ if __name__ == "__main__":
                                         "--plot", os.path.join(out, "info_nce.png")])
     bench_family.main(["--csv", os.path.join(out, "family.csv"), "--plot-dir", out])
     bench_whitening.main(["--csv", os.path.join(out, "whitening.csv")])
+    bench_max_batch.main(["--csv", os.path.join(out, "max_batch.csv")])
