@@ -86,11 +86,13 @@ TORCH_LIBRARY(fastcl_cuda, m) {
   m.def("lse_backward(Tensor u, Tensor v, Tensor scale, Tensor row_stats, Tensor col_stats, Tensor g_row, "
         "Tensor g_col, Tensor? labels, Tensor? row_cls, Tensor? col_cls, bool symmetric, bool exclude_diag, "
         "bool exclude_pos) -> (Tensor, Tensor, Tensor)");
+  m.def("newton_schulz(Tensor S, int iters) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastcl_cuda, CUDA, m) {
   m.impl("lse_forward", &fastcl::lse_forward_cuda);
   m.impl("lse_backward", &fastcl::lse_backward_cuda);
+  m.impl("newton_schulz", &fastcl::newton_schulz_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

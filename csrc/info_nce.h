@@ -30,6 +30,10 @@ void check_backward_inputs(const at::Tensor& u, const at::Tensor& v, const at::T
                            const at::Tensor& col_stats, const at::Tensor& g_row,
                            const at::Tensor& g_col, bool symmetric);
 
+// Group whitening: W ~= S^-1/2 for S [G, g, g] float32 SPD, g <= 128, by the coupled
+// Newton-Schulz iteration (csrc/whitening.cu).
+at::Tensor newton_schulz_cuda(const at::Tensor& S, int64_t iters);
+
 // nvcc's __CUDA_ARCH_LIST__ for this build, e.g. "800,900".
 const char* compiled_archs();
 

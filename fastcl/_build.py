@@ -8,7 +8,7 @@ MAX_JOBS defaults to what the machine's memory allows (an nvcc job can take ~3 G
 """
 import os
 
-SOURCES = ["csrc/bindings.cpp", "csrc/info_nce.cu"]
+SOURCES = ["csrc/bindings.cpp", "csrc/info_nce.cu", "csrc/whitening.cu"]
 DEFAULT_ARCHS = "8.0;9.0"
 # No -std: torch.utils.cpp_extension picks the standard its headers need (C++20 for torch 2.14).
 NVCC_FLAGS = ["-O3", "-lineinfo"]

@@ -55,6 +55,10 @@ def _register_fakes():
         return (u.new_empty(B, **f), u.new_empty(N, **f), u.new_empty(4, B, **f),
                 u.new_empty(2, N, **f))
 
+    @torch.library.register_fake("fastcl_cuda::newton_schulz")
+    def _(S, iters):
+        return torch.empty_like(S)
+
     @torch.library.register_fake("fastcl_cuda::lse_backward")
     def _(u, v, scale, row_stats, col_stats, g_row, g_col, labels, row_cls, col_cls, symmetric,
           exclude_diag, exclude_pos):
@@ -80,3 +84,11 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     return torch.ops.fastcl_cuda.lse_backward(
         u.contiguous(), v.contiguous(), scale, row_stats, col_stats, g_row.contiguous(),
         g_col.contiguous(), labels, row_cls, col_cls, symmetric, exclude_diag, exclude_pos)
+
+
+def newton_schulz_whitening_matrix(S: torch.Tensor, iters: int) -> torch.Tensor:
+    """W ~= S^-1/2 for S [G, g, g] float32 SPD, g <= 128: the coupled Newton-Schulz iteration,
+    one block per group (csrc/whitening_kernels.cuh); same contract as the Triton kernel's."""
+    if unavailable():
+        raise RuntimeError(unavailable())
+    return torch.ops.fastcl_cuda.newton_schulz(S.contiguous(), int(iters))

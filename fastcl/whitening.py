@@ -95,9 +95,12 @@ class _GroupWhiten(torch.autograd.Function):
             ctx.save_for_backward(xc, W, U, sigma)
         else:
             _check_not_singular(S, eps)
-            if backend == "triton":  # method == "newton_schulz", checked by _resolve
+            if backend == "triton":  # method == "newton_schulz", checked by the dispatch
                 from .kernels import whitening as K
                 W = K.newton_schulz_whitening_matrix(S, iters)
+            elif backend == "cuda":
+                from . import cuda_backend
+                W = cuda_backend.newton_schulz_whitening_matrix(S, iters)
             else:
                 W = _matrix(S, method, iters)
             ctx.save_for_backward(xc, W, S)
@@ -176,8 +179,8 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     iters = DEFAULT_NS_ITERS if iters is None else iters
     N, D = x.shape
     g = D // num_groups
-    backend = _dispatch.resolve(backend, x.device, x.dtype, {"triton": _triton_limits(method, g),
-                                                            "cuda": _NO_CUDA_KERNEL})
+    backend = _dispatch.resolve(backend, x.device, x.dtype, {"triton": _kernel_limits(method, g),
+                                                            "cuda": _kernel_limits(method, g)})
     xp = x[:, perm] if perm is not None else x
     W = None
     if backend == "reference":
@@ -194,17 +197,13 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     return (y, W) if return_matrix else y
 
 
-_NO_CUDA_KERNEL = ("there is no CUDA C++ whitening kernel yet; backend='triton' (Newton-Schulz) "
-                   "and backend='torch' cover every method")
-
-
-def _triton_limits(method, g):
-    """Why this call is outside the Triton whitening kernel (None if it is not)."""
+def _kernel_limits(method, g):
+    """Why this call is outside the whitening kernels, Triton's and CUDA's (None if it is not)."""
     if method != "newton_schulz":
         return (f"it implements method='newton_schulz' only (got {method!r}); eigh and Cholesky "
                 f"run in backend='torch'")
     if g > 128:
-        return f"group size {g} > 128 does not fit one program"
+        return f"group size {g} > 128 does not fit one program (block) per group"
     return None
 
 

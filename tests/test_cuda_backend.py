@@ -38,6 +38,8 @@ def test_fake_shapes_on_meta(symmetric):
     du, dv, ds = torch.ops.fastcl_cuda.lse_backward(u, v, s, rs, cs, row, col, None, None, None,
                                                      symmetric, False, False)
     assert du.shape == u.shape and dv.shape == v.shape and ds.shape == ()
+    S = torch.empty(3, 8, 8, device="meta")
+    assert torch.ops.fastcl_cuda.newton_schulz(S, 5).shape == (3, 8, 8)
 
 
 @needs_extension

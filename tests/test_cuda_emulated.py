@@ -147,3 +147,22 @@ def test_emulated_kernels_match_float64(binary, tmp_path, case, dtype, B, D):
     for name, a, b, r in zip(["du", "dv", "dscale"], ours[2:], same[2:], ref[2:]):
         assert torch.isfinite(a).all(), f"{name}: unwritten (NaN-poisoned) or non-finite entries"
         assert_within_budget(name, a, b, r, dtype)
+
+
+@pytest.mark.parametrize("G,g,iters", [(1, 1, 3), (3, 7, 20), (2, 64, 20), (1, 128, 5)])
+def test_emulated_newton_schulz_matches_float64(binary, tmp_path, G, g, iters):
+    """Group whitening's Newton-Schulz kernel against the same iteration in float64."""
+    from fastcl.whitening import newton_schulz_matrix
+    gen = torch.Generator().manual_seed(g)
+    x = torch.randn(G, 4 * g, g, generator=gen, dtype=torch.float64)
+    x = x - x.mean(1, keepdim=True)
+    S = (x.transpose(1, 2) @ x / x.shape[1] + 1e-3 * torch.eye(g, dtype=torch.float64)).float().double()
+    _save(str(tmp_path), "S.f32", S)
+    r = subprocess.run([binary, "ns", str(G), str(g), str(iters), str(tmp_path)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    W = _load(str(tmp_path), "W.out", (G, g, g))
+    ref = newton_schulz_matrix(S, iters)
+    same = newton_schulz_matrix(S.float(), iters)  # the same iteration in fp32 torch
+    assert torch.isfinite(W).all(), "unwritten (NaN-poisoned) entries"
+    assert_within_budget("W", W, same, ref, torch.float32)

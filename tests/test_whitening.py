@@ -81,22 +81,27 @@ def test_low_precision_inputs_against_float64(method, dtype):
     assert (xl.grad.double() - x.grad).norm() / x.grad.norm() < tol * 10
 
 
-def test_triton_newton_schulz_matches_torch():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])  # skipped where unusable (conftest)
+def test_kernel_newton_schulz_matches_torch(backend):
     x = _x(96, 40, seed=6, offset=3.0, dtype=torch.float32).to(DEVICE)
     gy = torch.randn(96, 40, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     outs = []
-    for backend in ("torch", "triton"):
+    for b in ("torch", backend):
         xx = x.clone().requires_grad_()
-        y = FCL.group_whiten(xx, 5, method="newton_schulz", backend=backend)  # g = 8
+        y = FCL.group_whiten(xx, 5, method="newton_schulz", backend=b)  # g = 8
         (y * gy).sum().backward()
         outs.append((y, xx.grad))
     (y_t, g_t), (y_k, g_k) = outs
     assert torch.allclose(y_k, y_t, atol=1e-4) and torch.allclose(g_k, g_t, atol=1e-3)
 
 
-def test_triton_kernel_writes_every_entry():
-    S = _group_cov(_x(64, 48, seed=8, dtype=torch.float32), 2).float().to(DEVICE)  # g = 24, padded to 32
-    from fastcl.kernels import whitening as K
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_writes_every_entry(backend):
+    S = _group_cov(_x(64, 48, seed=8, dtype=torch.float32), 2).float().to(DEVICE)  # g = 24 (Triton pads to 32)
+    if backend == "triton":
+        from fastcl.kernels import whitening as K
+    else:
+        from fastcl import cuda_backend as K
     W = K.newton_schulz_whitening_matrix(S, 20)
     assert torch.isfinite(W).all()
     assert torch.allclose(W.double(), Wh.zca_matrix(S.double())[0], atol=1e-3)
@@ -212,7 +217,8 @@ def test_bad_input(call, exc, match):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_triton_on_gpu_bf16():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_on_gpu_bf16(backend):
     x = _x(512, 256, seed=18, dtype=torch.bfloat16).cuda()
-    y = FCL.group_whiten(x, 4, method="newton_schulz", backend="triton")  # g = 64
+    y = FCL.group_whiten(x, 4, method="newton_schulz", backend=backend)  # g = 64
     assert torch.allclose(_group_cov(y, 4).cpu(), torch.eye(64, dtype=torch.float64).expand(4, 64, 64), atol=5e-2)

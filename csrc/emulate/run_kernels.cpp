@@ -1,7 +1,9 @@
-// Runs the fused InfoNCE kernels (csrc/info_nce_kernels.cuh) under the CPU emulation of CUDA
-// (cuda_emu.h), for tests on machines without a GPU (tests/test_cuda_emulated.py).
+// Runs the CUDA kernels (csrc/info_nce_kernels.cuh, csrc/whitening_kernels.cuh) under the CPU
+// emulation of CUDA (cuda_emu.h), for tests on machines without a GPU
+// (tests/test_cuda_emulated.py).
 //
 //   run_kernels fwd|bwd f32|f16|bf16 B N D flags grid DIR
+//   run_kernels ns G g iters DIR      (Newton-Schulz: S.f32 [G,g,g] -> W.out)
 //
 // Reads raw little-endian arrays from DIR: u.f32 [B,D] and v.f32 [N,D] (rounded to the dtype
 // here), scale.f32 [1], and, when present, labels.i64, row_cls.i64, col_cls.i64; bwd also
@@ -11,6 +13,7 @@
 //   bwd: du.out [B,D], dv.out [N,D], dscale.out [ceil(B/BM)] (float32)
 #include "cuda_emu.h"
 #include "../info_nce_kernels.cuh"
+#include "../whitening_kernels.cuh"
 
 #include <cstdio>
 #include <cstdlib>
@@ -108,7 +111,20 @@ template <typename T> int run(bool fwd, int64_t B, int64_t N, int64_t D, int fla
 
 }  // namespace
 
+int run_ns(int64_t G, int g, int iters) {
+  const auto S = read<float>("S.f32", G * g * g);
+  std::vector<float> W(G * g * g, std::numeric_limits<float>::quiet_NaN());
+  if (g > fastcl::NS_MAX_G || fastcl::newton_schulz_smem(g) > sizeof(fastcl::smem)) return 3;
+  emu::launch((unsigned)G, fastcl::THREADS, [&] { fastcl::newton_schulz_kernel(S.data(), W.data(), g, iters); });
+  write("W.out", W);
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 6 && std::string(argv[1]) == "ns") {
+    g_dir = argv[5];
+    return run_ns(std::atoll(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]));
+  }
   if (argc != 9) {
     std::fprintf(stderr, "usage: %s fwd|bwd f32|f16|bf16 B N D flags grid DIR\n", argv[0]);
     return 2;
