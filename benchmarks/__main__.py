@@ -11,8 +11,11 @@ from benchmarks import bench_family, bench_info_nce, bench_max_batch, bench_whit
 if __name__ == "__main__":
     out = os.environ.get("FASTCL_BENCH_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out, exist_ok=True)
-    bench_info_nce.main(sys.argv[1:] + ["--csv", os.path.join(out, "info_nce.csv"),
-                                        "--plot", os.path.join(out, "info_nce.png")])
+    # every mode unless the caller picked one (the plot shows fwd+bwd)
+    modes = [[]] if "--mode" in sys.argv[1:] else [[], ["--mode", "fwd"], ["--mode", "bwd"]]
+    for i, mode in enumerate(modes):
+        plot = ["--plot", os.path.join(out, "info_nce.png")] if i == 0 else []
+        bench_info_nce.main(sys.argv[1:] + mode + ["--csv", os.path.join(out, "info_nce.csv")] + plot)
     bench_family.main(["--csv", os.path.join(out, "family.csv"), "--plot-dir", out])
     bench_whitening.main(["--csv", os.path.join(out, "whitening.csv")])
     bench_max_batch.main(["--csv", os.path.join(out, "max_batch.csv")])

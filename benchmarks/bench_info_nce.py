@@ -1,7 +1,10 @@
 """InfoNCE / CLIP loss, forward+backward: fastcl backends vs naive torch on this device.
 
 Counts 8*B*N*D flops for fwd+bwd (2 for the forward logits, 6 for the backward's recompute
-and the two gradient matmuls), the nominal figure used across the suite.
+and the two gradient matmuls), 2*B*N*D for fwd and 6*B*N*D for bwd: the nominal figures used
+across the suite. Mode bwd runs the forward once, untimed, and times backward passes through the
+kept graph (retain_graph=True); torch.compile's backward cannot be re-run that way, so it is left
+out of that mode.
 """
 import argparse
 import importlib.util
@@ -11,7 +14,7 @@ import torch.nn.functional as F
 
 import fastcl.functional as FCL
 from fastcl import _dispatch
-from benchmarks.common import finish, fmt_ms, header, measure, progress
+from benchmarks.common import finish, fmt_ms, header, is_oom, measure, progress
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -61,10 +64,12 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
     print(header(device))
     print(f"info_nce {mode} | D={dim} | {dtype} | symmetric={symmetric} | median of {reps} (p20-p80)")
     cols = f"{'provider':<16}{'B':>9}{'ms':>11}{'p20-p80':>17}{'peak MiB':>11}{'TFLOP/s':>9}{'x naive':>9}"
-    flop_factor = 8 if mode == "fwd+bwd" else 2
+    flop_factor = {"fwd+bwd": 8, "fwd": 2, "bwd": 6}[mode]
     print(cols)
     rows, naive_ms = [], {}
     provs = {n: f for n, f in providers(device, compile_naive).items() if not only or n in only}
+    if mode == "bwd":
+        provs.pop("torch-compile", None)  # its compiled backward cannot run twice on one graph
     bar = progress(len(sizes) * len(provs), "info_nce")
     for B in sizes:
         g = torch.Generator(device=device).manual_seed(0)
@@ -72,18 +77,30 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
         k = (q.float() + 0.5 * torch.randn(B, dim, device=device, generator=g)).to(DTYPES[dtype])
         for name, fn in provs.items():
             bar.update()
-            backward = mode == "fwd+bwd"
+            backward = mode != "fwd"
             qq, kk = q.clone().requires_grad_(backward), k.clone().requires_grad_(backward)
+            loss = None
+            if mode == "bwd":
+                try:  # the forward, once and untimed; its graph is kept for the timed backwards
+                    loss = fn(qq, kk, 0.07, symmetric)
+                except Exception as e:  # noqa: BLE001 - OOM is a result; anything else is not
+                    if not is_oom(e):
+                        raise
 
-            def step(qq=qq, kk=kk):  # bound now: the names are freed below before the next provider
-                if backward:
+            def step(qq=qq, kk=kk, loss=loss):  # bound now: freed below before the next provider
+                if mode == "bwd":
+                    if loss is None:
+                        raise torch.OutOfMemoryError("the untimed forward ran out of memory")
+                    qq.grad = kk.grad = None
+                    loss.backward(retain_graph=True)
+                elif backward:
                     qq.grad = kk.grad = None
                     fn(qq, kk, 0.07, symmetric).backward()
                 else:
                     fn(qq, kk, 0.07, symmetric)
 
             med, p20, p80, mem, status = measure(step, device, reps)
-            del qq, kk, step
+            del qq, kk, step, loss
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if name == "naive-torch":
@@ -110,7 +127,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=20 if cuda else 5)
     p.add_argument("--csv", default=None)
     p.add_argument("--only", default=None, help="comma-separated providers")
-    p.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd+bwd")
+    p.add_argument("--mode", choices=["fwd", "bwd", "fwd+bwd"], default="fwd+bwd")
     p.add_argument("--compile", action="store_true", default=None,
                    help="also time torch.compile of the naive loss (default: on CUDA only)")
     p.add_argument("--plot", default=None, help="PNG path for time/memory vs B")
