@@ -35,6 +35,22 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// A quad's 4 x 16 logits (log2 units) of one row or one column of a tile, with their keep mask:
+// the largest kept one, and the sum of exp2(z - ref) over the kept ones.
+__device__ __forceinline__ float quad_kept_max(const float (&z)[16], const bool (&keep)[16]) {
+  float mx = NEG;
+#pragma unroll
+  for (int c = 0; c < 16; ++c)
+    if (keep[c]) mx = fmaxf(mx, z[c]);
+  return quad_max(mx);
+}
+__device__ __forceinline__ float quad_kept_sum_exp2(const float (&z)[16], const bool (&keep)[16], float ref) {
+  float sum = 0.f;
+#pragma unroll
+  for (int c = 0; c < 16; ++c) sum += keep[c] ? exp2f(z[c] - ref) : 0.f;
+  return quad_sum(sum);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward. Persistent blocks over row blocks; block p merges its column statistics into row p
 // of the [P, N] partial buffers (only it writes there: no atomics, memory linear in N).
@@ -72,7 +88,6 @@ lse_fwd_kernel(const T* __restrict__ U, const T* __restrict__ V, const float* __
       // Row statistics: lane q covers columns 16q .. 16q+15 of row r.
       float z[16];
       bool keep[16];
-      float tmax = NEG;
 #pragma unroll
       for (int c = 0; c < 16; ++c) {
         const int cc = q * 16 + c;
@@ -90,33 +105,24 @@ lse_fwd_kernel(const T* __restrict__ U, const T* __restrict__ V, const float* __
           pos += z[c];
         }
         keep[c] = valid && !(excl_diag && col == row) && !(excl_pos && is_pos);
-        if (keep[c]) tmax = fmaxf(tmax, z[c]);
       }
-      const float m_new = fmaxf(m, quad_max(tmax));
-      float tsum = 0.f;
-#pragma unroll
-      for (int c = 0; c < 16; ++c) tsum += keep[c] ? exp2f(z[c] - m_new) : 0.f;
-      l = l * exp2f(m - m_new) + quad_sum(tsum);
+      const float m_new = fmaxf(m, quad_kept_max(z, keep));
+      l = l * exp2f(m - m_new) + quad_kept_sum_exp2(z, keep, m_new);
       m = m_new;
 
       if (has_col) {  // column statistics: lane q covers rows 16q .. 16q+15 of column r
         const int64_t col = c0 + r;
         float cz[16];
         bool ck[16];
-        float cmax = NEG;
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
           const int rr = q * 16 + i;
           const int64_t row_i = rb * BM + rr;
           ck[i] = row_i < B && col < N && !(excl_diag && row_i == col);
           cz[i] = S[rr * LDS + r] * s2;
-          if (ck[i]) cmax = fmaxf(cmax, cz[i]);
         }
-        cmax = quad_max(cmax);
-        float csum = 0.f;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) csum += ck[i] ? exp2f(cz[i] - cmax) : 0.f;
-        csum = quad_sum(csum);
+        const float cmax = quad_kept_max(cz, ck);
+        const float csum = quad_kept_sum_exp2(cz, ck, cmax);
         if (q == 0 && col < N && csum > 0.f) {
           const int64_t p = (int64_t)blockIdx.x * N + col;
           const float m_old = col_m[p], m2 = fmaxf(m_old, cmax);

@@ -22,3 +22,16 @@ def assert_within_budget(name, ours, torch_same_dtype, ref, dtype):
     assert e_ours <= budget, (f"{name}: error vs float64 {e_ours:.3g} > budget {budget:.3g} "
                               f"(same-dtype torch: {e_torch:.3g})")
     return e_ours, e_torch
+
+
+# The flag combinations of the fused op that the losses use: plain / labels with extra negatives
+# (InfoNCE, MNRL), symmetric (CLIP), exclude_diag (NT-Xent), exclude_diag + exclude_pos (DCL),
+# class ids (SupCon). Shared by the CUDA backend's GPU tests and its CPU-emulated tests.
+FLAG_CASES = {
+    "plain": dict(),
+    "labels_extra_negatives": dict(labels=True, N_extra=37),
+    "symmetric": dict(symmetric=True),
+    "exclude_diag": dict(exclude_diag=True, labels=True),
+    "dcl": dict(exclude_diag=True, exclude_pos=True, labels=True),
+    "supcon": dict(multi=True, exclude_diag=True),
+}

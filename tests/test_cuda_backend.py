@@ -11,6 +11,7 @@ import fastcl
 import fastcl.functional as FCL
 from fastcl import cuda_backend
 from conftest import HAS_CUDA, why_not_here
+from helpers import FLAG_CASES
 
 needs_extension = pytest.mark.skipif(cuda_backend.unavailable() is not None,
                                      reason=str(cuda_backend.unavailable()))
@@ -63,18 +64,6 @@ def test_cpp_input_checks():
         op(u.cpu(), u, s, None, None, None, False, False, False)
     with pytest.raises(RuntimeError, match="labels must have shape"):
         op(u, u, s, torch.zeros(3, dtype=torch.long, device="cuda"), None, None, False, False, False)
-
-
-# Every flag combination the losses use: plain / labels + extra negatives (InfoNCE, MNRL),
-# symmetric (CLIP), exclude_diag (NT-Xent), exclude_diag + exclude_pos (DCL), class ids (SupCon).
-FLAG_CASES = {
-    "plain": dict(),
-    "labels_extra_negatives": dict(labels=True, N_extra=37),
-    "symmetric": dict(symmetric=True),
-    "exclude_diag": dict(exclude_diag=True, labels=True),
-    "dcl": dict(exclude_diag=True, exclude_pos=True, labels=True),
-    "supcon": dict(multi=True, exclude_diag=True),
-}
 
 
 @needs_cuda_backend

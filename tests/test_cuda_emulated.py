@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastcl import chunked
-from helpers import assert_within_budget
+from helpers import FLAG_CASES, assert_within_budget
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BM = 64  # the kernels' row block (csrc/tile.cuh)
@@ -92,23 +92,15 @@ def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_ro
     return row_loss, col_loss, du, dv, dscale
 
 
-CASES = {  # the flag combinations the losses use
-    "plain": dict(),
-    "labels_extra_negatives": dict(labels=True, N_extra=37),
-    "symmetric": dict(symmetric=True),
-    "exclude_diag": dict(exclude_diag=True, labels=True),
-    "dcl": dict(exclude_diag=True, exclude_pos=True, labels=True),
-    "supcon": dict(multi=True, exclude_diag=True),
-}
 # B=1; B and N across the 64-row tile; D across the 32-wide chunk and the 128-wide slab.
 SHAPES = [(1, 3), (70, 33), (130, 129)]
 
 
 @pytest.mark.parametrize("dtype", list(DT), ids=str)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(FLAG_CASES))
 @pytest.mark.parametrize("B,D", SHAPES)
 def test_emulated_kernels_match_float64(binary, tmp_path, case, dtype, B, D):
-    cfg = CASES[case]
+    cfg = FLAG_CASES[case]
     g = torch.Generator().manual_seed(B * 7 + D)
     N = B + cfg.get("N_extra", 0)
     # Inputs exactly representable in the dtype, so float64 sees what the kernel sees.
