@@ -144,20 +144,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
     at::Tensor amp = at::exp2(at::floor(at::log2(16384.0 / (scale32 * gmax).clamp_min(1e-30))))
                          .clamp(std::pow(2.0, -60), std::pow(2.0, 60)).reshape({1}).contiguous();
     FASTCL_DISPATCH(u.scalar_type(), [&] {
-      const size_t sm = bwd_smem<T>();
-      set_smem(grad_kernel<T>, sm);
-      grad_kernel<T><<<(unsigned)n_rb, THREADS, sm, stream>>>(
-          cptr<T, AT>(u), cptr<T, AT>(v), scale32.data_ptr<float>(), amp.data_ptr<float>(),
-          rs.data_ptr<float>(), cs.data_ptr<float>(), g_row.data_ptr<float>(), g_col.data_ptr<float>(),
-          opt_ptr(labels), opt_ptr(row_cls), opt_ptr(col_cls), mptr<T, AT>(du),
-          dscale.data_ptr<float>(), B, N, D, B, N, flags);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      grad_kernel<T><<<(unsigned)n_cb, THREADS, sm, stream>>>(
-          cptr<T, AT>(v), cptr<T, AT>(u), scale32.data_ptr<float>(), amp.data_ptr<float>(),
-          rs.data_ptr<float>(), cs.data_ptr<float>(), g_row.data_ptr<float>(), g_col.data_ptr<float>(),
-          opt_ptr(labels), opt_ptr(row_cls), opt_ptr(col_cls), mptr<T, AT>(dv),
-          dscale.data_ptr<float>(), N, B, D, B, N, flags | TRANSPOSED);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_slab<T>(D, [&](auto bd) {
+        constexpr int BD = decltype(bd)::value;
+        const size_t sm = bwd_smem<T, BD>();
+        set_smem(grad_kernel<T, BD>, sm);
+        grad_kernel<T, BD><<<(unsigned)n_rb, THREADS, sm, stream>>>(
+            cptr<T, AT>(u), cptr<T, AT>(v), scale32.data_ptr<float>(), amp.data_ptr<float>(),
+            rs.data_ptr<float>(), cs.data_ptr<float>(), g_row.data_ptr<float>(), g_col.data_ptr<float>(),
+            opt_ptr(labels), opt_ptr(row_cls), opt_ptr(col_cls), mptr<T, AT>(du),
+            dscale.data_ptr<float>(), B, N, D, B, N, flags);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        grad_kernel<T, BD><<<(unsigned)n_cb, THREADS, sm, stream>>>(
+            cptr<T, AT>(v), cptr<T, AT>(u), scale32.data_ptr<float>(), amp.data_ptr<float>(),
+            rs.data_ptr<float>(), cs.data_ptr<float>(), g_row.data_ptr<float>(), g_col.data_ptr<float>(),
+            opt_ptr(labels), opt_ptr(row_cls), opt_ptr(col_cls), mptr<T, AT>(dv),
+            dscale.data_ptr<float>(), N, B, D, B, N, flags | TRANSPOSED);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   } else {
     du.zero_();

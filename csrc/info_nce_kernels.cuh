@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstddef>
+#include <type_traits>
 
 #include "tile.cuh"
 
@@ -188,7 +189,7 @@ __device__ __forceinline__ void load_col_side(Side& s, const float* row_stats,
 //   A = V, Bm = U, G[a, b] = G_ba (dV).
 // The positive (and the diagonal) use the forward's stored logit rather than the recomputed
 // one, so that P - 1 keeps its digits however this tile's dot rounds.
-template <typename T>
+template <typename T, int BD>
 __global__ void __launch_bounds__(THREADS)
 grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __restrict__ scale,
             const float* __restrict__ amp_p, const float* __restrict__ row_stats,
@@ -206,6 +207,7 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
   T* Bs = As + BM * LDK;
   T* Gs = Bs + BN * LDK;
   T* Vs = Gs + BM * LDG;
+  constexpr int LDV = ldv<BD>();
   float* red = reinterpret_cast<float*>(Vs + BN * LDV);  // THREADS / 32 block-reduction slots
 
   const bool trans = flags & TRANSPOSED, has_col = flags & HAS_COL, multi = flags & MULTI_POS;
@@ -223,7 +225,7 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
   float dsc = 0.f;
 
   for (int64_t d0 = 0; d0 < D; d0 += BD) {  // one slab when D <= BD; else S per slab
-    Slab<T> acc;
+    Slab<T, BD> acc;
     acc.zero();
     for (int64_t b0 = 0; b0 < MB; b0 += BN) {
       if (threadIdx.x < BN) {
@@ -300,8 +302,21 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
 template <typename T> inline size_t fwd_smem() {
   return 2 * BM * LDK * sizeof(T) + BM * LDS * sizeof(float) + BN * sizeof(int64_t);
 }
-template <typename T> inline size_t bwd_smem() {
+template <typename T, int BD> inline size_t bwd_smem() {
   return (BM + BN) * sizeof(Side) + (BM * LDS + 8 * 256) * sizeof(float) +
-         (2 * BM * LDK + BM * LDG + BN * LDV) * sizeof(T) + (THREADS / 32) * sizeof(float);
+         (2 * BM * LDK + BM * LDG + BN * ldv<BD>()) * sizeof(T) + (THREADS / 32) * sizeof(float);
+}
+
+// The backward's D-slab: the whole of D in one slab up to 512 (256 for fp32, whose slab takes
+// twice the shared memory), so that S is recomputed once per tile, as in the Triton backward
+// (benchmarks/RESULTS.md: two slabs cost 1.6x there). f(std::integral_constant<int, BD>{}).
+template <typename T, typename F> inline void with_slab(int64_t D, F&& f) {
+  if (D <= 128) return f(std::integral_constant<int, 128>{});
+  if constexpr (sizeof(T) == 4) {
+    return f(std::integral_constant<int, 256>{});
+  } else {
+    if (D <= 256) return f(std::integral_constant<int, 256>{});
+    return f(std::integral_constant<int, 512>{});
+  }
 }
 }  // namespace fastcl

@@ -19,12 +19,10 @@ namespace fastcl {
 constexpr int BM = 64;        // rows of A per block
 constexpr int BN = 64;        // rows of B per tile
 constexpr int BK = 32;        // D-chunk of the score dot
-constexpr int BD = 128;       // D-slab of the gradient accumulator held in registers
 constexpr int THREADS = 256;  // 8 warps
 constexpr int LDK = BK + 8;   // pitches (elements): padded against bank conflicts, and keeping
 constexpr int LDS = BN + 4;   // every 16-row / 16-column WMMA pointer 32-byte aligned
 constexpr int LDG = BN + 8;
-constexpr int LDV = BD + 8;
 constexpr float LOG2E = 1.4426950408889634f;
 // Finite stand-in for -inf in masked lanes: keeps (x - max) free of inf - inf = NaN.
 constexpr float NEG = -1.0e30f;
@@ -135,9 +133,12 @@ __device__ void score_tile(float* S, T* As, T* Bs, const T* A, int64_t a0, int64
 
 // ---------------------------------------------------------------------------------------------
 // Slab: a BM x BD fp32 gradient accumulator, acc += G[BM][BN] @ Bslab[BN][BD], kept in
-// registers across all column tiles; stored once per slab.
+// registers across all column tiles; stored once per slab. BD (a multiple of 32) is the D-slab:
+// when D <= BD the scores are computed once per tile for the whole gradient.
+template <int BD> constexpr int ldv() { return BD + 8; }  // pitch of the B slab in shared memory
 // ---------------------------------------------------------------------------------------------
-template <typename T> struct Slab {  // 16-bit: warp w owns rows 16*(w%4).., columns 64*(w/4)..
+template <typename T, int BD> struct Slab {  // 16-bit: warp w owns rows 16*(w%4).., columns BD/2*(w/4)..
+  static constexpr int LDV = ldv<BD>();
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[BD / 32];
   __device__ void zero() {
 #pragma unroll
@@ -178,7 +179,8 @@ template <typename T> struct Slab {  // 16-bit: warp w owns rows 16*(w%4).., col
   }
 };
 
-template <> struct Slab<float> {  // thread t owns rows 4*(t/16)+i, columns (t%16)+16*j
+template <int BD> struct Slab<float, BD> {  // thread t owns rows 4*(t/16)+i, columns (t%16)+16*j
+  static constexpr int LDV = ldv<BD>();
   float c[4][BD / 16];
   __device__ void zero() {
 #pragma unroll

@@ -92,8 +92,9 @@ def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_ro
     return row_loss, col_loss, du, dv, dscale
 
 
-# B=1; B and N across the 64-row tile; D across the 32-wide chunk and the 128-wide slab.
-SHAPES = [(1, 3), (70, 33), (130, 129)]
+# B=1; B and N across the 64-row tile; D across the 32-wide chunk and each D-slab the launcher
+# picks (128; 256; 512 for 16-bit, two 256-slabs for fp32 at D=300).
+SHAPES = [(1, 3), (70, 33), (130, 129), (65, 300)]
 
 
 @pytest.mark.parametrize("dtype", list(DT), ids=str)

@@ -67,7 +67,7 @@ template <typename T> int run(bool fwd, int64_t B, int64_t N, int64_t D, int fla
   const auto labels = read<int64_t>("labels.i64", B, true);
   const auto row_cls = read<int64_t>("row_cls.i64", B, true);
   const auto col_cls = read<int64_t>("col_cls.i64", N, true);
-  if (fwd_smem<T>() > sizeof(smem) || bwd_smem<T>() > sizeof(smem)) return 3;
+  if (fwd_smem<T>() > sizeof(smem) || bwd_smem<T, 512>() > sizeof(smem)) return 3;
   if (fwd) {
     std::vector<float> row_stats(4 * B, nan), col_m(grid * N, NEG), col_l(grid * N, 0.f);
     const bool has_col = flags & HAS_COL;
@@ -90,15 +90,18 @@ template <typename T> int run(bool fwd, int64_t B, int64_t N, int64_t D, int fla
   const int64_t n_rb = (B + BM - 1) / BM, n_cb = (N + BM - 1) / BM;
   std::vector<T> du(B * D, from_f<T>(nan)), dv(N * D, from_f<T>(nan));
   std::vector<float> dscale(n_rb, nan);
-  emu::launch(n_rb, THREADS, [&] {
-    grad_kernel<T>(u.data(), v.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
-                   g_row.data(), g_col.data(), ptr_or_null(labels), ptr_or_null(row_cls), ptr_or_null(col_cls),
-                   du.data(), dscale.data(), B, N, D, B, N, flags);
-  });
-  emu::launch(n_cb, THREADS, [&] {
-    grad_kernel<T>(v.data(), u.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
-                   g_row.data(), g_col.data(), ptr_or_null(labels), ptr_or_null(row_cls), ptr_or_null(col_cls),
-                   dv.data(), dscale.data(), N, B, D, B, N, flags | TRANSPOSED);
+  with_slab<T>(D, [&](auto bd) {  // the launcher's choice of D-slab
+    constexpr int BD = decltype(bd)::value;
+    emu::launch(n_rb, THREADS, [&] {
+      grad_kernel<T, BD>(u.data(), v.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
+                         g_row.data(), g_col.data(), ptr_or_null(labels), ptr_or_null(row_cls), ptr_or_null(col_cls),
+                         du.data(), dscale.data(), B, N, D, B, N, flags);
+    });
+    emu::launch(n_cb, THREADS, [&] {
+      grad_kernel<T, BD>(v.data(), u.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
+                         g_row.data(), g_col.data(), ptr_or_null(labels), ptr_or_null(row_cls), ptr_or_null(col_cls),
+                         dv.data(), dscale.data(), N, B, D, B, N, flags | TRANSPOSED);
+    });
   });
   std::vector<float> duf(du.size()), dvf(dv.size());
   for (size_t i = 0; i < du.size(); ++i) duf[i] = emu::to_float(du[i]);
