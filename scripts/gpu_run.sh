@@ -30,8 +30,10 @@ echo "extension build rc=$? (arch $ARCH)" | tee -a "$OUT/env.txt"
 $PY -c "import fastcl; print('backends:', fastcl.available_backends('cuda'))" 2>&1 | tee -a "$OUT/env.txt"
 
 # The GPU-relevant tests: every loss, gradient and kernel variant of every backend (torch,
-# triton, cuda) against float64 on the GPU (gloo, trainer and demo tests are CPU-only: CI).
+# triton, cuda) against float64 on the GPU (gloo, trainer, demo and the CPU emulation of the
+# CUDA kernels run in CI).
 timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -rs tests --ignore=tests/test_distributed.py \
+  --ignore=tests/test_cuda_emulated.py \
   --ignore=tests/test_train.py --ignore=tests/test_demo.py 2>&1 | tee "$OUT/tests.log"
 rc=${PIPESTATUS[0]}
 timeout 20 $PY scripts/gpu_sanity.py 2>&1 | tee -a "$OUT/tests.log"
