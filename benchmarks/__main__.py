@@ -12,7 +12,8 @@ if __name__ == "__main__":
     out = os.environ.get("FASTCL_BENCH_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out, exist_ok=True)
     # every mode unless the caller picked one (the plot shows fwd+bwd)
-    modes = [[]] if "--mode" in sys.argv[1:] else [[], ["--mode", "fwd"], ["--mode", "bwd"]]
+    picked = any(a == "--mode" or a.startswith("--mode=") for a in sys.argv[1:])
+    modes = [[]] if picked else [[], ["--mode", "fwd"], ["--mode", "bwd"]]
     for i, mode in enumerate(modes):
         plot = ["--plot", os.path.join(out, "info_nce.png")] if i == 0 else []
         bench_info_nce.main(sys.argv[1:] + mode + ["--csv", os.path.join(out, "info_nce.csv")] + plot)

@@ -15,6 +15,9 @@ from benchmarks.common import append_csv, header, is_oom, peak_memory
 
 def probe(name, fn, device, dim, dtype, start, max_b, max_seconds):
     best, B, stop = None, start, f"reached --max-b {max_b}"
+    # Untimed warm-up at a small size: kernel compilation must not count against --max-seconds.
+    w = torch.randn(64, dim, device=device).to(DTYPES[dtype]).requires_grad_()
+    fn(w, w.detach().clone().requires_grad_(), 0.07, True).backward()
     while B <= max_b:
         try:
             g = torch.Generator(device=device).manual_seed(0)

@@ -180,7 +180,7 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     N, D = x.shape
     g = D // num_groups
     backend = _dispatch.resolve(backend, x.device, x.dtype, {"triton": _kernel_limits(method, g),
-                                                            "cuda": _kernel_limits(method, g)})
+                                                            "cuda": _cuda_limits(method, g, x.device)})
     xp = x[:, perm] if perm is not None else x
     W = None
     if backend == "reference":
@@ -195,6 +195,19 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     if perm is not None:
         y = y[:, torch.argsort(perm.to(y.device))]
     return (y, W) if return_matrix else y
+
+
+def _cuda_limits(method, g, device):
+    """_kernel_limits, plus the CUDA kernel's shared memory: Y, Z, T of g x g fp32 per block
+    (g = 128 fits an H100's 227 KiB, not an A100's 163 or an sm_86/89 card's 99)."""
+    reason = _kernel_limits(method, g)
+    if reason is None and device.type == "cuda":
+        have = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+        need = (3 * g * g + 8) * 4
+        if have is not None and need > have:
+            reason = (f"group size {g} needs {need} bytes of shared memory per block, this GPU "
+                      f"has {have}")
+    return reason
 
 
 def _kernel_limits(method, g):

@@ -16,16 +16,17 @@ PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VENV=$(cd "$VENV" && pwd)
 P="$VENV/bin/python -m pip install -q --disable-pip-version-check"
+# Drops pip's "is ignored" notices but keeps its exit status (pipefail): a failed install fails.
+quiet() { "$@" 2>&1 | { grep -v "is ignored" || true; }; }
 # torch first and pinned: nothing later may swap it for another build.
-$P "torch==${FASTCL_CUDA_TORCH_VERSION:-2.14.1}" 2>&1 | grep -v "is ignored" || true
-$P ninja setuptools wheel numpy pytest "torchvision==${FASTCL_CUDA_TORCHVISION_VERSION:-0.29.1}" \
-   open_clip_torch lightly 2>&1 | grep -v "is ignored" || true
+quiet $P "torch==${FASTCL_CUDA_TORCH_VERSION:-2.14.1}"
+quiet $P ninja setuptools wheel numpy pytest "torchvision==${FASTCL_CUDA_TORCHVISION_VERSION:-0.29.1}" \
+   open_clip_torch==3.3.0 lightly==1.6.0
 "$VENV/bin/python" -c "import torch; assert torch.version.cuda, torch.__version__; print('build torch', torch.__version__)"
 
 [ -n "${CUDA_HOME:-}" ] || { [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda; } || true
 rm -rf dist/fastcl-*.whl build/
-FASTCL_BUILD_CUDA=1 "$VENV/bin/python" -m pip wheel . --no-build-isolation --no-deps -w dist -q \
-  2>&1 | grep -v "is ignored" || true
+FASTCL_BUILD_CUDA=1 quiet "$VENV/bin/python" -m pip wheel . --no-build-isolation --no-deps -w dist -q
 WHEEL=$(ls dist/fastcl-*-linux_x86_64.whl)
 "$VENV/bin/python" - "$WHEEL" <<'PYEOF'
 import sys, zipfile

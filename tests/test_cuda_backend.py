@@ -15,8 +15,10 @@ from helpers import FLAG_CASES
 
 needs_extension = pytest.mark.skipif(cuda_backend.unavailable() is not None,
                                      reason=str(cuda_backend.unavailable()))
-needs_cuda_backend = pytest.mark.skipif(why_not_here("cuda") is not None or why_not_here("triton") is not None,
-                                        reason=f"cuda: {why_not_here('cuda')}; triton: {why_not_here('triton')}")
+needs_cuda_backend = pytest.mark.skipif(why_not_here("cuda") is not None, reason=f"cuda: {why_not_here('cuda')}")
+needs_cuda_and_triton = pytest.mark.skipif(
+    why_not_here("cuda") is not None or why_not_here("triton") is not None,
+    reason=f"cuda: {why_not_here('cuda')}; triton: {why_not_here('triton')}")
 
 
 @needs_extension
@@ -66,7 +68,7 @@ def test_cpp_input_checks():
         op(u, u, s, torch.zeros(3, dtype=torch.long, device="cuda"), None, None, False, False, False)
 
 
-@needs_cuda_backend
+@needs_cuda_and_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(FLAG_CASES))
 @pytest.mark.parametrize("B,D", [(1, 1), (63, 7), (65, 129), (200, 256), (130, 300)])
