@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import finish, fmt_ms, header, measure, progress
+from benchmarks.common import fastcl_backends, finish, fmt_ms, header, measure, progress
 from fastcl import reference as R
 
 
@@ -21,7 +21,7 @@ def _has(m):
 
 
 def providers(op, device):
-    fused = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    fused = fastcl_backends(device)
     out = {}
     if op == "nt_xent":
         out["naive-torch"] = lambda a, b, lab: R.nt_xent_reference(a, b, temperature=0.1)

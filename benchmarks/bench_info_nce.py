@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from fastcl import _dispatch
-from benchmarks.common import finish, fmt_ms, header, is_oom, measure, progress
+from benchmarks.common import fastcl_backends, finish, fmt_ms, header, is_oom, measure, progress
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,14 +38,9 @@ def providers(device, compile_naive: bool):
     if compile_naive:
         compiled = torch.compile(naive_torch)
         out["torch-compile"] = lambda q, k, t, sym: compiled(q, k, t, sym)
-    if _dispatch.why_not("cuda", device, torch.float16) is None:  # the extension is built
-        out["fastcl-cuda"] = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym,
-                                                               backend="cuda")
-    if device.type == "cuda":
-        out["fastcl-triton"] = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym,
-                                                                 backend="triton")
-    out["fastcl-torch"] = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym,
-                                                            backend="torch")
+    for be in fastcl_backends(device):
+        out[f"fastcl-{be}"] = lambda q, k, t, sym, be=be: FCL.info_nce(q, k, temperature=t, symmetric=sym,
+                                                                       backend=be)
     if importlib.util.find_spec("open_clip"):
         import open_clip
         oc = open_clip.ClipLoss()

@@ -2,8 +2,7 @@
 import argparse
 import torch
 
-from benchmarks.common import append_csv, header, measure
-from fastcl import _dispatch
+from benchmarks.common import append_csv, fastcl_backends, header, measure
 from fastcl.whitening import group_whiten
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -16,8 +15,7 @@ def run(n, d, group, methods, reps, device, dtype="fp32", csv_path=None):
     x = torch.randn(n, d, device=device, generator=torch.Generator(device=device).manual_seed(0))
     x = (x + 3.0).to(DTYPES[dtype])
     gy = torch.randn_like(x)
-    backends = ["reference", "torch"] + (["triton"] if device.type == "cuda" else []) + \
-        (["cuda"] if _dispatch.why_not("cuda", device, torch.float32) is None else [])
+    backends = ["reference"] + fastcl_backends(device)
     rows = []
     for method in methods:
         ref_ms = float("nan")

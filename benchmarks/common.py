@@ -31,6 +31,16 @@ def header(device: torch.device) -> str:
             f"fastcl {fastcl.__version__} @ {commit} | {time.strftime('%Y-%m-%d %H:%M')}")
 
 
+def fastcl_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> list:
+    """The fastcl kernel backends worth timing here: torch everywhere; triton and cuda on a GPU,
+    where the dispatcher allows them (the Triton CPU interpreter is for tests, not timings)."""
+    from fastcl import _dispatch
+    out = ["torch"]
+    if device.type == "cuda":
+        out += [b for b in ("triton", "cuda") if _dispatch.why_not(b, device, dtype) is None]
+    return out
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

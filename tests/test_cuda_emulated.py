@@ -19,7 +19,6 @@ from fastcl import chunked
 from helpers import FLAG_CASES, assert_within_budget
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BM = 64  # the kernels' row block (csrc/tile.cuh)
 LN2 = math.log(2.0)
 FLAGS = dict(HAS_COL=1, HAS_LABELS=2, EXCL_DIAG=4, EXCL_POS=8, MULTI_POS=16)
 DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
