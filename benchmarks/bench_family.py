@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import fastcl_backends, finish, fmt_ms, header, measure, progress
+from benchmarks.common import SlowGuard, fastcl_backends, finish, fmt_ms, header, measure, progress
 from fastcl import reference as R
 
 
@@ -72,7 +72,7 @@ def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=200
     print(f"{'provider':<22}{'B':>8}{'ms':>10}{'p20-p80':>17}{'peak MiB':>10}{'x naive':>9}")
     provs = providers(op, device)
     bar = progress(len(sizes) * len(provs), op)
-    rows, too_slow = [], set()
+    rows, guard = [], SlowGuard(slow_ms)
     for B in sizes:
         g = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(B, dim, device=device, generator=g)
@@ -88,13 +88,12 @@ def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=200
                 loss = fn(aa, bb, lab)
                 loss.backward()
 
-            if name in too_slow:  # a step already took > slow_ms at a smaller B
+            if guard.skip(name, B):  # predicted from a smaller B to take > slow_ms per step
                 nan = float("nan")
                 med, p20, p80, mem, status = nan, nan, nan, nan, "slow"
             else:
                 med, p20, p80, mem, status = measure(step, device, reps)
-                if med > slow_ms:
-                    too_slow.add(name)
+                guard.record(name, B, med)
             if name == "naive-torch":
                 naive_ms = med
             row = dict(op=op, mode="fwd+bwd", provider=name, B=B, D=dim, dtype="fp32", status=status,
@@ -117,7 +116,7 @@ def main(argv=None):
     p.add_argument("--csv", default=None)
     p.add_argument("--plot-dir", default=None)
     p.add_argument("--slow-ms", type=float, default=2000.0,
-                   help="a provider slower than this per step is skipped at larger B")
+                   help="a provider predicted to be slower than this per step is skipped at that B")
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     for op in a.ops.split(","):

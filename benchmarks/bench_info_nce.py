@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import fastcl_backends, finish, fmt_ms, header, is_oom, measure, progress
+from benchmarks.common import SlowGuard, fastcl_backends, finish, fmt_ms, header, is_oom, measure, progress
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -54,13 +54,13 @@ def providers(device, compile_naive: bool):
 
 
 def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mode="fwd+bwd",
-        compile_naive=False, plot_path=None):
+        compile_naive=False, plot_path=None, slow_ms=float("inf")):
     print(header(device))
     print(f"info_nce {mode} | D={dim} | {dtype} | symmetric={symmetric} | median of {reps} (p20-p80)")
     cols = f"{'provider':<16}{'B':>9}{'ms':>11}{'p20-p80':>17}{'peak MiB':>11}{'TFLOP/s':>9}{'x naive':>9}"
     flop_factor = {"fwd+bwd": 8, "fwd": 2, "bwd": 6}[mode]
     print(cols)
-    rows, naive_ms = [], {}
+    rows, naive_ms, guard = [], {}, SlowGuard(slow_ms)
     provs = {n: f for n, f in providers(device, compile_naive).items() if not only or n in only}
     if mode == "bwd":
         provs.pop("torch-compile", None)  # its compiled backward cannot run twice on one graph
@@ -72,6 +72,14 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
         for name, fn in provs.items():
             bar.update()
             backward = mode != "fwd"
+            if guard.skip(name, B):  # predicted from a smaller B to take > slow_ms per step
+                nan = float("nan")
+                rows.append(dict(op="info_nce", mode=mode, provider=name, B=B, D=dim, dtype=dtype,
+                                 symmetric=symmetric, status="slow", ms=nan, p20=nan, p80=nan, peak_mib=nan,
+                                 tflops=nan, speedup_vs_naive=nan, device=str(device)))
+                print(f"{name:<16}{B:>9}{'slow':>11}  (predicted {guard.predicted_ms(name, B):.0f} ms > "
+                      f"--slow-ms {slow_ms:.0f})", flush=True)
+                continue
             qq, kk = q.clone().requires_grad_(backward), k.clone().requires_grad_(backward)
             loss = None
             if mode == "bwd":
@@ -97,6 +105,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
             del qq, kk, step, loss
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            guard.record(name, B, med)
             if name == "naive-torch":
                 naive_ms[B] = med
             tflops = flop_factor * B * B * dim / (med * 1e-3) / 1e12
@@ -125,11 +134,14 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", default=None,
                    help="also time torch.compile of the naive loss (default: on CUDA only)")
     p.add_argument("--plot", default=None, help="PNG path for time/memory vs B")
+    p.add_argument("--slow-ms", type=float, default=1000.0 if cuda else 2000.0,
+                   help="a provider predicted (~B^2 from its last size) to be slower than this per step "
+                        "is skipped at that B and recorded as 'slow'")
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     run([int(s) for s in a.sizes.split(",")], a.dim, a.dtype, not a.one_direction, a.reps, device,
         a.csv, a.only.split(",") if a.only else None, a.mode,
-        cuda if a.compile is None else a.compile, a.plot)
+        cuda if a.compile is None else a.compile, a.plot, a.slow_ms)
 
 
 if __name__ == "__main__":

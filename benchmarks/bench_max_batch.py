@@ -1,7 +1,8 @@
 """The largest CLIP-loss batch each provider can run (fwd+bwd) on this device.
 
 For each provider, B doubles from --start until the step runs out of memory, exceeds --max-seconds
-for one fwd+bwd, or reaches --max-b. Reports the largest B that ran, its time and peak memory,
+for one fwd+bwd (or would: a step costs ~B², so one predicted to take 4x the last is not started),
+or reaches --max-b. Reports the largest B that ran, its time and peak memory,
 and why the probe stopped. One run per size (a capacity probe, not a timing benchmark).
 """
 import argparse
@@ -45,6 +46,9 @@ def probe(name, fn, device, dim, dtype, start, max_b, max_seconds):
         print(f"  {name:<16} B={B:>9} {seconds:8.3f} s {best['peak_mib']:>10.0f} MiB", flush=True)
         if seconds > max_seconds:
             stop = f"one step took {seconds:.1f} s > {max_seconds} s"
+            break
+        if B * 2 <= max_b and 4 * seconds > max_seconds:  # the step costs ~B²: don't start what won't end
+            stop = f"time: B={2 * B} would take ~{4 * seconds:.0f} s > {max_seconds} s (not memory)"
             break
         B *= 2
     return best, stop

@@ -97,6 +97,28 @@ def measure(step, device, reps):
         return nan, nan, nan, nan, "OOM"
 
 
+class SlowGuard:
+    """Skips a provider at a size where its step is predicted to exceed `limit_ms`, so a sweep
+    spends its time on the providers that scale. These losses cost ~B² per step, so the prediction
+    from the last size measured is ms * (B / B_then) ** 2."""
+
+    def __init__(self, limit_ms: float):
+        self.limit_ms, self.last = limit_ms, {}
+
+    def predicted_ms(self, name: str, B: int) -> float:
+        if name not in self.last:
+            return 0.0
+        b0, ms = self.last[name]
+        return ms * (B / b0) ** 2
+
+    def skip(self, name: str, B: int) -> bool:
+        return self.predicted_ms(name, B) > self.limit_ms
+
+    def record(self, name: str, B: int, ms: float):
+        if ms == ms:  # not NaN (OOM rows predict nothing)
+            self.last[name] = (B, ms)
+
+
 def append_csv(path, rows, device):
     """Append result rows (dicts with the same keys) to an append-only CSV, with the header line."""
     if not path or not rows:
