@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import SlowGuard, fastcl_backends, finish, fmt_ms, header, measure, progress
+from benchmarks.common import SlowGuard, append_csv, fastcl_backends, finish, fmt_ms, header, measure, progress
 from fastcl import reference as R
 
 
@@ -100,10 +100,11 @@ def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=200
                        ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, speedup_vs_naive=naive_ms / med,
                        device=str(device))
             rows.append(row)
+            append_csv(csv_path, [row], device)
             ms = fmt_ms(status, med)
             print(f"{name:<22}{B:>8}{ms:>10}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>10.1f}"
                   f"{naive_ms / med:>9.2f}", flush=True)
-    return finish(rows, bar, csv_path, device, plot_path, f"{op} fwd+bwd, D={dim}")
+    return finish(rows, bar, plot_path, f"{op} fwd+bwd, D={dim}")
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import SlowGuard, fastcl_backends, finish, fmt_ms, header, is_oom, measure, progress
+from benchmarks.common import SlowGuard, append_csv, fastcl_backends, finish, fmt_ms, header, is_oom, measure, progress
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -77,6 +77,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
                 rows.append(dict(op="info_nce", mode=mode, provider=name, B=B, D=dim, dtype=dtype,
                                  symmetric=symmetric, status="slow", ms=nan, p20=nan, p80=nan, peak_mib=nan,
                                  tflops=nan, speedup_vs_naive=nan, device=str(device)))
+                append_csv(csv_path, rows[-1:], device)
                 print(f"{name:<16}{B:>9}{'slow':>11}  (predicted {guard.predicted_ms(name, B):.0f} ms > "
                       f"--slow-ms {slow_ms:.0f})", flush=True)
                 continue
@@ -114,10 +115,11 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
                        status=status, ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, tflops=tflops,
                        speedup_vs_naive=speedup, device=str(device))
             rows.append(row)
+            append_csv(csv_path, [row], device)
             ms = fmt_ms(status, med)
             print(f"{name:<16}{B:>9}{ms:>11}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>11.1f}"
                   f"{tflops:>9.1f}{speedup:>9.2f}", flush=True)
-    return finish(rows, bar, csv_path, device, plot_path, f"info_nce {mode}, D={dim}, {dtype}")
+    return finish(rows, bar, plot_path, f"info_nce {mode}, D={dim}, {dtype}")
 
 
 def main(argv=None):

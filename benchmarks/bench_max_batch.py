@@ -77,9 +77,8 @@ def main(argv=None):
                    max_B=best["B"] if best else 0, seconds=best["seconds"] if best else float("nan"),
                    peak_mib=best["peak_mib"] if best else float("nan"), stopped_by=stop)
         rows.append(row)
+        append_csv(a.csv, [row], device)  # at once: a run cut short keeps earlier rows
         print(f"{name:<16} largest B {row['max_B']:>9}  (stopped: {stop})", flush=True)
-    if a.csv:
-        append_csv(a.csv, rows, device)
     return rows
 
 

@@ -35,9 +35,9 @@ def run(n, d, group, methods, reps, device, dtype="fp32", csv_path=None):
                        dtype=dtype, status=status, ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20,
                        speedup_vs_reference=ref_ms / med, device=str(device))
             rows.append(row)
+            append_csv(csv_path, [row], device)
             print(f"{method:<15}{backend:<11}{med:>10.2f}{f'{p20:.2f}-{p80:.2f}':>17}"
                   f"{row['peak_mib']:>10.1f}{ref_ms / med:>13.2f}", flush=True)
-    append_csv(csv_path, rows, device)
     return rows
 
 

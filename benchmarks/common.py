@@ -46,11 +46,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device, reps: int, warmup: int = 2):
-    """Median, p20, p80 in ms over `reps` runs: device events on CUDA, perf_counter on CPU."""
+def time_fn(fn, device, reps: int, warmup: int = 2, budget_ms: float = 3000.0, min_reps: int = 5):
+    """Median, p20, p80 in ms over `reps` runs: device events on CUDA, perf_counter on CPU.
+    Slow steps get fewer runs (at least min_reps) so one provider spends about budget_ms."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
     _sync(device)
+    warm_ms = (time.perf_counter() - t0) * 1e3 / max(warmup, 1)  # compile time included: an upper bound
+    reps = max(min(min_reps, reps), min(reps, int(budget_ms / max(warm_ms, 1e-3))))
     times = []
     for _ in range(reps):
         if device.type == "cuda":
@@ -183,10 +187,10 @@ def fmt_ms(status: str, ms: float) -> str:
     return f"{ms:.3f}" if status == "ok" else status
 
 
-def finish(rows, bar, csv_path, device, plot_path=None, title=""):
-    """Close the sweep's progress bar, append its rows to the CSV and plot them."""
+def finish(rows, bar, plot_path=None, title=""):
+    """Close the sweep's progress bar and plot its rows (each row went to the CSV when measured,
+    so a sweep cut short by a timeout keeps what it measured)."""
     bar.close()
-    append_csv(csv_path, rows, device)
     if plot_path and len({r["B"] for r in rows}) > 1:
         plot(rows, plot_path, "B", title)
     return rows
