@@ -31,9 +31,10 @@ def _symmetric(fn, q, k, sym):
     return 0.5 * (fn(q, k) + fn(k, q)) if sym else fn(q, k)
 
 
-def providers(device, compile_naive: bool):
+def providers(device, compile_naive: bool, only=None):
     """Everything that computes the same loss, in one run: fastcl backends, naive torch (eager
-    and compiled), and the libraries users have today where they are installed."""
+    and compiled), and the libraries users have today where they are installed. `only` skips
+    the others' imports (open_clip's alone takes seconds)."""
     out = {"naive-torch": lambda q, k, t, sym: naive_torch(q, k, t, sym)}
     if compile_naive:
         compiled = torch.compile(naive_torch)
@@ -41,12 +42,12 @@ def providers(device, compile_naive: bool):
     for be in fastcl_backends(device):
         out[f"fastcl-{be}"] = lambda q, k, t, sym, be=be: FCL.info_nce(q, k, temperature=t, symmetric=sym,
                                                                        backend=be)
-    if importlib.util.find_spec("open_clip"):
+    if importlib.util.find_spec("open_clip") and (not only or "open_clip" in only):
         import open_clip
         oc = open_clip.ClipLoss()
         out["open_clip"] = lambda q, k, t, sym: (oc(F.normalize(q, dim=-1), F.normalize(k, dim=-1), 1.0 / t)
                                                  if sym else naive_torch(q, k, t, sym))
-    if device.type == "cuda" and importlib.util.find_spec("inf_cl"):
+    if device.type == "cuda" and importlib.util.find_spec("inf_cl") and (not only or "inf-cl" in only):
         from inf_cl import cal_inf_loss  # one direction per call: two calls for the CLIP loss
         out["inf-cl"] = lambda q, k, t, sym: _symmetric(
             lambda a, b: cal_inf_loss(F.normalize(a, dim=-1), F.normalize(b, dim=-1), scale=1.0 / t), q, k, sym)
@@ -61,7 +62,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
     flop_factor = {"fwd+bwd": 8, "fwd": 2, "bwd": 6}[mode]
     print(cols)
     rows, naive_ms, guard = [], {}, SlowGuard(slow_ms)
-    provs = {n: f for n, f in providers(device, compile_naive).items() if not only or n in only}
+    provs = {n: f for n, f in providers(device, compile_naive, only).items() if not only or n in only}
     if mode == "bwd":
         provs.pop("torch-compile", None)  # its compiled backward cannot run twice on one graph
     bar = progress(len(sizes) * len(provs), "info_nce")

@@ -69,7 +69,7 @@ def main(argv=None):
     print(header(device))
     print(f"largest CLIP-loss batch, fwd+bwd, D={a.dim}, {a.dtype}")
     rows = []
-    for name, fn in providers(device, compile_naive=False).items():
+    for name, fn in providers(device, compile_naive=False, only=a.only.split(",") if a.only else None).items():
         if a.only and name not in a.only.split(","):
             continue
         best, stop = probe(name, fn, device, a.dim, a.dtype, a.start, a.max_b, a.max_seconds)

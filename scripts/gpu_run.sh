@@ -7,7 +7,8 @@
 #   env.txt (versions, build summary), tests.log, bench.log, info_nce.csv, max_batch.csv,
 #   whitening.csv, family.csv, plots.tar (PNGs).
 # Each step has its own timeout; they add up to under the device tool's 10-minute call limit.
-# PARTS (default "build tests bench") picks steps for a follow-up call: "build tests" alone, say.
+# PARTS (default "build tests bench") picks steps for a follow-up call: "build tests" alone, or
+# "build cuda-tests" (only the tests of the cuda backend), say.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -60,18 +61,22 @@ stamp "smoke rc=$smoke_rc"
 # CUDA kernels run in CI). Two runs, so that a cuda fault cannot take the triton results with it;
 # pytest-xdist spreads the Triton compilations over the CPU cores.
 rc=0 rc_cuda=0
-if has tests; then
+if has tests || has cuda-tests; then
   XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
   PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 100")
   PYTEST="$PY -m pytest -q -rfEs --tb=short -p no:benchmark $XDIST $PER_TEST tests \
     --ignore=tests/test_distributed.py --ignore=tests/test_cuda_emulated.py --ignore=tests/test_train.py \
     --ignore=tests/test_demo.py"
-  timeout 90 $PYTEST -k "cuda" 2>&1 | tee -a "$OUT/tests.log"
+  export FASTCL_FAILURE_LOG=/tmp/failures.txt  # each failure as it happens (tests/conftest.py)
+  timeout "${CUDA_TEST_TIMEOUT:-90}" $PYTEST -k "cuda" 2>&1 | tee -a "$OUT/tests.log"
   rc_cuda=${PIPESTATUS[0]}
   stamp "tests (cuda) rc=$rc_cuda"
-  timeout "${TEST_TIMEOUT:-170}" $PYTEST -k "not cuda" 2>&1 | tee -a "$OUT/tests.log"
-  rc=${PIPESTATUS[0]}
-  stamp "tests (not cuda) rc=$rc"
+  if has tests; then
+    timeout "${TEST_TIMEOUT:-170}" $PYTEST -k "not cuda" 2>&1 | tee -a "$OUT/tests.log"
+    rc=${PIPESTATUS[0]}
+    stamp "tests (not cuda) rc=$rc"
+  fi
+  [ -f /tmp/failures.txt ] && { echo "=== failures, as they happened"; cat /tmp/failures.txt; } >> "$OUT/tests.log"
   # B=4096, D=512, every dtype, against float64 (triton's figures are in benchmarks/RESULTS.md)
   timeout 30 $PY scripts/gpu_sanity.py cuda 2>&1 | tee -a "$OUT/tests.log"
 fi

@@ -41,3 +41,13 @@ def _skip_unusable_backend(request):
     backend = callspec.params.get("backend") if callspec else None
     if backend in OPTIONAL_BACKENDS and why_not_here(backend) is not None:
         pytest.skip(f"backend={backend!r}: {why_not_here(backend)}")
+
+
+def pytest_runtest_logreport(report):
+    """With FASTCL_FAILURE_LOG set, each failure's traceback is appended to that file when it
+    happens (by the xdist controller only), so a run stopped by a time limit, as on the lent GPU,
+    still tells why its tests failed."""
+    path = os.environ.get("FASTCL_FAILURE_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as f:
+            f.write(f"=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-2500:]}\n")

@@ -5,6 +5,7 @@ import fastcl
 import fastcl.functional as FCL
 from fastcl import whitening as Wh
 from conftest import DEVICE, HAS_CUDA
+from helpers import rel_err
 
 METHODS = ["zca", "cholesky", "newton_schulz"]
 
@@ -122,7 +123,10 @@ def test_analytic_zca_backward_finite_where_eigh_autograd_is_not():
 
     x2 = q.clone().requires_grad_()
     (Wh.whiten_reference(x2, 1, eps=0.0) * gy).sum().backward()
-    assert not torch.isfinite(x2.grad).all()  # 1/(lambda_i - lambda_j) with lambda_i == lambda_j
+    # eigh's backward divides by lambda_i - lambda_j: inf/NaN where LAPACK returns equal eigenvalues
+    # (this machine's), garbage where it returns ones a rounding error apart (seen on the GPU
+    # machine's torch build).
+    assert rel_err(x2.grad, x.grad) > 1e-3  # inf when not finite
 
 
 def test_zca_equals_scaled_polar_factor():
