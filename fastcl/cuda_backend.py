@@ -9,7 +9,6 @@ Build it with ``FASTCL_BUILD_CUDA=1 pip install --no-build-isolation .`` (or
 ``python setup.py build_ext --inplace`` in a checkout) next to a CUDA build of torch; see
 csrc/README.md.
 """
-import functools
 import importlib.util
 import math
 
@@ -18,7 +17,6 @@ import torch
 LOG_UNIT = math.log(2.0)  # the statistics (max, log-sum) are in log2 units
 
 
-@functools.lru_cache(maxsize=None)
 def _load():
     """(module, None) or (None, why it is not available)."""
     if importlib.util.find_spec(f"{__package__}._C") is None:
@@ -35,12 +33,12 @@ def _load():
 
 def unavailable():
     """None if the extension is importable, else the reason."""
-    return _load()[1]
+    return _STATE[1]  # a module constant: torch.compile reads it instead of tracing the import
 
 
 def compiled_archs():
     """The SM architectures the built extension holds kernels for, e.g. [80, 90]."""
-    mod, err = _load()
+    mod, err = _STATE
     if mod is None:
         raise RuntimeError(err)
     return [int(a) // 10 for a in mod.compiled_archs().split(",") if a.strip().isdigit()]
@@ -92,3 +90,7 @@ def newton_schulz_whitening_matrix(S: torch.Tensor, iters: int) -> torch.Tensor:
     if unavailable():
         raise RuntimeError(unavailable())
     return torch.ops.fastcl_cuda.newton_schulz(S.contiguous(), int(iters))
+
+
+# Loaded once, when fastcl is imported (cheap: one find_spec, plus the .so where it is built).
+_STATE = _load()

@@ -87,8 +87,8 @@ def test_cuda_matches_triton_op(case, dtype, B, D):
     scale = 1.0 / 0.07
 
     def run(backend, dt, device):
-        uu = u.to(device, dt).requires_grad_()
-        vv = v.to(device, dt).requires_grad_()
+        uu = u.to(device, dt, copy=True).requires_grad_()  # copies: u itself stays a constant
+        vv = v.to(device, dt, copy=True).requires_grad_()
         ss = torch.tensor(scale, device=device, dtype=torch.float64 if dt == torch.float64 else torch.float32,
                           requires_grad=True)
         lab = None if labels is None else labels.to(device)
