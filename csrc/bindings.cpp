@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "info_nce.h"
+#include "check.h"
 
 
 namespace fastcl {
@@ -12,28 +13,28 @@ namespace fastcl {
 namespace {
 
 void check_cuda_2d(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "fastcl_cuda: ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.dim() == 2, "fastcl_cuda: ", name, " must be 2-D [rows, D], got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "fastcl_cuda: ", name, " must be contiguous (call .contiguous())");
+  FASTCL_CHECK(t.is_cuda(), "fastcl_cuda: ", name, " must be a CUDA tensor, got one on ", t.device());
+  FASTCL_CHECK(t.dim() == 2, "fastcl_cuda: ", name, " must be 2-D [rows, D], got shape ", t.sizes());
+  FASTCL_CHECK(t.is_contiguous(), "fastcl_cuda: ", name, " must be contiguous (call .contiguous())");
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "fastcl_cuda: ", name,
+  FASTCL_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "fastcl_cuda: ", name,
               " must be float16, bfloat16 or float32, got ", dt);
 }
 
 void check_index(const c10::optional<at::Tensor>& t, const char* name, int64_t n, const at::Tensor& like) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->scalar_type() == at::kLong, "fastcl_cuda: ", name, " must be int64, got ", t->scalar_type());
-  TORCH_CHECK(t->device() == like.device(), "fastcl_cuda: ", name, " is on ", t->device(),
+  FASTCL_CHECK(t->scalar_type() == at::kLong, "fastcl_cuda: ", name, " must be int64, got ", t->scalar_type());
+  FASTCL_CHECK(t->device() == like.device(), "fastcl_cuda: ", name, " is on ", t->device(),
               " but the embeddings are on ", like.device());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, "fastcl_cuda: ", name, " must have shape [", n,
+  FASTCL_CHECK(t->dim() == 1 && t->size(0) == n, "fastcl_cuda: ", name, " must have shape [", n,
               "], got ", t->sizes());
-  TORCH_CHECK(t->is_contiguous(), "fastcl_cuda: ", name, " must be contiguous");
+  FASTCL_CHECK(t->is_contiguous(), "fastcl_cuda: ", name, " must be contiguous");
 }
 
 void check_stats(const at::Tensor& t, const char* name, int64_t rows, int64_t n, const at::Tensor& like) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device() == like.device(), "fastcl_cuda: ", name,
+  FASTCL_CHECK(t.scalar_type() == at::kFloat && t.device() == like.device(), "fastcl_cuda: ", name,
               " must be float32 on ", like.device(), ", got ", t.scalar_type(), " on ", t.device());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n, "fastcl_cuda: ", name,
+  FASTCL_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n, "fastcl_cuda: ", name,
               " must have shape [", rows, ", ", n, "], got ", t.sizes());
 }
 
@@ -46,23 +47,23 @@ void check_forward_inputs(const at::Tensor& u, const at::Tensor& v, const at::Te
                           bool exclude_pos) {
   check_cuda_2d(u, "u");
   check_cuda_2d(v, "v");
-  TORCH_CHECK(u.device() == v.device(), "fastcl_cuda: u is on ", u.device(), " but v is on ", v.device());
-  TORCH_CHECK(u.scalar_type() == v.scalar_type(), "fastcl_cuda: u and v must have one dtype, got ",
+  FASTCL_CHECK(u.device() == v.device(), "fastcl_cuda: u is on ", u.device(), " but v is on ", v.device());
+  FASTCL_CHECK(u.scalar_type() == v.scalar_type(), "fastcl_cuda: u and v must have one dtype, got ",
               u.scalar_type(), " and ", v.scalar_type());
-  TORCH_CHECK(u.size(1) == v.size(1), "fastcl_cuda: u is [", u.size(0), ", ", u.size(1), "] but v is [",
+  FASTCL_CHECK(u.size(1) == v.size(1), "fastcl_cuda: u is [", u.size(0), ", ", u.size(1), "] but v is [",
               v.size(0), ", ", v.size(1), "]: the embedding dims differ");
-  TORCH_CHECK(scale.numel() == 1 && scale.device() == u.device() && at::isFloatingType(scale.scalar_type()),
+  FASTCL_CHECK(scale.numel() == 1 && scale.device() == u.device() && at::isFloatingType(scale.scalar_type()),
               "fastcl_cuda: scale must be a 1-element floating tensor on ", u.device());
-  TORCH_CHECK(!symmetric || v.size(0) == u.size(0), "fastcl_cuda: symmetric needs as many keys as queries, got B=",
+  FASTCL_CHECK(!symmetric || v.size(0) == u.size(0), "fastcl_cuda: symmetric needs as many keys as queries, got B=",
               u.size(0), ", N=", v.size(0));
-  TORCH_CHECK(row_cls.has_value() == col_cls.has_value(), "fastcl_cuda: row_cls and col_cls go together");
-  TORCH_CHECK(!(symmetric && (labels.has_value() || row_cls.has_value() || exclude_diag || exclude_pos)),
+  FASTCL_CHECK(row_cls.has_value() == col_cls.has_value(), "fastcl_cuda: row_cls and col_cls go together");
+  FASTCL_CHECK(!(symmetric && (labels.has_value() || row_cls.has_value() || exclude_diag || exclude_pos)),
               "fastcl_cuda: the symmetric (column) term is defined without labels, class ids or exclusions");
   check_index(labels, "labels", u.size(0), u);
   check_index(row_cls, "row_cls", u.size(0), u);
   check_index(col_cls, "col_cls", v.size(0), u);
   const auto* prop = at::cuda::getDeviceProperties(u.device().index());
-  TORCH_CHECK(prop->major >= 8, "fastcl_cuda: the kernels need compute capability 8.0 or newer, ",
+  FASTCL_CHECK(prop->major >= 8, "fastcl_cuda: the kernels need compute capability 8.0 or newer, ",
               prop->name, " is ", prop->major, ".", prop->minor, "; use backend='triton' or 'torch'");
 }
 
@@ -72,9 +73,9 @@ void check_backward_inputs(const at::Tensor& u, const at::Tensor& v, const at::T
   const int64_t B = u.size(0), N = v.size(0);
   check_stats(row_stats, "row_stats", 4, B, u);
   check_stats(col_stats, "col_stats", 2, symmetric ? N : 0, u);
-  TORCH_CHECK(g_row.dim() == 1 && g_row.size(0) == B && g_row.device() == u.device(),
+  FASTCL_CHECK(g_row.dim() == 1 && g_row.size(0) == B && g_row.device() == u.device(),
               "fastcl_cuda: g_row must be [", B, "] on ", u.device(), ", got ", g_row.sizes());
-  TORCH_CHECK(!symmetric || (g_col.dim() == 1 && g_col.size(0) == N && g_col.device() == u.device()),
+  FASTCL_CHECK(!symmetric || (g_col.dim() == 1 && g_col.size(0) == N && g_col.device() == u.device()),
               "fastcl_cuda: g_col must be [", N, "] on ", u.device(), ", got ", g_col.sizes());
 }
 

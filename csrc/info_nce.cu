@@ -6,6 +6,7 @@
 
 #include "info_nce.h"
 #include "info_nce_kernels.cuh"
+#include "check.h"
 
 namespace fastcl {
 
@@ -20,13 +21,13 @@ template <typename F> void set_smem(F* kernel, size_t bytes) {
   // sm_86/sm_89 allow 99 KiB per block (sm_80 163, sm_90 227): the fp32 backward and the 16-bit
   // backward for D > 256 need more there.
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(bytes <= prop->sharedMemPerBlockOptin, "fastcl_cuda: this kernel needs ", bytes,
+  FASTCL_CHECK(bytes <= prop->sharedMemPerBlockOptin, "fastcl_cuda: this kernel needs ", bytes,
               " bytes of shared memory per block, ", prop->name, " has ", prop->sharedMemPerBlockOptin,
               "; use backend='triton' or 'torch'");
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
   if (err == cudaErrorInvalidDeviceFunction) {
     (void)cudaGetLastError();  // clear it: the caller gets a clear message instead
-    TORCH_CHECK(false, "fastcl_cuda: this build has no kernels for this GPU (built for sm ", compiled_archs(),
+    FASTCL_CHECK(false, "fastcl_cuda: this build has no kernels for this GPU (built for sm ", compiled_archs(),
                 "); rebuild with TORCH_CUDA_ARCH_LIST naming its compute capability");
   }
   C10_CUDA_CHECK(err);

@@ -6,21 +6,22 @@
 
 #include "info_nce.h"
 #include "whitening_kernels.cuh"
+#include "check.h"
 
 namespace fastcl {
 
 at::Tensor newton_schulz_cuda(const at::Tensor& S, int64_t iters) {
-  TORCH_CHECK(S.is_cuda(), "fastcl_cuda.newton_schulz: S must be a CUDA tensor, got one on ", S.device());
-  TORCH_CHECK(S.scalar_type() == at::kFloat, "fastcl_cuda.newton_schulz: S must be float32, got ", S.scalar_type());
-  TORCH_CHECK(S.dim() == 3 && S.size(1) == S.size(2), "fastcl_cuda.newton_schulz: S must be [G, g, g], got ",
+  FASTCL_CHECK(S.is_cuda(), "fastcl_cuda.newton_schulz: S must be a CUDA tensor, got one on ", S.device());
+  FASTCL_CHECK(S.scalar_type() == at::kFloat, "fastcl_cuda.newton_schulz: S must be float32, got ", S.scalar_type());
+  FASTCL_CHECK(S.dim() == 3 && S.size(1) == S.size(2), "fastcl_cuda.newton_schulz: S must be [G, g, g], got ",
               S.sizes());
   const int64_t G = S.size(0), g = S.size(1);
-  TORCH_CHECK(g >= 1 && g <= NS_MAX_G, "fastcl_cuda.newton_schulz: group size ", g, " is outside 1..", NS_MAX_G);
-  TORCH_CHECK(iters >= 0, "fastcl_cuda.newton_schulz: iters must be >= 0, got ", iters);
+  FASTCL_CHECK(g >= 1 && g <= NS_MAX_G, "fastcl_cuda.newton_schulz: group size ", g, " is outside 1..", NS_MAX_G);
+  FASTCL_CHECK(iters >= 0, "fastcl_cuda.newton_schulz: iters must be >= 0, got ", iters);
   const c10::cuda::CUDAGuard guard(S.device());
   const size_t bytes = newton_schulz_smem((int)g);
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(bytes <= prop->sharedMemPerBlockOptin, "fastcl_cuda.newton_schulz: group size ", g, " needs ",
+  FASTCL_CHECK(bytes <= prop->sharedMemPerBlockOptin, "fastcl_cuda.newton_schulz: group size ", g, " needs ",
               bytes, " bytes of shared memory, ", prop->name, " has ", prop->sharedMemPerBlockOptin,
               " per block; use backend='triton' or 'torch'");
   at::Tensor s = S.contiguous();

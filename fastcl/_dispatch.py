@@ -60,11 +60,25 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-# Measured fwd+bwd milliseconds of the InfoNCE op per GPU architecture (CLIP loss, B=32768,
-# D=512, bf16; benchmarks/RESULTS.md). `auto` takes the fastest usable backend that has a
-# figure for the GPU it runs on, and Triton where no backend has one: figures, not guesses.
+# Measured fwd+bwd milliseconds per GPU architecture, op and input precision
+# (benchmarks/RESULTS.md: H100 80GB HBM3, 2026-11-23, scripts/gpu_run.sh). `auto` takes the
+# fastest usable backend with a figure for the GPU, op and precision at hand, and Triton where
+# none has one: figures, not guesses.
+#   info_nce 16bit: CLIP loss, B=32768, D=512, bf16.
+#   info_nce fp32:  NT-Xent, 2 x 4096 views, D=256 (the Triton kernels' fp32 path is ~20x slower
+#                   than naive torch there: full-precision dots, not tuned yet).
+#   group_whiten fp32: Newton-Schulz, N=8192, D=768, groups of 64; mean of two runs, whose
+#                   spread (10-17 ms) is larger than the differences between backends.
 MEASURED_MS = {
-    "sm_90": {"triton": 35.4},  # H100 80GB HBM3, 2026-11-22; the cuda backend is not measured yet
+    "sm_90": {
+        "info_nce": {
+            "16bit": {"triton": 37.7, "cuda": 230.5, "torch": 277.2},
+            "fp32": {"triton": 286.0, "cuda": 14.8, "torch": 15.8},
+        },
+        "group_whiten": {
+            "fp32": {"triton": 15.7, "cuda": 13.4, "torch": 13.1},
+        },
+    },
 }
 
 
@@ -73,23 +87,30 @@ def _arch(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
-def auto_gpu_choice(device: torch.device, dtype: torch.dtype, reason_for=None):
-    """(backend, why) that `auto` picks on a CUDA device, or (None, why) if neither GPU backend
-    can run."""
+def _precision(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def auto_gpu_choice(device: torch.device, dtype: torch.dtype, reason_for=None, op: str = "info_nce"):
+    """(backend, why) that `auto` picks on a CUDA device, or (None, why) if no GPU backend
+    (cuda, triton) can run and nothing measured says the torch backend is faster."""
     reason_for = reason_for or (lambda b: why_not(b, device, dtype))
-    usable = [b for b in ("cuda", "triton") if reason_for(b) is None]
-    if not usable:
-        return None, "; ".join(f"{b}: {reason_for(b)}" for b in ("cuda", "triton"))
-    arch = _arch(device)
-    figures = {b: ms for b, ms in MEASURED_MS.get(arch, {}).items() if b in usable}
+    usable = [b for b in ("cuda", "triton", "torch") if reason_for(b) is None]
+    arch, prec = _arch(device), _precision(dtype)
+    measured = MEASURED_MS.get(arch, {}).get(op, {}).get(prec, {})
+    figures = {b: ms for b, ms in measured.items() if b in usable}
     if figures:
         best = min(figures, key=figures.get)
-        return best, f"fastest measured on {arch}: " + ", ".join(f"{b} {ms} ms" for b, ms in figures.items())
-    best = "triton" if "triton" in usable else usable[0]
-    return best, f"no measured figures for {arch}; {best} is the default"
+        return best, f"fastest measured on {arch} ({prec}): " + ", ".join(
+            f"{b} {ms} ms" for b, ms in figures.items())
+    gpu = [b for b in ("triton", "cuda") if b in usable]
+    if not gpu:
+        return None, "; ".join(f"{b}: {reason_for(b)}" for b in ("cuda", "triton"))
+    return gpu[0], f"no measured figures for {arch} ({prec}); {gpu[0]} is the default"
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype, unsupported=None) -> str:
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, unsupported=None,
+            op: str = "info_nce") -> str:
     """Map 'auto' to a concrete backend; raise BackendUnavailable for one that cannot run.
 
     unsupported: {backend: reason} for limits of the calling op itself (e.g. group whitening's
@@ -102,7 +123,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, unsupported=
 
     if backend == "auto":
         if device.type == "cuda":
-            choice, _ = auto_gpu_choice(device, dtype, reason_for)
+            choice, _ = auto_gpu_choice(device, dtype, reason_for, op)
             if choice is not None:
                 return choice
         return "torch"

@@ -18,17 +18,18 @@ LOG_UNIT = math.log(2.0)  # the statistics (max, log-sum) are in log2 units
 
 
 def _load():
-    """(module, None) or (None, why it is not available)."""
+    """(module, None, archs) or (None, why it is not available, ())."""
     if importlib.util.find_spec(f"{__package__}._C") is None:
         return None, ("the CUDA extension fastcl._C is not built; build it with FASTCL_BUILD_CUDA=1 "
-                      "next to a CUDA torch (csrc/README.md)")
+                      "next to a CUDA torch (csrc/README.md)"), ()
     try:
         from . import _C
     except ImportError as e:  # built, but against another torch, or CPU torch installed
         return None, (f"fastcl._C is built but cannot be loaded with torch {torch.__version__} ({e}); "
-                      f"rebuild it against this torch (csrc/README.md)")
+                      f"rebuild it against this torch (csrc/README.md)"), ()
     _register_fakes()
-    return _C, None
+    archs = tuple(int(a) // 10 for a in _C.compiled_archs().split(",") if a.strip().isdigit())
+    return _C, None, archs
 
 
 def unavailable():
@@ -38,10 +39,10 @@ def unavailable():
 
 def compiled_archs():
     """The SM architectures the built extension holds kernels for, e.g. [80, 90]."""
-    mod, err = _STATE
+    mod, err, archs = _STATE  # read at import: torch.compile cannot trace into the pybind11 call
     if mod is None:
         raise RuntimeError(err)
-    return [int(a) // 10 for a in mod.compiled_archs().split(",") if a.strip().isdigit()]
+    return list(archs)
 
 
 def _register_fakes():

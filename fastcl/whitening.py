@@ -168,8 +168,10 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
         ddof: the covariance divides by N - ddof.
         detach_stats: treat W as a constant (the stop-gradient of WhitenedCSE / Zero-CL); the
             mean is still differentiated.
-        backend: "auto" | "torch" | "triton" (Newton-Schulz matrix in one fused Triton program
-            per group, group size <= 128) | "reference" (naive torch.linalg autograd).
+        backend: "auto" (on CUDA the fastest measured, fastcl._dispatch.MEASURED_MS; else
+            torch) | "torch" | "triton" (Newton-Schulz matrix in one fused Triton program per
+            group, group size <= 128) | "cuda" (same, CUDA C++) | "reference" (naive
+            torch.linalg autograd).
     Returns:
         y [N, D] in x's dtype; each group of y satisfies y^T y / (N - ddof) ~= I. With
         return_matrix=True, also the batch's whitening matrices W [G, g, g] (detached; in the
@@ -180,7 +182,8 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     N, D = x.shape
     g = D // num_groups
     backend = _dispatch.resolve(backend, x.device, x.dtype, {"triton": _kernel_limits(method, g),
-                                                            "cuda": _cuda_limits(method, g, x.device)})
+                                                            "cuda": _cuda_limits(method, g, x.device)},
+                                op="group_whiten")
     xp = x[:, perm] if perm is not None else x
     W = None
     if backend == "reference":

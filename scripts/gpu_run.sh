@@ -6,7 +6,9 @@
 # Writes under $OUT (default ./gpu_out), at most 8 files (the device tool's limit):
 #   env.txt (versions, build summary), tests.log, bench.log, info_nce.csv, max_batch.csv,
 #   whitening.csv, family.csv, plots.tar (PNGs).
-# Each step has its own timeout; they add up to under the device tool's 10-minute call limit.
+# Each step has its own timeout; they add up to just under the device tool's 10-minute call
+# limit. On the H100 (2026-11-23) the steps took ~9 minutes together (build ~1, tests ~4.5,
+# benchmarks ~4): more than the 8 minutes we aim for, mostly Triton compiling test variants.
 # PARTS (default "build tests bench") picks steps for a follow-up call: "build tests" alone, or
 # "build cuda-tests" (only the tests of the cuda backend), say.
 set -uo pipefail
@@ -34,7 +36,7 @@ fi
 ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 build_rc=0
 if has build; then
-  FASTCL_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 timeout 90 $PY setup.py build_ext --inplace \
+  FASTCL_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 timeout 80 $PY setup.py build_ext --inplace \
     > /tmp/build.log 2>&1
   build_rc=$?  # a failed build would only make the cuda tests skip: it fails the run instead
   tail -5 /tmp/build.log >> "$OUT/env.txt"
@@ -47,7 +49,7 @@ stamp "built"
 # poison the CUDA context of every test after it. On failure, compute-sanitizer says where.
 smoke_rc=0
 if has build && [ "$build_rc" -eq 0 ]; then
-  timeout 40 $PY scripts/cuda_smoke.py 2>&1 | tee -a "$OUT/tests.log"
+  timeout 30 $PY scripts/cuda_smoke.py 2>&1 | tee -a "$OUT/tests.log"
   smoke_rc=${PIPESTATUS[0]}
   if [ "$smoke_rc" -ne 0 ]; then
     timeout 60 compute-sanitizer --print-limit 20 $PY scripts/cuda_smoke.py --tiny 2>&1 | tail -80 \
@@ -58,42 +60,37 @@ stamp "smoke rc=$smoke_rc"
 
 # The GPU-relevant tests: every loss, gradient and kernel variant of every backend (torch,
 # triton, cuda) against float64 on the GPU (gloo, trainer, demo and the CPU emulation of the
-# CUDA kernels run in CI). Two runs, so that a cuda fault cannot take the triton results with it;
-# pytest-xdist spreads the Triton compilations over the CPU cores.
-rc=0 rc_cuda=0
+# CUDA kernels run in CI). pytest-xdist spreads the Triton compilations over the CPU cores and
+# keeps a crash to one worker; each failure is written out as it happens, so a run cut short
+# still says why (tests/conftest.py). PARTS="build cuda-tests" runs the cuda backend's alone.
+rc=0
 if has tests || has cuda-tests; then
-  XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
+  XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
   PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 100")
-  PYTEST="$PY -m pytest -q -rfEs --tb=short -p no:benchmark $XDIST $PER_TEST tests \
-    --ignore=tests/test_distributed.py --ignore=tests/test_cuda_emulated.py --ignore=tests/test_train.py \
-    --ignore=tests/test_demo.py"
-  export FASTCL_FAILURE_LOG=/tmp/failures.txt  # each failure as it happens (tests/conftest.py)
-  timeout "${CUDA_TEST_TIMEOUT:-90}" $PYTEST -k "cuda" 2>&1 | tee -a "$OUT/tests.log"
-  rc_cuda=${PIPESTATUS[0]}
-  stamp "tests (cuda) rc=$rc_cuda"
-  if has tests; then
-    timeout "${TEST_TIMEOUT:-170}" $PYTEST -k "not cuda" 2>&1 | tee -a "$OUT/tests.log"
-    rc=${PIPESTATUS[0]}
-    stamp "tests (not cuda) rc=$rc"
-  fi
+  SELECT=$(has tests || echo "-k cuda")
+  export FASTCL_FAILURE_LOG=/tmp/failures.txt
+  timeout "${TEST_TIMEOUT:-230}" $PY -m pytest -q -rfEs --tb=short -p no:benchmark $XDIST $PER_TEST $SELECT \
+    tests --ignore=tests/test_distributed.py --ignore=tests/test_cuda_emulated.py \
+    --ignore=tests/test_train.py --ignore=tests/test_demo.py 2>&1 | tee -a "$OUT/tests.log"
+  rc=${PIPESTATUS[0]}
+  stamp "tests rc=$rc"
   [ -f /tmp/failures.txt ] && { echo "=== failures, as they happened"; cat /tmp/failures.txt; } >> "$OUT/tests.log"
-  # B=4096, D=512, every dtype, against float64 (triton's figures are in benchmarks/RESULTS.md)
-  timeout 30 $PY scripts/gpu_sanity.py cuda 2>&1 | tee -a "$OUT/tests.log"
 fi
 
 mkdir -p /tmp/plots
 B="$PY -m benchmarks.bench_info_nce --csv $OUT/info_nce.csv"
 has bench && {
   stamp "bench"
-  timeout 90 $B --sizes 4096,16384,32768,65536 --dim 512 --dtype bf16 --plot /tmp/plots/info_nce.png
-  timeout 15 $B --sizes 32768 --dim 512 --dtype bf16 --mode fwd --only naive-torch,fastcl-triton,fastcl-cuda
-  # Largest batch: fastcl-cuda keeps the same O(B) memory as fastcl-triton; its time is in the sweep.
-  timeout 75 $PY -m benchmarks.bench_max_batch --start 32768 --max-seconds 45 \
-    --only naive-torch,fastcl-triton,open_clip,inf-cl --csv "$OUT/max_batch.csv"
+  timeout 100 $B --sizes 4096,16384,32768,65536 --dim 512 --dtype bf16 --plot /tmp/plots/info_nce.png
+  timeout 20 $B --sizes 32768 --dim 512 --dtype bf16 --mode fwd --only naive-torch,fastcl-triton,fastcl-cuda
+  # Largest batch (fastcl-cuda has fastcl-triton's O(B) memory; inf-cl's limit is time: 1 s a
+  # step at B=65536 on the H100, so B=1M would take minutes).
+  timeout 60 $PY -m benchmarks.bench_max_batch --start 65536 --max-seconds 45 \
+    --only naive-torch,fastcl-triton,open_clip --csv "$OUT/max_batch.csv"
   timeout 20 $PY -m benchmarks.bench_whitening --csv "$OUT/whitening.csv"
-  timeout 50 $PY -m benchmarks.bench_family --csv "$OUT/family.csv" --plot-dir /tmp/plots
+  timeout 45 $PY -m benchmarks.bench_family --csv "$OUT/family.csv" --plot-dir /tmp/plots
   stamp "done"
 } 2>&1 | tee "$OUT/bench.log"
 has bench && tar -C /tmp -cf "$OUT/plots.tar" plots
-for r in "$rc" "$rc_cuda" "$smoke_rc" "$build_rc"; do [ "$r" -ne 0 ] && exit "$r"; done
+for r in "$rc" "$smoke_rc" "$build_rc"; do [ "$r" -ne 0 ] && exit "$r"; done
 exit 0

@@ -135,7 +135,7 @@ def test_auto_follows_measured_figures(monkeypatch):
     from fastcl import _dispatch
     dev = torch.device("cuda")
     arch = _dispatch._arch(dev)
-    monkeypatch.setattr(_dispatch, "MEASURED_MS", {arch: {"triton": 2.0, "cuda": 1.0}})
+    monkeypatch.setattr(_dispatch, "MEASURED_MS", {arch: {"info_nce": {"16bit": {"triton": 2.0, "cuda": 1.0}}}})
     expected = "cuda" if why_not_here("cuda") is None else "triton"
     assert _dispatch.resolve("auto", dev, torch.float16) == expected
     monkeypatch.setattr(_dispatch, "MEASURED_MS", {})
@@ -143,18 +143,26 @@ def test_auto_follows_measured_figures(monkeypatch):
 
 
 @pytest.mark.parametrize("figures,usable,expected", [
-    ({"triton": 2.0, "cuda": 1.0}, ("cuda", "triton"), "cuda"),
-    ({"triton": 1.0, "cuda": 2.0}, ("cuda", "triton"), "triton"),
-    ({"triton": 1.0}, ("cuda", "triton"), "triton"),      # cuda not measured: not chosen
-    ({}, ("cuda", "triton"), "triton"),                    # nothing measured: the default
-    ({"triton": 1.0, "cuda": 2.0}, ("cuda",), "cuda"),     # triton unusable: cuda
-    ({}, (), None),
+    ({"triton": 2.0, "cuda": 1.0}, ("cuda", "triton", "torch"), "cuda"),
+    ({"triton": 1.0, "cuda": 2.0}, ("cuda", "triton", "torch"), "triton"),
+    ({"triton": 1.0}, ("cuda", "triton", "torch"), "triton"),      # cuda not measured: not chosen
+    ({}, ("cuda", "triton", "torch"), "triton"),                    # nothing measured: the default
+    ({"triton": 1.0, "cuda": 2.0}, ("cuda", "torch"), "cuda"),     # triton unusable: cuda
+    ({"triton": 9.0, "torch": 2.0}, ("triton", "torch"), "torch"),  # measured faster than triton
+    ({"triton": 9.0, "cuda": 1.0, "torch": 2.0}, ("triton", "torch"), "torch"),  # cuda not built
+    ({}, ("torch",), None),
 ])
-def test_auto_choice_logic(monkeypatch, figures, usable, expected):
-    """`auto` on a GPU takes the fastest measured usable backend (no GPU needed: arch faked)."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_auto_choice_logic(monkeypatch, figures, usable, expected, dtype):
+    """`auto` on a GPU takes the fastest measured usable backend for the op and the input's
+    precision (no GPU needed: arch faked); another precision's or op's figures do not count."""
     from fastcl import _dispatch
     monkeypatch.setattr(_dispatch, "_arch", lambda device: "sm_90")
-    monkeypatch.setattr(_dispatch, "MEASURED_MS", {"sm_90": figures})
+    prec = "fp32" if dtype == torch.float32 else "16bit"
+    other = {"triton": 0.1} if prec == "fp32" else {"cuda": 0.1, "torch": 0.1}
+    monkeypatch.setattr(_dispatch, "MEASURED_MS", {"sm_90": {
+        "info_nce": {prec: figures, ("16bit" if prec == "fp32" else "fp32"): other},
+        "group_whiten": {prec: {"triton": 0.01, "cuda": 0.01, "torch": 0.01}}}})
     reason_for = lambda b: None if b in usable else "not usable here"  # noqa: E731
-    choice, why = _dispatch.auto_gpu_choice(torch.device("cpu"), torch.float16, reason_for)
+    choice, why = _dispatch.auto_gpu_choice(torch.device("cpu"), dtype, reason_for)
     assert choice == expected, why
