@@ -88,7 +88,9 @@ def _arch(device: torch.device) -> str:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
+    if dtype == torch.float32:
+        return "fp32"
+    return "16bit" if dtype in (torch.float16, torch.bfloat16) else str(dtype)  # no figures
 
 
 def auto_gpu_choice(device: torch.device, dtype: torch.dtype, reason_for=None, op: str = "info_nce"):
