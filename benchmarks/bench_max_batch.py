@@ -68,9 +68,9 @@ def main(argv=None):
     device = torch.device("cuda" if cuda else "cpu")
     print(header(device))
     print(f"largest CLIP-loss batch, fwd+bwd, D={a.dim}, {a.dtype}")
-    rows = []
-    for name, fn in providers(device, compile_naive=False, only=a.only.split(",") if a.only else None).items():
-        if a.only and name not in a.only.split(","):
+    rows, only = [], a.only.split(",") if a.only else None
+    for name, fn in providers(device, compile_naive=False, only=only).items():
+        if only and name not in only:
             continue
         best, stop = probe(name, fn, device, a.dim, a.dtype, a.start, a.max_b, a.max_seconds)
         row = dict(op="info_nce_max_batch", provider=name, D=a.dim, dtype=a.dtype, device=str(device),

@@ -49,11 +49,12 @@ def _sync(device):
 def time_fn(fn, device, reps: int, warmup: int = 2, budget_ms: float = 3000.0, min_reps: int = 5):
     """Median, p20, p80 in ms over `reps` runs: device events on CUDA, perf_counter on CPU.
     Slow steps get fewer runs (at least min_reps) so one provider spends about budget_ms."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
+    warm_ms = float("inf")
+    for _ in range(warmup):  # the last warm-up, past any compilation, estimates one step
+        t0 = time.perf_counter()
         fn()
-    _sync(device)
-    warm_ms = (time.perf_counter() - t0) * 1e3 / max(warmup, 1)  # compile time included: an upper bound
+        _sync(device)
+        warm_ms = (time.perf_counter() - t0) * 1e3
     reps = max(min(min_reps, reps), min(reps, int(budget_ms / max(warm_ms, 1e-3))))
     times = []
     for _ in range(reps):

@@ -143,8 +143,9 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
         label_smoothing: epsilon in [0, 1), as in F.cross_entropy: the target puts 1 - eps on
             the positive and eps spread uniformly over all N columns.
         backend: "auto" (on CUDA the fastest measured of cuda/triton/torch for the GPU and
-            the input precision, see fastcl._dispatch.MEASURED_MS; else torch), "cuda" (CUDA C++ extension), "triton",
-            "torch" (chunked pure torch), "reference" (naive materialised logits).
+            the input precision, see fastcl._dispatch.MEASURED_MS; else torch), "cuda" (CUDA
+            C++ extension), "triton", "torch" (chunked pure torch), "reference" (naive
+            materialised logits).
 
     Returns:
         The loss, float32 for 16-bit and float32 inputs, float64 for float64 inputs; shape []
