@@ -43,7 +43,7 @@ if has build; then
   echo "extension build rc=$build_rc (arch $ARCH)" | tee -a "$OUT/env.txt"
 fi
 $PY -c "import fastcl; print('backends:', fastcl.available_backends('cuda'))" 2>&1 | tee -a "$OUT/env.txt"
-stamp "built"
+stamp "extension ready"
 
 # First contact with the CUDA kernels in a process of its own: a kernel fault would otherwise
 # poison the CUDA context of every test after it. On failure, compute-sanitizer says where.
