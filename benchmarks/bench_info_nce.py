@@ -54,6 +54,33 @@ def providers(device, compile_naive: bool, only=None):
     return out
 
 
+def _time_provider(fn, q, k, symmetric, mode, device, reps):
+    """(median ms, p20, p80, peak bytes, status) of one provider's step on copies of q, k."""
+    backward = mode != "fwd"
+    qq, kk = q.clone().requires_grad_(backward), k.clone().requires_grad_(backward)
+    loss = None
+    if mode == "bwd":
+        try:  # the forward, once and untimed; its graph is kept for the timed backwards
+            loss = fn(qq, kk, 0.07, symmetric)
+        except Exception as e:  # noqa: BLE001 - OOM is a result; anything else is not
+            if not is_oom(e):
+                raise
+
+    def step():
+        if mode == "bwd":
+            if loss is None:
+                raise torch.OutOfMemoryError("the untimed forward ran out of memory")
+            qq.grad = kk.grad = None
+            loss.backward(retain_graph=True)
+        elif backward:
+            qq.grad = kk.grad = None
+            fn(qq, kk, 0.07, symmetric).backward()
+        else:
+            fn(qq, kk, 0.07, symmetric)
+
+    return measure(step, device, reps)  # qq, kk and the graph are freed on return
+
+
 def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mode="fwd+bwd",
         compile_naive=False, plot_path=None, slow_ms=float("inf")):
     print(header(device))
@@ -72,42 +99,16 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
         k = (q.float() + 0.5 * torch.randn(B, dim, device=device, generator=g)).to(DTYPES[dtype])
         for name, fn in provs.items():
             bar.update()
-            backward = mode != "fwd"
             if guard.skip(name, B):  # predicted from a smaller B to take > slow_ms per step
+                print(f"  ({name} at B={B}: predicted {guard.predicted_ms(name, B):.0f} ms > --slow-ms "
+                      f"{slow_ms:.0f})", flush=True)
                 nan = float("nan")
-                rows.append(dict(op="info_nce", mode=mode, provider=name, B=B, D=dim, dtype=dtype,
-                                 symmetric=symmetric, status="slow", ms=nan, p20=nan, p80=nan, peak_mib=nan,
-                                 tflops=nan, speedup_vs_naive=nan, device=str(device)))
-                append_csv(csv_path, rows[-1:], device)
-                print(f"{name:<16}{B:>9}{'slow':>11}  (predicted {guard.predicted_ms(name, B):.0f} ms > "
-                      f"--slow-ms {slow_ms:.0f})", flush=True)
-                continue
-            qq, kk = q.clone().requires_grad_(backward), k.clone().requires_grad_(backward)
-            loss = None
-            if mode == "bwd":
-                try:  # the forward, once and untimed; its graph is kept for the timed backwards
-                    loss = fn(qq, kk, 0.07, symmetric)
-                except Exception as e:  # noqa: BLE001 - OOM is a result; anything else is not
-                    if not is_oom(e):
-                        raise
-
-            def step(qq=qq, kk=kk, loss=loss):  # bound now: freed below before the next provider
-                if mode == "bwd":
-                    if loss is None:
-                        raise torch.OutOfMemoryError("the untimed forward ran out of memory")
-                    qq.grad = kk.grad = None
-                    loss.backward(retain_graph=True)
-                elif backward:
-                    qq.grad = kk.grad = None
-                    fn(qq, kk, 0.07, symmetric).backward()
-                else:
-                    fn(qq, kk, 0.07, symmetric)
-
-            med, p20, p80, mem, status = measure(step, device, reps)
-            del qq, kk, step, loss
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            guard.record(name, B, med)
+                med, p20, p80, mem, status = nan, nan, nan, nan, "slow"
+            else:
+                med, p20, p80, mem, status = _time_provider(fn, q, k, symmetric, mode, device, reps)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                guard.record(name, B, med)
             if name == "naive-torch":
                 naive_ms[B] = med
             tflops = flop_factor * B * B * dim / (med * 1e-3) / 1e12
