@@ -65,8 +65,8 @@ lse_fwd_kernel(const T* __restrict__ U, const T* __restrict__ V, const float* __
                int flags) {
   extern __shared__ __align__(128) unsigned char smem[];
   T* As = reinterpret_cast<T*>(smem);
-  T* Bs = As + BM * LDK;
-  float* S = reinterpret_cast<float*>(Bs + BN * LDK);
+  T* Bs = As + 2 * BM * LDK;  // two chunk buffers per operand (score_tile)
+  float* S = reinterpret_cast<float*>(Bs + 2 * BN * LDK);
   int64_t* ccls_s = reinterpret_cast<int64_t*>(S + BM * LDS);
 
   const bool has_col = flags & HAS_COL, multi = flags & MULTI_POS;
@@ -189,8 +189,10 @@ __device__ __forceinline__ void load_col_side(Side& s, const float* row_stats,
 //   A = V, Bm = U, G[a, b] = G_ba (dV).
 // The positive (and the diagonal) use the forward's stored logit rather than the recomputed
 // one, so that P - 1 keeps its digits however this tile's dot rounds.
+// Two blocks per SM where shared memory allows it (16-bit, D <= 128: 79 KB each); the register
+// cap this sets (128) costs 12 bytes of spills there (scripts/kernel_resources.sh).
 template <typename T, int BD>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, (sizeof(T) == 2 && BD <= 128) ? 2 : 1)
 grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __restrict__ scale,
             const float* __restrict__ amp_p, const float* __restrict__ row_stats,
             const float* __restrict__ col_stats, const float* __restrict__ g_row,
@@ -204,8 +206,8 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
   float* S = reinterpret_cast<float*>(side_b + BN);
   float* stage = S + BM * LDS;  // 8 warps x 16 x 16
   T* As = reinterpret_cast<T*>(stage + 8 * 256);
-  T* Bs = As + BM * LDK;
-  T* Gs = Bs + BN * LDK;
+  T* Bs = As + 2 * BM * LDK;  // two chunk buffers per operand (score_tile)
+  T* Gs = Bs + 2 * BN * LDK;
   T* Vs = Gs + BM * LDG;
   constexpr int LDV = ldv<BD>();
   float* red = reinterpret_cast<float*>(Vs + BN * LDV);  // THREADS / 32 block-reduction slots
@@ -214,6 +216,7 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
   const bool excl_diag = flags & EXCL_DIAG, excl_pos = flags & EXCL_POS;
   const float s = scale[0], s2 = s * LOG2E, amp = amp_p[0];
   const int64_t a0 = (int64_t)blockIdx.x * BM;
+  const bool one_slab = D <= BD, vec_b = vec_ok(Bm, D);  // vec_b: 16-byte slab loads
 
   if (threadIdx.x < BM) {
     const int64_t a = a0 + threadIdx.x;
@@ -235,7 +238,9 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
         else load_col_side(sd, row_stats, col_stats, g_col, col_cls, b, B, N, flags);
         side_b[threadIdx.x] = sd;
       }
-      score_tile<T>(S, As, Bs, A, a0, MA, Bm, b0, MB, D);  // its barriers publish side_b too
+      // Its barriers publish side_b too. With one slab, the chunks it loads are the slab: Vs
+      // (free since the barrier that ended the last tile) is filled on the way.
+      score_tile<T>(S, As, Bs, A, a0, MA, Bm, b0, MB, D, one_slab ? Vs : nullptr, LDV);
 
       for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
         const int ta = e / BN, tb = e % BN;
@@ -278,7 +283,7 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
         }
         Gs[ta * LDG + tb] = from_f<T>(g);
       }
-      load_tile<T, BN, BD>(Vs, LDV, Bm, b0, MB, d0, D);
+      if (!one_slab) copy_tile<T, BN, BD>(Vs, LDV, Bm, b0, MB, d0, D, vec_b);
       __syncthreads();
       acc.step(Gs, Vs);
       __syncthreads();  // Gs, Vs and side_b are overwritten by the next tile
@@ -300,11 +305,11 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
 
 // Dynamic shared memory of each kernel, carved up in the kernels above.
 template <typename T> inline size_t fwd_smem() {
-  return 2 * BM * LDK * sizeof(T) + BM * LDS * sizeof(float) + BN * sizeof(int64_t);
+  return 2 * (BM + BN) * LDK * sizeof(T) + BM * LDS * sizeof(float) + BN * sizeof(int64_t);
 }
 template <typename T, int BD> inline size_t bwd_smem() {
   return (BM + BN) * sizeof(Side) + (BM * LDS + 8 * 256) * sizeof(float) +
-         (2 * BM * LDK + BM * LDG + BN * ldv<BD>()) * sizeof(T) + (THREADS / 32) * sizeof(float);
+         (2 * (BM + BN) * LDK + BM * LDG + BN * ldv<BD>()) * sizeof(T) + (THREADS / 32) * sizeof(float);
 }
 
 // The backward's D-slab: the whole of D in one slab up to 512 (256 for fp32, whose slab takes

@@ -8,6 +8,8 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <vector_functions.h>  // make_uint4 (nvcc includes it anyway; the CPU emulation does not)
+#include <vector_types.h>
 #ifndef FASTCL_EMULATE  // csrc/emulate/cuda_emu.h provides nvcuda::wmma on the CPU
 #include <mma.h>
 #endif
@@ -37,16 +39,95 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Rows [r0, r0 + R) x columns [c0, c0 + C) of a row-major [rows, cols] matrix into shared
-// memory with pitch ld, zero-filled outside the matrix.
-template <typename T, int R, int C>
-__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int64_t r0, int64_t rows,
-                                          int64_t c0, int64_t cols) {
-  for (int e = threadIdx.x; e < R * C; e += THREADS) {
-    const int r = e / C, c = e % C;
-    const int64_t gr = r0 + r, gc = c0 + c;
-    dst[r * ld + c] = (gr < rows && gc < cols) ? src[gr * cols + gc] : from_f<T>(0.f);
+// ---------------------------------------------------------------------------------------------
+// Global -> shared tile copies in 16-byte pieces (VEC elements of a row).
+// ---------------------------------------------------------------------------------------------
+template <typename T> constexpr int vec_elems() { return 16 / (int)sizeof(T); }
+
+// Every 16-byte access goes through these two: on a GPU a misaligned one faults, and the CPU
+// emulation (which defines FASTCL_CHECK_ALIGN16) checks the address instead.
+__device__ __forceinline__ uint4 ld16(const void* p) {
+#ifdef FASTCL_CHECK_ALIGN16
+  FASTCL_CHECK_ALIGN16(p);
+#endif
+  return *reinterpret_cast<const uint4*>(p);
+}
+__device__ __forceinline__ void st16(void* p, uint4 v) {
+#ifdef FASTCL_CHECK_ALIGN16
+  FASTCL_CHECK_ALIGN16(p);
+#endif
+  *reinterpret_cast<uint4*>(p) = v;
+}
+
+// Whether a [rows, cols] row-major matrix can be read in 16-byte loads: its rows a whole number
+// of pieces and its base 16-byte aligned (then every piece is). Otherwise (odd D, a view at an odd
+// offset) each piece is gathered element by element.
+template <typename T> __device__ __forceinline__ bool vec_ok(const T* p, int64_t cols) {
+  return cols % vec_elems<T>() == 0 && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// The piece at row gr, columns [gc, gc + VEC) of src, zero (all-zero bits: +0 in every dtype)
+// outside the matrix. With vec, a piece is wholly inside or wholly outside (cols % VEC == 0).
+template <typename T>
+__device__ __forceinline__ uint4 fetch_piece(const T* src, int64_t gr, int64_t rows, int64_t gc,
+                                             int64_t cols, bool vec) {
+  if (vec) {
+    if (gr < rows && gc < cols) return ld16(src + gr * cols + gc);
+    return make_uint4(0u, 0u, 0u, 0u);
   }
+  uint32_t w[4];
+  if constexpr (sizeof(T) == 2) {  // raw bits: no conversion, so the piece is the data
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t c = gc + 2 * i;
+      const uint32_t lo = (gr < rows && c < cols) ? s[gr * cols + c] : 0u;
+      const uint32_t hi = (gr < rows && c + 1 < cols) ? s[gr * cols + c + 1] : 0u;
+      w[i] = lo | (hi << 16);  // little-endian: the lower address is the lower half
+    }
+  } else {
+    const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = (gr < rows && gc + i < cols) ? s[gr * cols + gc + i] : 0u;
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// An R x C tile (rows [r0, r0 + R), columns [c0, c0 + C)) held in registers between fetch() and
+// put(): the score loop fetches the next D-chunk before working on this one, so that its global
+// loads are in flight meanwhile. Thread t holds pieces t, t + THREADS, ... (consecutive threads,
+// consecutive pieces of a row: coalesced). dst + r * ld must stay 16-byte aligned (ld * sizeof(T)
+// a multiple of 16).
+template <typename T, int R, int C> struct Stage {
+  static constexpr int VEC = vec_elems<T>(), PR = C / VEC, PER = R * PR / THREADS;
+  static_assert(C % VEC == 0 && (R * PR) % THREADS == 0, "whole pieces, evenly over the threads");
+  uint4 v[PER];
+  __device__ __forceinline__ void fetch(const T* src, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                                        bool vec) {
+#pragma unroll
+    for (int p = 0; p < PER; ++p) {
+      const int g = threadIdx.x + p * THREADS;
+      v[p] = fetch_piece(src, r0 + g / PR, rows, c0 + (g % PR) * VEC, cols, vec);
+    }
+  }
+  __device__ __forceinline__ void put(T* dst, int ld) const {
+#pragma unroll
+    for (int p = 0; p < PER; ++p) {
+      const int g = threadIdx.x + p * THREADS;
+      st16(dst + (g / PR) * ld + (g % PR) * VEC, v[p]);
+    }
+  }
+};
+
+// The same copy straight through (a tile too large to hold in registers: the backward's slab).
+template <typename T, int R, int C>
+__device__ __forceinline__ void copy_tile(T* dst, int ld, const T* src, int64_t r0, int64_t rows, int64_t c0,
+                                          int64_t cols, bool vec) {
+  constexpr int VEC = vec_elems<T>(), PR = C / VEC;
+  static_assert(C % VEC == 0 && (R * PR) % THREADS == 0, "whole pieces, evenly over the threads");
+#pragma unroll 4
+  for (int g = threadIdx.x; g < R * PR; g += THREADS)
+    st16(dst + (g / PR) * ld + (g % PR) * VEC, fetch_piece(src, r0 + g / PR, rows, c0 + (g % PR) * VEC, cols, vec));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -114,17 +195,42 @@ template <> struct Score<float> {  // thread t owns rows 4*(t/16)+i, columns (t%
 };
 
 // S[BM][LDS] = A[a0:a0+BM] @ B[b0:b0+BN]^T over all of D (A: [MA, D], B: [MB, D] row-major).
-// Ends with a barrier: S is complete and As/Bs are free.
+// As: [2][BM][LDK], Bs: [2][BN][LDK], two buffers per operand: while the tensor cores work on
+// chunk k in one, chunk k + 1 is on its way from global memory in registers, then goes to the
+// other. One barrier per chunk. Ends with a barrier: S is complete and As/Bs are free.
+// Bcopy (optional, pitch ldc) also receives every B chunk, i.e. B[b0:b0+BN, :D] from its column
+// 0 on, so that a backward whose D fits in one slab reads these rows once; its columns past the
+// last chunk are left as they were.
 template <typename T>
 __device__ void score_tile(float* S, T* As, T* Bs, const T* A, int64_t a0, int64_t MA, const T* Bm,
-                           int64_t b0, int64_t MB, int64_t D) {
+                           int64_t b0, int64_t MB, int64_t D, T* Bcopy = nullptr, int ldc = 0) {
+  const bool vec = vec_ok(A, D) && vec_ok(Bm, D);
   Score<T> acc;
   acc.zero();
-  for (int64_t k0 = 0; k0 < D; k0 += BK) {
-    load_tile<T, BM, BK>(As, LDK, A, a0, MA, k0, D);
-    load_tile<T, BN, BK>(Bs, LDK, Bm, b0, MB, k0, D);
-    __syncthreads();
-    acc.step(As, Bs);
+  Stage<T, BM, BK> sa;
+  Stage<T, BN, BK> sb;
+  sa.fetch(A, a0, MA, 0, D, vec);
+  sb.fetch(Bm, b0, MB, 0, D, vec);
+  sa.put(As, LDK);
+  sb.put(Bs, LDK);
+  if (Bcopy) sb.put(Bcopy, ldc);
+  __syncthreads();
+  const int64_t nk = (D + BK - 1) / BK;
+  for (int64_t k = 0; k < nk; ++k) {
+    // Buffer k & 1 holds chunk k. The other one was last read in step k - 1, which every
+    // thread finished before the barrier that ended it: free to refill.
+    const int cur = (int)(k & 1);
+    const bool more = k + 1 < nk;
+    if (more) {
+      sa.fetch(A, a0, MA, (k + 1) * BK, D, vec);
+      sb.fetch(Bm, b0, MB, (k + 1) * BK, D, vec);
+    }
+    acc.step(As + cur * BM * LDK, Bs + cur * BN * LDK);
+    if (more) {
+      sa.put(As + (cur ^ 1) * BM * LDK, LDK);
+      sb.put(Bs + (cur ^ 1) * BN * LDK, LDK);
+      if (Bcopy) sb.put(Bcopy + (k + 1) * BK, ldc);
+    }
     __syncthreads();
   }
   acc.store(S);

@@ -16,7 +16,9 @@ why = fastcl.available_backends(DEVICE)[BACKEND]
 if why is not None:
     sys.exit(f"{BACKEND} backend not usable: {why}")
 tiny = "--tiny" in sys.argv  # for compute-sanitizer: one launch of each kernel
-shapes = [(5, 7)] if tiny else [(2, 3), (70, 33), (130, 300)]  # B=2: DCL needs a negative
+# B=2: DCL needs a negative. D % 8 != 0: element-wise tile loads; D = 64, 520: 16-byte loads
+# (520: two D-slabs in the backward for every dtype).
+shapes = [(5, 7), (5, 64)] if tiny else [(2, 3), (70, 33), (130, 300), (70, 64), (66, 520)]
 bad = 0
 for B, D in shapes:
     g = torch.Generator().manual_seed(B + D)

@@ -37,8 +37,9 @@ def binary(tmp_path_factory):
         pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h) to compile the emulation")
     out = str(tmp_path_factory.mktemp("emu") / "run_kernels")
     src = os.path.join(ROOT, "csrc", "emulate", "run_kernels.cpp")
-    r = subprocess.run(["g++", "-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas", "-I", _cuda_include(),
-                        src, "-o", out], capture_output=True, text=True)
+    # -fno-strict-aliasing: the kernels read T arrays as 16-byte pieces, as CUDA code does.
+    r = subprocess.run(["g++", "-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas", "-fno-strict-aliasing",
+                        "-I", _cuda_include(), src, "-o", out], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -92,8 +93,12 @@ def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_ro
 
 
 # B=1; B and N across the 64-row tile; D across the 32-wide chunk and each D-slab the launcher
-# picks (128; 256; 512 for 16-bit, two 256-slabs for fp32 at D=300).
-SHAPES = [(1, 3), (70, 33), (130, 129), (65, 300)]
+# picks (128; 256; 512 for 16-bit, two 256-slabs for fp32 at D=300). D % 8 != 0 takes the
+# element-wise loads; D = 96 and 264 (multiples of 8) the 16-byte ones, with an odd number of
+# D-chunks (3, 9: the two chunk buffers swap roles an odd number of times) and, for fp32 at 264,
+# a second slab 8 columns wide; D = 520, two slabs for every dtype, the second one read 16 bytes
+# at a time on its own.
+SHAPES = [(1, 3), (70, 33), (130, 129), (65, 300), (70, 96), (65, 264), (66, 520)]
 
 
 @pytest.mark.parametrize("dtype", list(DT), ids=str)

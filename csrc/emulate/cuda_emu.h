@@ -5,8 +5,9 @@
 // shuffles exchange through per-warp slots. A WMMA fragment holds its whole 16x16 tile in every
 // lane; load_matrix_sync honours row/column-major layouts and store_matrix_sync is done by lane 0,
 // so a wrong layout or pitch gives wrong numbers here too (a missing barrier may or may not).
-// It checks the kernels' logic: indexing, masking, data flow through shared memory, the math.
-// It says nothing about timing, coalescing, bank conflicts, alignment or register pressure.
+// It checks the kernels' logic: indexing, masking, data flow through shared memory, the math,
+// and the alignment of 16-byte accesses and WMMA operands. It says nothing about timing, coalescing, bank
+// conflicts or register pressure.
 #pragma once
 
 #ifndef FASTCL_EMULATE
@@ -19,6 +20,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -36,6 +39,16 @@
 #define __launch_bounds__(...)
 #define __shared__
 #define __align__(n)
+
+// 16-byte accesses (tile.cuh's ld16/st16) fault on a GPU when misaligned: here they abort.
+#define FASTCL_CHECK_ALIGN16(p)                                                            \
+  do {                                                                                     \
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {                                        \
+      std::fprintf(stderr, "misaligned 16-byte access at %p (%s:%d)\n", (const void*)(p), \
+                   __FILE__, __LINE__);                                                    \
+      std::abort();                                                                        \
+    }                                                                                      \
+  } while (0)
 
 struct emu_dim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -106,8 +119,19 @@ void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float x) {
     for (float& e : row) e = x;
 }
 
+// What CUDA requires of a WMMA load/store: a 256-bit aligned pointer and a pitch that is a
+// multiple of 16 bytes. A violation is undefined behaviour on a GPU: here it aborts.
+template <typename T> void check_wmma_operand(const T* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ldm * sizeof(T)) % 16 != 0) {
+    std::fprintf(stderr, "WMMA operand at %p with pitch %u elements breaks the 32-byte/16-byte rule\n",
+                 (const void*)p, ldm);
+    std::abort();
+  }
+}
+
 template <typename Use, typename T, typename L>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  check_wmma_operand(p, ldm);
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j)
       f.v[i][j] = emu::to_float(std::is_same_v<L, col_major> ? p[i + j * ldm] : p[i * ldm + j]);
@@ -129,6 +153,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
+  check_wmma_operand(p, ldm);
   if ((threadIdx.x & 31) != 0) return;  // one writer; the kernel's own barrier must publish it
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) p[layout == mem_col_major ? i + j * ldm : i * ldm + j] = f.v[i][j];
