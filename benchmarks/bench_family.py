@@ -66,11 +66,11 @@ def providers(op, device):
     return out
 
 
-def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=2000.0):
+def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=2000.0, only=None):
     print(header(device))
     print(f"{op} fwd+bwd | D={dim} | fp32 | median of {reps} (p20-p80)")
     print(f"{'provider':<22}{'B':>8}{'ms':>10}{'p20-p80':>17}{'peak MiB':>10}{'x naive':>9}")
-    provs = providers(op, device)
+    provs = {n: f for n, f in providers(op, device).items() if not only or n in only}
     bar = progress(len(sizes) * len(provs), op)
     rows, guard = [], SlowGuard(slow_ms)
     for B in sizes:
@@ -118,11 +118,13 @@ def main(argv=None):
     p.add_argument("--plot-dir", default=None)
     p.add_argument("--slow-ms", type=float, default=2000.0,
                    help="a provider predicted to be slower than this per step is skipped at that B")
+    p.add_argument("--only", default=None, help="comma-separated providers")
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
+    only = a.only.split(",") if a.only else None
     for op in a.ops.split(","):
         run(op, [int(s) for s in a.sizes.split(",")], a.dim, a.reps, device, a.csv,
-            f"{a.plot_dir}/{op}.png" if a.plot_dir else None, a.slow_ms)
+            f"{a.plot_dir}/{op}.png" if a.plot_dir else None, a.slow_ms, only)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""The benchmark suite at CI size on the CPU: each sweep runs end to end and appends its rows to
+the CSV (with the header line naming device and versions); out-of-memory and predicted-slow steps
+are recorded as results, not crashes; --only and the slow guard do what they say. Timings are not
+checked here (performance claims live in benchmarks/RESULTS.md)."""
+import csv
+import importlib.util
+import math
+import time
+
+import pytest
+import torch
+
+from benchmarks import bench_family, bench_info_nce, bench_max_batch, bench_whitening, common
+
+CPU = torch.device("cpu")
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_info_nce_sweep_rows_csv_and_plot(tmp_path):
+    path, png = tmp_path / "info.csv", tmp_path / "info.png"
+    bench_info_nce.run([32, 48], 8, "fp32", True, 2, CPU, str(path), only=["naive-torch", "fastcl-torch"],
+                       plot_path=str(png))
+    got = _rows(path)
+    assert [(r["provider"], r["B"]) for r in got] == [("naive-torch", "32"), ("fastcl-torch", "32"),
+                                                      ("naive-torch", "48"), ("fastcl-torch", "48")]
+    for r in got:
+        assert r["status"] == "ok" and float(r["ms"]) > 0 and float(r["p20"]) <= float(r["p80"]), r
+        assert r["header"].startswith("device: CPU") and "torch " + torch.__version__ in r["header"]
+    assert all(float(r["speedup_vs_naive"]) == 1.0 for r in got if r["provider"] == "naive-torch")
+    # a second run appends below the first, without a second header row
+    bench_info_nce.run([32], 8, "fp32", False, 2, CPU, str(path), only=["fastcl-torch"], mode="fwd")
+    got = _rows(path)
+    assert len(got) == 5 and (got[-1]["mode"], got[-1]["symmetric"]) == ("fwd", "False")
+    if importlib.util.find_spec("matplotlib"):
+        assert png.stat().st_size > 0
+
+
+def test_slow_guard_skips_predicted_slow_steps(tmp_path):
+    g = common.SlowGuard(100.0)
+    assert not g.skip("a", 10**6)  # nothing measured yet: it runs
+    g.record("a", 1000, 30.0)
+    assert g.predicted_ms("a", 2000) == pytest.approx(120.0)  # ~B²
+    assert g.skip("a", 2000) and not g.skip("a", 1500)
+    g.record("b", 1000, float("nan"))  # an OOM row predicts nothing
+    assert not g.skip("b", 10**6)
+    # in a sweep: every provider measured at the first size, recorded as "slow" at the next
+    path = tmp_path / "info.csv"
+    bench_info_nce.run([32, 64], 8, "fp32", True, 2, CPU, str(path), only=["naive-torch"], slow_ms=1e-9)
+    assert [(r["B"], r["status"]) for r in _rows(path)] == [("32", "ok"), ("64", "slow")]
+
+
+def test_oom_is_a_result_other_errors_are_not():
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    med, p20, p80, mem, status = common.measure(oom, CPU, 3)
+    assert status == "OOM" and all(math.isnan(x) for x in (med, p20, p80, mem))
+
+    def broken():
+        raise ValueError("a bug, not a capacity limit")
+
+    with pytest.raises(ValueError):
+        common.measure(broken, CPU, 3)
+
+
+def test_time_fn_runs_adapt_to_the_step():
+    calls = []
+    med, p20, p80 = common.time_fn(lambda: calls.append(1), CPU, reps=20)
+    assert len(calls) == 2 + 20 and p20 <= med <= p80  # fast: all 20 runs after 2 warm-ups
+    calls.clear()
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    common.time_fn(slow, CPU, reps=20, budget_ms=50.0)
+    assert len(calls) == 2 + 5  # ~20 ms a step, 50 ms budget: the minimum of 5 runs
+
+
+def test_family_sweep_only_and_peers(tmp_path):
+    path = tmp_path / "family.csv"
+    bench_family.main(["--ops", "supcon,mnrl", "--sizes", "32", "--dim", "8", "--reps", "2", "--csv", str(path),
+                       "--only", "naive-torch,fastcl-torch"])
+    got = _rows(path)
+    assert [(r["op"], r["provider"]) for r in got] == [("supcon", "naive-torch"), ("supcon", "fastcl-torch"),
+                                                       ("mnrl", "naive-torch"), ("mnrl", "fastcl-torch")]
+    assert all(r["status"] == "ok" for r in got)
+    # without --only, the libraries installed here join the same run
+    peers = {"nt_xent": {"lightly": "lightly", "pml": "pytorch_metric_learning"},
+             "supcon": {"pml": "pytorch_metric_learning"},
+             "mnrl": {"sentence-transformers": "sentence_transformers"}}
+    path = tmp_path / "family_all.csv"
+    for op, libs in peers.items():
+        bench_family.run(op, [32], 8, 2, CPU, str(path))
+        names = {r["provider"] for r in _rows(path) if r["op"] == op and r["status"] == "ok"}
+        assert {"naive-torch", "fastcl-torch"} | {p for p, m in libs.items() if importlib.util.find_spec(m)} == names
+
+
+def test_max_batch_probe_and_whitening(tmp_path):
+    path = tmp_path / "max.csv"
+    rows = bench_max_batch.main(["--dim", "8", "--start", "32", "--max-b", "128", "--only", "fastcl-torch",
+                                 "--csv", str(path)])
+    assert [(r["provider"], r["max_B"], r["stopped_by"]) for r in rows] == [
+        ("fastcl-torch", 128, "reached --max-b 128")]
+    assert _rows(path)[0]["max_B"] == "128"
+    path = tmp_path / "white.csv"
+    bench_whitening.main(["--n", "64", "--d", "16", "--group", "8", "--reps", "2", "--csv", str(path)])
+    got = _rows(path)
+    assert {(r["method"], r["backend"]) for r in got} == {(m, b) for m in ("zca", "cholesky", "newton_schulz")
+                                                           for b in ("reference", "torch")}
+    assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in got)
