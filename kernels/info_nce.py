@@ -272,12 +272,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
+
+
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own matmul setting, so fastcl is exactly as precise as the torch
-    # code it replaces: IEEE by default, TF32 only when the user opted in.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    """tl.dot's input_precision for fp32 operands (16-bit operands ignore it).
+
+    TF32 only when the user opted in to it for torch's matmuls. Otherwise 3xTF32: each operand
+    is split into a TF32 part and a TF32 remainder and three tensor-core products are summed
+    (the remainder x remainder one, below fp32 rounding, is dropped). That is as accurate as
+    fp32 FMAs here (the float64 tests hold it to the same budget as torch's fp32 matmul) at
+    tensor-core speed; plain IEEE FMAs ran at 0.5 TFLOP/s on an H100 (benchmarks/RESULTS.md).
+    FASTCL_TRITON_FP32=ieee (or tf32) overrides the choice."""
+    if dtype != torch.float32:
+        return "ieee"
+    if torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
-    return "ieee"
+    prec = os.environ.get("FASTCL_TRITON_FP32", "tf32x3")
+    if prec not in FP32_PRECISIONS:
+        raise ValueError(f"FASTCL_TRITON_FP32={prec!r}: expected one of {', '.join(FP32_PRECISIONS)}")
+    return prec
 
 
 def _env_int(name, default):

@@ -306,3 +306,27 @@ def test_kernel_forward_writes_every_row(backend):
         assert torch.allclose(row.double(), expected, atol=1e-4)
         if sym:
             assert torch.allclose(col.double(), torch.logsumexp(S, 0) - S.diag(), atol=1e-4)
+
+
+def test_triton_fp32_precision_choice(monkeypatch):
+    """fp32 dots in the Triton kernels: 3xTF32 by default, TF32 only when torch's matmuls may use
+    it, IEEE on request; 16-bit operands are unaffected; a wrong setting is an error, not a
+    silent fallback. (On a GPU, the float64 tests above hold the default to the fp32 budget.)"""
+    info = pytest.importorskip("fastcl.kernels.info_nce")
+    matmul = torch.backends.cuda.matmul  # a settings object: monkeypatch cannot undo its fields
+    saved = matmul.allow_tf32
+    monkeypatch.delenv("FASTCL_TRITON_FP32", raising=False)
+    try:
+        matmul.allow_tf32 = False
+        assert info._precision(torch.float32) == "tf32x3"
+        assert info._precision(torch.bfloat16) == "ieee"
+        monkeypatch.setenv("FASTCL_TRITON_FP32", "ieee")
+        assert info._precision(torch.float32) == "ieee"
+        matmul.allow_tf32 = True
+        assert info._precision(torch.float32) == "tf32"
+        matmul.allow_tf32 = False
+        monkeypatch.setenv("FASTCL_TRITON_FP32", "fp64")
+        with pytest.raises(ValueError, match="FASTCL_TRITON_FP32"):
+            info._precision(torch.float32)
+    finally:
+        matmul.allow_tf32 = saved
