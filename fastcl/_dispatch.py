@@ -63,7 +63,8 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
 # Measured fwd+bwd milliseconds per GPU architecture, op and input precision
 # (benchmarks/RESULTS.md: H100 80GB HBM3, 2026-11-23, scripts/gpu_run.sh). `auto` takes the
 # fastest usable backend with a figure for the GPU, op and precision at hand, and Triton where
-# none has one: figures, not guesses.
+# none has one: figures, not guesses. `python -m benchmarks.measured_figures` prints this entry
+# from the benchmark CSVs (scripts/gpu_run.sh runs it); a test holds the two in step.
 #   info_nce 16bit: CLIP loss, B=32768, D=512, bf16.
 #   info_nce fp32:  NT-Xent, 2 x 4096 views, D=256 (the Triton kernels' fp32 path is ~20x slower
 #                   than naive torch there: full-precision dots, not tuned yet).

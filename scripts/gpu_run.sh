@@ -96,6 +96,9 @@ has bench && {
   # NT-Xent, SupCon and MNRL against lightly, pytorch-metric-learning and sentence-transformers
   # (fp32, as those libraries are used).
   timeout 60 $PY -m benchmarks.bench_family --csv "$OUT/family.csv" --plot-dir /tmp/plots
+  # What `auto` would choose by on this GPU: the entry for fastcl/_dispatch.py's MEASURED_MS.
+  $PY -m benchmarks.measured_figures --arch "sm_${ARCH/./}" --info "$OUT/info_nce.csv" \
+    --family "$OUT/family.csv" --whitening "$OUT/whitening.csv"
   stamp "done"
 } 2>&1 | tee "$OUT/bench.log"
 has bench && tar -C /tmp -cf "$OUT/plots.tar" plots

@@ -5,6 +5,7 @@ checked here (performance claims live in benchmarks/RESULTS.md)."""
 import csv
 import importlib.util
 import math
+import os
 import time
 
 import pytest
@@ -113,3 +114,14 @@ def test_max_batch_probe_and_whitening(tmp_path):
     assert {(r["method"], r["backend"]) for r in got} == {(m, b) for m in ("zca", "cholesky", "newton_schulz")
                                                            for b in ("reference", "torch")}
     assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in got)
+
+
+def test_auto_figures_come_from_the_committed_csvs():
+    """fastcl._dispatch.MEASURED_MS is what benchmarks.measured_figures reads off the committed
+    H100 CSVs: the figures `auto` decides by can be traced to raw, dated rows."""
+    from benchmarks import measured_figures
+    from fastcl._dispatch import MEASURED_MS
+    res = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+    fig = measured_figures.figures(os.path.join(res, "info_nce_h100.csv"), os.path.join(res, "family_h100.csv"),
+                                   os.path.join(res, "whitening_h100.csv"))
+    assert fig == MEASURED_MS["sm_90"]
