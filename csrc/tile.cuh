@@ -106,15 +106,15 @@ template <typename T, int R, int C> struct Stage {
                                         bool vec) {
 #pragma unroll
     for (int p = 0; p < PER; ++p) {
-      const int g = threadIdx.x + p * THREADS;
-      v[p] = fetch_piece(src, r0 + g / PR, rows, c0 + (g % PR) * VEC, cols, vec);
+      const int g = threadIdx.x + p * THREADS, r = g / PR, c = (g % PR) * VEC;
+      v[p] = fetch_piece(src, r0 + r, rows, c0 + c, cols, vec);
     }
   }
   __device__ __forceinline__ void put(T* dst, int ld) const {
 #pragma unroll
     for (int p = 0; p < PER; ++p) {
-      const int g = threadIdx.x + p * THREADS;
-      st16(dst + (g / PR) * ld + (g % PR) * VEC, v[p]);
+      const int g = threadIdx.x + p * THREADS, r = g / PR, c = (g % PR) * VEC;
+      st16(dst + r * ld + c, v[p]);
     }
   }
 };
@@ -126,8 +126,10 @@ __device__ __forceinline__ void copy_tile(T* dst, int ld, const T* src, int64_t 
   constexpr int VEC = vec_elems<T>(), PR = C / VEC;
   static_assert(C % VEC == 0 && (R * PR) % THREADS == 0, "whole pieces, evenly over the threads");
 #pragma unroll 4
-  for (int g = threadIdx.x; g < R * PR; g += THREADS)
-    st16(dst + (g / PR) * ld + (g % PR) * VEC, fetch_piece(src, r0 + g / PR, rows, c0 + (g % PR) * VEC, cols, vec));
+  for (int g = threadIdx.x; g < R * PR; g += THREADS) {
+    const int r = g / PR, c = (g % PR) * VEC;
+    st16(dst + r * ld + c, fetch_piece(src, r0 + r, rows, c0 + c, cols, vec));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
