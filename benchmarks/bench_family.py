@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import SlowGuard, append_csv, fastcl_backends, finish, fmt_ms, header, measure, progress
+from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finish, fmt_ms, header, measure, names,
+                               picked, progress)
 from fastcl import reference as R
 
 
@@ -70,7 +71,7 @@ def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=200
     print(header(device))
     print(f"{op} fwd+bwd | D={dim} | fp32 | median of {reps} (p20-p80)")
     print(f"{'provider':<22}{'B':>8}{'ms':>10}{'p20-p80':>17}{'peak MiB':>10}{'x naive':>9}")
-    provs = {n: f for n, f in providers(op, device).items() if not only or n in only}
+    provs = picked(providers(op, device), only)
     bar = progress(len(sizes) * len(provs), op)
     rows, guard = [], SlowGuard(slow_ms)
     for B in sizes:
@@ -118,13 +119,12 @@ def main(argv=None):
     p.add_argument("--plot-dir", default=None)
     p.add_argument("--slow-ms", type=float, default=2000.0,
                    help="a provider predicted to be slower than this per step is skipped at that B")
-    p.add_argument("--only", default=None, help="comma-separated providers")
+    p.add_argument("--only", type=names, default=None, help="comma-separated providers")
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
-    only = a.only.split(",") if a.only else None
     for op in a.ops.split(","):
         run(op, [int(s) for s in a.sizes.split(",")], a.dim, a.reps, device, a.csv,
-            f"{a.plot_dir}/{op}.png" if a.plot_dir else None, a.slow_ms, only)
+            f"{a.plot_dir}/{op}.png" if a.plot_dir else None, a.slow_ms, a.only)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import SlowGuard, append_csv, fastcl_backends, finish, fmt_ms, header, is_oom, measure, progress
+from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finish, fmt_ms, header, is_oom, measure,
+                               names, picked, progress)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -89,7 +90,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
     flop_factor = {"fwd+bwd": 8, "fwd": 2, "bwd": 6}[mode]
     print(cols)
     rows, naive_ms, guard = [], {}, SlowGuard(slow_ms)
-    provs = {n: f for n, f in providers(device, compile_naive, only).items() if not only or n in only}
+    provs = picked(providers(device, compile_naive, only), only)
     if mode == "bwd":
         provs.pop("torch-compile", None)  # its compiled backward cannot run twice on one graph
     bar = progress(len(sizes) * len(provs), "info_nce")
@@ -133,7 +134,7 @@ def main(argv=None):
     p.add_argument("--one-direction", action="store_true", help="InfoNCE instead of the CLIP loss")
     p.add_argument("--reps", type=int, default=20 if cuda else 5)
     p.add_argument("--csv", default=None)
-    p.add_argument("--only", default=None, help="comma-separated providers")
+    p.add_argument("--only", type=names, default=None, help="comma-separated providers")
     p.add_argument("--mode", choices=["fwd", "bwd", "fwd+bwd"], default="fwd+bwd")
     p.add_argument("--compile", action="store_true", default=None,
                    help="also time torch.compile of the naive loss (default: on CUDA only)")
@@ -144,7 +145,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     run([int(s) for s in a.sizes.split(",")], a.dim, a.dtype, not a.one_direction, a.reps, device,
-        a.csv, a.only.split(",") if a.only else None, a.mode,
+        a.csv, a.only, a.mode,
         cuda if a.compile is None else a.compile, a.plot, a.slow_ms)
 
 

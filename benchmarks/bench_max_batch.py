@@ -11,7 +11,7 @@ import time
 import torch
 
 from benchmarks.bench_info_nce import DTYPES, providers
-from benchmarks.common import append_csv, header, is_oom, peak_memory
+from benchmarks.common import append_csv, header, is_oom, names, peak_memory, picked
 
 
 def probe(name, fn, device, dim, dtype, start, max_b, max_seconds):
@@ -62,16 +62,14 @@ def main(argv=None):
     p.add_argument("--start", type=int, default=4096 if cuda else 256)
     p.add_argument("--max-b", type=int, default=1 << 20 if cuda else 4096)
     p.add_argument("--max-seconds", type=float, default=60.0 if cuda else 5.0)
-    p.add_argument("--only", default=None, help="comma-separated providers")
+    p.add_argument("--only", type=names, default=None, help="comma-separated providers")
     p.add_argument("--csv", default=None)
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     print(header(device))
     print(f"largest CLIP-loss batch, fwd+bwd, D={a.dim}, {a.dtype}")
-    rows, only = [], a.only.split(",") if a.only else None
-    for name, fn in providers(device, compile_naive=False, only=only).items():
-        if only and name not in only:
-            continue
+    rows = []
+    for name, fn in picked(providers(device, compile_naive=False, only=a.only), a.only).items():
         best, stop = probe(name, fn, device, a.dim, a.dtype, a.start, a.max_b, a.max_seconds)
         row = dict(op="info_nce_max_batch", provider=name, D=a.dim, dtype=a.dtype, device=str(device),
                    max_B=best["B"] if best else 0, seconds=best["seconds"] if best else float("nan"),

@@ -41,6 +41,16 @@ def fastcl_backends(device: torch.device, dtype: torch.dtype = torch.float32) ->
     return out
 
 
+def names(arg: str) -> list:
+    """argparse type of --only: comma-separated provider names."""
+    return arg.split(",")
+
+
+def picked(provs: dict, only=None) -> dict:
+    """The providers named in `only` (every one when None), in their own order."""
+    return {n: f for n, f in provs.items() if not only or n in only}
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
