@@ -26,32 +26,37 @@ def _rows(path):
         return [r for r in csv.DictReader(f) if r.get("status") == "ok"]
 
 
+# The reference point of each figure: the CSV columns a row must match.
+CLIP = dict(op="info_nce", mode="fwd+bwd", B="32768", D="512", dtype="bf16", symmetric="True")
+NT_XENT = dict(op="nt_xent", mode="fwd+bwd", B="4096", D="256", dtype="fp32")
+NEWTON_SCHULZ = dict(method="newton_schulz", N="8192", D="768", group="64", dtype="fp32")
+
+
+def _times(path, point, backend_of):
+    """{backend: [ms, ...] in file order} of the rows at the reference point."""
+    out = {}
+    for r in _rows(path):
+        b = backend_of(r)
+        if b in BACKENDS and all(r[k] == v for k, v in point.items()):
+            out.setdefault(b, []).append(float(r["ms"]))
+    return out
+
+
+def _fastcl(row):  # provider "fastcl-<backend>"
+    p = row["provider"]
+    return p[len("fastcl-"):] if p.startswith("fastcl-") else None
+
+
 def figures(info=None, family=None, whitening=None):
     """{op: {precision: {backend: ms}}} from the CSV paths given (None: not read)."""
     out = {}
-
-    def latest(rows, match, key):
-        found = {}
-        for r in rows:  # file order: a later row replaces an earlier one
-            if match(r):
-                found[key(r)] = round(float(r["ms"]), 1)
-        return found
-
-    clip = latest(_rows(info), lambda r: (r["op"], r["mode"], r["B"], r["D"], r["dtype"], r["symmetric"]) ==
-                  ("info_nce", "fwd+bwd", "32768", "512", "bf16", "True")
-                  and r["provider"][len("fastcl-"):] in BACKENDS, lambda r: r["provider"][len("fastcl-"):])
-    ntx = latest(_rows(family), lambda r: (r["op"], r["mode"], r["B"], r["D"], r["dtype"]) ==
-                 ("nt_xent", "fwd+bwd", "4096", "256", "fp32")
-                 and r["provider"][len("fastcl-"):] in BACKENDS, lambda r: r["provider"][len("fastcl-"):])
-    if clip or ntx:
-        out["info_nce"] = {k: v for k, v in (("16bit", clip), ("fp32", ntx)) if v}
-    ns = {}
-    for r in _rows(whitening):
-        if (r["method"], r["N"], r["D"], r["group"], r["dtype"]) == ("newton_schulz", "8192", "768", "64", "fp32") \
-                and r["backend"] in BACKENDS:
-            ns.setdefault(r["backend"], []).append(float(r["ms"]))
+    latest = {prec: {b: round(ms[-1], 1) for b, ms in _times(path, point, _fastcl).items()}
+              for prec, path, point in (("16bit", info, CLIP), ("fp32", family, NT_XENT))}
+    if any(latest.values()):
+        out["info_nce"] = {prec: v for prec, v in latest.items() if v}
+    ns = _times(whitening, NEWTON_SCHULZ, lambda r: r["backend"])
     if ns:
-        out["group_whiten"] = {"fp32": {b: round(statistics.mean(v), 1) for b, v in ns.items()}}
+        out["group_whiten"] = {"fp32": {b: round(statistics.mean(ms), 1) for b, ms in ns.items()}}
     return out
 
 
