@@ -7,7 +7,9 @@ kept graph (retain_graph=True); torch.compile's backward cannot be re-run that w
 out of that mode.
 """
 import argparse
+import contextlib
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,12 @@ def providers(device, compile_naive: bool, only=None):
     for be in fastcl_backends(device):
         out[f"fastcl-{be}"] = lambda q, k, t, sym, be=be: FCL.info_nce(q, k, temperature=t, symmetric=sym,
                                                                        backend=be)
+    if "fastcl-cuda" in out and only and "fastcl-cuda-wmma" in only:
+        from fastcl import cuda_backend
+        if cuda_backend.wgmma_available():  # a Hopper GPU: the cuda kernels' WMMA variant as well
+            wmma = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym, backend="cuda")  # noqa: E731
+            wmma.env = {"FASTCL_CUDA_WGMMA": "0"}  # for its forward and backward alike
+            out["fastcl-cuda-wmma"] = wmma
     if importlib.util.find_spec("open_clip") and (not only or "open_clip" in only):
         import open_clip
         oc = open_clip.ClipLoss()
@@ -55,8 +63,28 @@ def providers(device, compile_naive: bool, only=None):
     return out
 
 
+@contextlib.contextmanager
+def _environment(env):
+    old = {n: os.environ.get(n) for n in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
 def _time_provider(fn, q, k, symmetric, mode, device, reps):
-    """(median ms, p20, p80, peak bytes, status) of one provider's step on copies of q, k."""
+    """(median ms, p20, p80, peak bytes, status) of one provider's step on copies of q, k, in the
+    environment the provider asks for (its `env` attribute)."""
+    with _environment(getattr(fn, "env", {})):
+        return _time_step(fn, q, k, symmetric, mode, device, reps)
+
+
+def _time_step(fn, q, k, symmetric, mode, device, reps):
     backward = mode != "fwd"
     qq, kk = q.clone().requires_grad_(backward), k.clone().requires_grad_(backward)
     loss = None

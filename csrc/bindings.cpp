@@ -100,4 +100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcl CUDA C++ kernels; the ops live in torch.ops.fastcl_cuda";
   m.def("compiled_archs", &fastcl::compiled_archs,
         "The SM architectures this binary holds kernels for, e.g. '800,900' (nvcc's __CUDA_ARCH_LIST__)");
+  m.def("wgmma_available", &fastcl::wgmma_available,
+        "Whether the current GPU runs this build's sm_90a code: the 16-bit kernels' score tiles on "
+        "wgmma (unless FASTCL_CUDA_WGMMA=0)");
 }

@@ -4,6 +4,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <type_traits>
+
 #include "info_nce.h"
 #include "info_nce_kernels.cuh"
 #include "check.h"
@@ -67,10 +73,52 @@ int make_flags(bool symmetric, bool labels, bool exclude_diag, bool exclude_pos,
     }                                                                                 \
   }()
 
+// The kernels' wgmma variant where the GPU runs this build's sm_90a code, unless
+// FASTCL_CUDA_WGMMA=0 asks for the WMMA one (the same results up to fp32 summation order).
+// f(std::bool_constant<WG>{}); fp32 inputs have no wgmma variant.
+template <typename T, typename F> void with_wg(F&& f) {
+  if constexpr (sizeof(T) == 2) {
+    if (wgmma_enabled()) return f(std::true_type{});
+  }
+  f(std::false_type{});
+}
+
 #define FASTCL_STR2(...) #__VA_ARGS__
 #define FASTCL_STR(...) FASTCL_STR2(__VA_ARGS__)
 
 }  // namespace
+
+// Which code the current GPU runs: 1 where the build holds sm_90a code and the GPU is one it runs
+// on (the driver picks it over the sm_80 code on compute capability 9.0).
+__global__ void wgmma_probe(int* out) {
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+bool wgmma_available() {
+  static std::mutex mu;
+  static std::map<int, bool> known;  // per device, probed once
+  const int dev = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(dev);
+  if (it != known.end()) return it->second;
+  at::Tensor out = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, dev));
+  wgmma_probe<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<int>());
+  bool ok = false;
+  if (cudaGetLastError() == cudaSuccess) {  // no code for this GPU at all: set_smem says so later
+    ok = out.item<int>() == 1;
+  }
+  known[dev] = ok;
+  return ok;
+}
+
+bool wgmma_enabled() {
+  const char* env = std::getenv("FASTCL_CUDA_WGMMA");
+  return !(env && std::string(env) == "0") && wgmma_available();
+}
 
 const char* compiled_archs() {
 #ifdef __CUDA_ARCH_LIST__
@@ -101,14 +149,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_cuda(
 
   if (B > 0) {  // N == 0 too, as Triton: every row is written (max NEG, log-sum -inf)
     FASTCL_DISPATCH(u.scalar_type(), [&] {
-      const size_t sm = fwd_smem<T>();
-      set_smem(lse_fwd_kernel<T>, sm);
-      lse_fwd_kernel<T><<<(unsigned)P, THREADS, sm, stream>>>(
-          cptr<T, AT>(u), cptr<T, AT>(v), scale32.data_ptr<float>(), opt_ptr(labels),
-          opt_ptr(row_cls), opt_ptr(col_cls), row_stats.data_ptr<float>(),
-          symmetric ? col_m.data_ptr<float>() : nullptr, symmetric ? col_l.data_ptr<float>() : nullptr,
-          B, N, D, flags);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_wg<T>([&](auto wg) {
+        constexpr bool WG = decltype(wg)::value;
+        const size_t sm = fwd_smem<T>();
+        set_smem(lse_fwd_kernel<T, WG>, sm);
+        lse_fwd_kernel<T, WG><<<(unsigned)P, THREADS, sm, stream>>>(
+            cptr<T, AT>(u), cptr<T, AT>(v), scale32.data_ptr<float>(), opt_ptr(labels),
+            opt_ptr(row_cls), opt_ptr(col_cls), row_stats.data_ptr<float>(),
+            symmetric ? col_m.data_ptr<float>() : nullptr, symmetric ? col_l.data_ptr<float>() : nullptr,
+            B, N, D, flags);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   at::Tensor m = row_stats[0], logl = row_stats[1], pos = row_stats[2];
@@ -151,22 +202,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
     at::Tensor amp = at::exp2(at::floor(at::log2(16384.0 / (scale32 * gmax).clamp_min(1e-30))))
                          .clamp(std::pow(2.0, -60), std::pow(2.0, 60)).reshape({1}).contiguous();
     FASTCL_DISPATCH(u.scalar_type(), [&] {
-      with_slab<T>(D, [&](auto bd) {
-        constexpr int BD = decltype(bd)::value;
-        const size_t sm = bwd_smem<T, BD>();
-        set_smem(grad_kernel<T, BD>, sm);
-        grad_kernel<T, BD><<<(unsigned)n_rb, THREADS, sm, stream>>>(
-            cptr<T, AT>(u), cptr<T, AT>(v), scale32.data_ptr<float>(), amp.data_ptr<float>(),
-            rs.data_ptr<float>(), cs.data_ptr<float>(), g_row.data_ptr<float>(), g_col.data_ptr<float>(),
-            opt_ptr(labels), opt_ptr(row_cls), opt_ptr(col_cls), mptr<T, AT>(du),
-            dscale.data_ptr<float>(), B, N, D, B, N, flags);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        grad_kernel<T, BD><<<(unsigned)n_cb, THREADS, sm, stream>>>(
-            cptr<T, AT>(v), cptr<T, AT>(u), scale32.data_ptr<float>(), amp.data_ptr<float>(),
-            rs.data_ptr<float>(), cs.data_ptr<float>(), g_row.data_ptr<float>(), g_col.data_ptr<float>(),
-            opt_ptr(labels), opt_ptr(row_cls), opt_ptr(col_cls), mptr<T, AT>(dv),
-            dscale.data_ptr<float>(), N, B, D, B, N, flags | TRANSPOSED);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_wg<T>([&](auto wg) {
+        constexpr bool WG = decltype(wg)::value;
+        with_slab<T>(D, [&](auto bd) {
+          constexpr int BD = decltype(bd)::value;
+          const size_t sm = bwd_smem<T, BD>();
+          set_smem(grad_kernel<T, BD, WG>, sm);
+          grad_kernel<T, BD, WG><<<(unsigned)n_rb, THREADS, sm, stream>>>(
+              cptr<T, AT>(u), cptr<T, AT>(v), scale32.data_ptr<float>(), amp.data_ptr<float>(),
+              rs.data_ptr<float>(), cs.data_ptr<float>(), g_row.data_ptr<float>(), g_col.data_ptr<float>(),
+              opt_ptr(labels), opt_ptr(row_cls), opt_ptr(col_cls), mptr<T, AT>(du),
+              dscale.data_ptr<float>(), B, N, D, B, N, flags);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          grad_kernel<T, BD, WG><<<(unsigned)n_cb, THREADS, sm, stream>>>(
+              cptr<T, AT>(v), cptr<T, AT>(u), scale32.data_ptr<float>(), amp.data_ptr<float>(),
+              rs.data_ptr<float>(), cs.data_ptr<float>(), g_row.data_ptr<float>(), g_col.data_ptr<float>(),
+              opt_ptr(labels), opt_ptr(row_cls), opt_ptr(col_cls), mptr<T, AT>(dv),
+              dscale.data_ptr<float>(), N, B, D, B, N, flags | TRANSPOSED);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     });
   } else {

@@ -56,7 +56,8 @@ __device__ __forceinline__ float quad_kept_sum_exp2(const float (&z)[16], const 
 // Forward. Persistent blocks over row blocks; block p merges its column statistics into row p
 // of the [P, N] partial buffers (only it writes there: no atomics, memory linear in N).
 // ---------------------------------------------------------------------------------------------
-template <typename T>
+// WG: the score tile on wgmma (tile.cuh), for 16-bit inputs on GPUs running sm_90a code.
+template <typename T, bool WG = false>
 __global__ void __launch_bounds__(THREADS)
 lse_fwd_kernel(const T* __restrict__ U, const T* __restrict__ V, const float* __restrict__ scale,
                const int64_t* __restrict__ labels, const int64_t* __restrict__ row_cls,
@@ -84,7 +85,7 @@ lse_fwd_kernel(const T* __restrict__ U, const T* __restrict__ V, const float* __
     for (int64_t cb = 0; cb * BN < N; ++cb) {
       const int64_t c0 = cb * BN;
       if (multi && threadIdx.x < BN) ccls_s[threadIdx.x] = c0 + threadIdx.x < N ? col_cls[c0 + threadIdx.x] : -2;
-      score_tile<T>(S, As, Bs, U, rb * BM, B, V, c0, N, D);
+      score_tile<T, WG>(S, As, Bs, U, rb * BM, B, V, c0, N, D);
 
       // Row statistics: lane q covers columns 16q .. 16q+15 of row r.
       float z[16];
@@ -191,7 +192,7 @@ __device__ __forceinline__ void load_col_side(Side& s, const float* row_stats,
 // one, so that P - 1 keeps its digits however this tile's dot rounds.
 // Two blocks per SM where shared memory allows it (16-bit, D <= 128: 79 KB each); the register
 // cap this sets (128) costs 12 bytes of spills there (scripts/kernel_resources.sh).
-template <typename T, int BD>
+template <typename T, int BD, bool WG = false>
 __global__ void __launch_bounds__(THREADS, (sizeof(T) == 2 && BD <= 128) ? 2 : 1)
 grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __restrict__ scale,
             const float* __restrict__ amp_p, const float* __restrict__ row_stats,
@@ -240,7 +241,7 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
       }
       // Its barriers publish side_b too. With one slab, the chunks it loads are the slab: Vs
       // (free since the barrier that ended the last tile) is filled on the way.
-      score_tile<T>(S, As, Bs, A, a0, MA, Bm, b0, MB, D, one_slab ? Vs : nullptr, LDV);
+      score_tile<T, WG>(S, As, Bs, A, a0, MA, Bm, b0, MB, D, one_slab ? Vs : nullptr, LDV);
 
       for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
         const int ta = e / BN, tb = e % BN;

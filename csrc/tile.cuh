@@ -1,17 +1,24 @@
 // Tile math shared by the fused InfoNCE kernels (forward and both backward launches).
 //
 // One block = 256 threads (8 warps) works on a BM x BN tile of S = s * A @ B^T.
-// 16-bit inputs go through the tensor cores (WMMA 16x16x16, fp32 accumulators); fp32 inputs
-// use plain fp32 FMAs, so that fp32 results are as precise as torch's default (non-TF32)
-// matmul, the code fastcl replaces.
+// 16-bit inputs go through the tensor cores: WMMA 16x16x16 (sm_80+), or, in code built for
+// sm_90a (Hopper), the score tile on warpgroup MMA (wgmma), both with fp32 accumulators. fp32
+// inputs use plain fp32 FMAs, so that fp32 results are as precise as torch's default
+// (non-TF32) matmul, the code fastcl replaces.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <vector_functions.h>  // make_uint4 (nvcc includes it anyway; the CPU emulation does not)
 #include <vector_types.h>
-#ifndef FASTCL_EMULATE  // csrc/emulate/cuda_emu.h provides nvcuda::wmma on the CPU
+#ifndef FASTCL_EMULATE  // csrc/emulate/cuda_emu.h provides nvcuda::wmma and wg:: on the CPU
 #include <mma.h>
+#endif
+
+// The Hopper path: wgmma exists only in code built for sm_90a (TORCH_CUDA_ARCH_LIST "9.0a"). The
+// CPU emulation always has it (cuda_emu.h emulates the instructions from the PTX ISA's layouts).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FASTCL_EMULATE)
+#define FASTCL_WGMMA 1
 #endif
 
 #include <cstdint>
@@ -56,6 +63,9 @@ __device__ __forceinline__ void st16(void* p, uint4 v) {
 #ifdef FASTCL_CHECK_ALIGN16
   FASTCL_CHECK_ALIGN16(p);
 #endif
+#ifdef FASTCL_NOTE_STORE16  // the emulation tracks stores that wgmma may read (fence_proxy)
+  FASTCL_NOTE_STORE16(p);
+#endif
   *reinterpret_cast<uint4*>(p) = v;
 }
 
@@ -95,26 +105,54 @@ __device__ __forceinline__ uint4 fetch_piece(const T* src, int64_t gr, int64_t r
 
 // An R x C tile (rows [r0, r0 + R), columns [c0, c0 + C)) held in registers between fetch() and
 // put(): the score loop fetches the next D-chunk before working on this one, so that its global
-// loads are in flight meanwhile. Thread t holds pieces t, t + THREADS, ... (consecutive threads,
-// consecutive pieces of a row: coalesced). dst + r * ld must stay 16-byte aligned (ld * sizeof(T)
-// a multiple of 16).
-template <typename T, int R, int C> struct Stage {
+// loads are in flight meanwhile. Which piece thread t holds (slots g = t, t + THREADS, ...):
+//  - CORE false: consecutive threads, consecutive pieces of a row (coalesced);
+//  - CORE true (the wgmma path): 8 consecutive threads, one piece column of 8 consecutive rows,
+//    so that their stores to the core-matrix layout (put_core) are 128 contiguous bytes (no bank
+//    conflicts); a warp still reads whole 16 * C / VEC-byte row segments of 8 rows.
+// put(dst, ld) writes row-major: dst + r * ld must stay 16-byte aligned (ld * sizeof(T) a
+// multiple of 16).
+template <typename T, int R, int C, bool CORE = false> struct Stage {
   static constexpr int VEC = vec_elems<T>(), PR = C / VEC, PER = R * PR / THREADS;
   static_assert(C % VEC == 0 && (R * PR) % THREADS == 0, "whole pieces, evenly over the threads");
+  static_assert(!CORE || R % 8 == 0, "whole 8-row core matrices");
   uint4 v[PER];
+  __device__ __forceinline__ static void where(int g, int& r, int& c) {
+    if constexpr (CORE) {
+      r = g % 8 + 8 * (g / (8 * PR));
+      c = (g / 8) % PR * VEC;
+    } else {
+      r = g / PR;
+      c = (g % PR) * VEC;
+    }
+  }
   __device__ __forceinline__ void fetch(const T* src, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
                                         bool vec) {
 #pragma unroll
     for (int p = 0; p < PER; ++p) {
-      const int g = threadIdx.x + p * THREADS, r = g / PR, c = (g % PR) * VEC;
+      int r, c;
+      where(threadIdx.x + p * THREADS, r, c);
       v[p] = fetch_piece(src, r0 + r, rows, c0 + c, cols, vec);
     }
   }
   __device__ __forceinline__ void put(T* dst, int ld) const {
 #pragma unroll
     for (int p = 0; p < PER; ++p) {
-      const int g = threadIdx.x + p * THREADS, r = g / PR, c = (g % PR) * VEC;
+      int r, c;
+      where(threadIdx.x + p * THREADS, r, c);
       st16(dst + r * ld + c, v[p]);
+    }
+  }
+  // The layout wgmma reads without swizzling (K-major "core matrices" of 8 rows x 16 bytes,
+  // stored as 128 contiguous bytes): piece (r, c) at dst + (c / VEC) * R * VEC + r * VEC, i.e.
+  // [C / VEC][R][VEC]. Between row groups 128 bytes (the descriptor's SBO), between piece
+  // columns R * 16 bytes (its LBO).
+  __device__ __forceinline__ void put_core(T* dst) const {
+#pragma unroll
+    for (int p = 0; p < PER; ++p) {
+      int r, c;
+      where(threadIdx.x + p * THREADS, r, c);
+      st16(dst + (c / VEC) * R * VEC + r * VEC, v[p]);
     }
   }
 };
@@ -196,6 +234,142 @@ template <> struct Score<float> {  // thread t owns rows 4*(t/16)+i, columns (t%
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Hopper (sm_90a): the score tile on warpgroup MMA. Each of the block's two warpgroups computes
+// 32 columns of the 64 x 64 tile with wgmma.m64n32k16, both operands read by the tensor cores
+// straight from shared memory (no fragment loads through registers), asynchronously: the next
+// chunk's stores to the other buffer proceed meanwhile. Operand layout: PTX ISA, "Shared Memory
+// Matrix Layout", K-major without swizzling; accumulator layout: "Register Fragments", m64nNk16 D.
+// ---------------------------------------------------------------------------------------------
+#if defined(FASTCL_WGMMA) && !defined(FASTCL_EMULATE)
+namespace wg {
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// Orders this thread's accumulator accesses before the wgmma that follow.
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Shared memory written by ordinary stores is seen by the tensor cores (the async proxy) only
+// after this fence in each writing thread, followed by the barrier.
+__device__ __forceinline__ void fence_proxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving accumulator reads or writes across the asynchronous MMA.
+__device__ __forceinline__ void fence_operands(float (&d)[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define FASTCL_WGMMA_M64N32K16(TYPE)                                                                   \
+  asm volatile(                                                                                         \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                     \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " "                                   \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),   \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
+        "+f"(d[15])                                                                                     \
+      : "l"(a), "l"(b), "r"(1))
+// d += A (64 x 16, descriptor a) @ B (32 x 16, descriptor b)^T, both K-major.
+template <typename T> __device__ __forceinline__ void mma_m64n32k16(float (&d)[16], uint64_t a, uint64_t b);
+template <> __device__ __forceinline__ void mma_m64n32k16<__nv_bfloat16>(float (&d)[16], uint64_t a, uint64_t b) {
+  FASTCL_WGMMA_M64N32K16("bf16");
+}
+template <> __device__ __forceinline__ void mma_m64n32k16<__half>(float (&d)[16], uint64_t a, uint64_t b) {
+  FASTCL_WGMMA_M64N32K16("f16");
+}
+#undef FASTCL_WGMMA_M64N32K16
+}  // namespace wg
+#endif
+
+#ifdef FASTCL_WGMMA
+namespace wg {
+// Matrix descriptor of a K-major operand without swizzling at p (16-byte aligned): bits 0-13 the
+// start address, 16-29 LBO (between core matrices along K), 32-45 SBO (between 8-row groups), all
+// in 16-byte units; base offset and swizzle mode (bits 49-51, 62-63) zero.
+__device__ __forceinline__ uint64_t desc(const void* p, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((smem_addr(p) & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
+         ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32);
+}
+}  // namespace wg
+
+template <typename T> struct ScoreWG {  // warpgroup g = threadIdx.x / 128 owns columns 32g .. 32g+31
+  static constexpr int VEC = vec_elems<T>();
+  float d[16];
+  __device__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) d[i] = 0.f;
+  }
+  // As [BK / VEC][BM][VEC], Bs [BK / VEC][BN][VEC] (Stage::put_core): K-step s starts 2 piece
+  // columns (16 of K) further on; warpgroup g's B rows 32 g rows further on.
+  __device__ void issue(const T* As, const T* Bs) {
+    const int g = threadIdx.x >> 7;
+    wg::fence_operands(d);
+    wg::fence();
+#pragma unroll
+    for (int s = 0; s < BK / 16; ++s)
+      wg::mma_m64n32k16<T>(d, wg::desc(As + 2 * s * BM * VEC, BM * 16, 128),
+                           wg::desc(Bs + 2 * s * BN * VEC + 32 * g * VEC, BN * 16, 128));
+    wg::commit();
+  }
+  __device__ void wait() {
+    wg::wait_all();
+    wg::fence_operands(d);
+  }
+  // d[4j + v] is S[16 w + lane / 4 + 8 (v / 2)][8 j + 2 (lane % 4) + v % 2] of the warpgroup's
+  // 64 x 32 (w: warp in the warpgroup).
+  __device__ void store(float* S) {
+    const int t = threadIdx.x & 127, lane = t & 31;
+    const int r = 16 * (t >> 5) + (lane >> 2), c = 32 * (threadIdx.x >> 7) + 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      S[r * LDS + c + 8 * j] = d[4 * j];
+      S[r * LDS + c + 8 * j + 1] = d[4 * j + 1];
+      S[(r + 8) * LDS + c + 8 * j] = d[4 * j + 2];
+      S[(r + 8) * LDS + c + 8 * j + 1] = d[4 * j + 3];
+    }
+  }
+};
+
+// score_tile's contract (below) on wgmma. Chunks go to As/Bs in the core-matrix layout; each
+// buffer is free to refill once its MMAs have completed (wait) in both warpgroups (barrier).
+template <typename T>
+__device__ void score_tile_wg(float* S, T* As, T* Bs, const T* A, int64_t a0, int64_t MA, const T* Bm,
+                              int64_t b0, int64_t MB, int64_t D, T* Bcopy, int ldc) {
+  static_assert(sizeof(T) == 2 && BM == 64 && BN == 64 && THREADS == 256, "two warpgroups, m64n32 each");
+  const bool vec = vec_ok(A, D) && vec_ok(Bm, D);
+  ScoreWG<T> acc;
+  acc.zero();
+  Stage<T, BM, BK, true> sa;
+  Stage<T, BN, BK, true> sb;
+  sa.fetch(A, a0, MA, 0, D, vec);
+  sb.fetch(Bm, b0, MB, 0, D, vec);
+  sa.put_core(As);
+  sb.put_core(Bs);
+  if (Bcopy) sb.put(Bcopy, ldc);
+  wg::fence_proxy();
+  __syncthreads();
+  const int64_t nk = (D + BK - 1) / BK;
+  for (int64_t k = 0; k < nk; ++k) {
+    const int cur = (int)(k & 1);
+    const bool more = k + 1 < nk;
+    if (more) {
+      sa.fetch(A, a0, MA, (k + 1) * BK, D, vec);
+      sb.fetch(Bm, b0, MB, (k + 1) * BK, D, vec);
+    }
+    acc.issue(As + cur * BM * LDK, Bs + cur * BN * LDK);
+    if (more) {  // the other buffer: its MMAs (chunk k - 1) completed before the last barrier
+      sa.put_core(As + (cur ^ 1) * BM * LDK);
+      sb.put_core(Bs + (cur ^ 1) * BN * LDK);
+      if (Bcopy) sb.put(Bcopy + (k + 1) * BK, ldc);
+      wg::fence_proxy();
+    }
+    acc.wait();
+    __syncthreads();
+  }
+  acc.store(S);
+  __syncthreads();
+}
+#endif
+
 // S[BM][LDS] = A[a0:a0+BM] @ B[b0:b0+BN]^T over all of D (A: [MA, D], B: [MB, D] row-major).
 // As: [2][BM][LDK], Bs: [2][BN][LDK], two buffers per operand: while the tensor cores work on
 // chunk k in one, chunk k + 1 is on its way from global memory in registers, then goes to the
@@ -203,9 +377,19 @@ template <> struct Score<float> {  // thread t owns rows 4*(t/16)+i, columns (t%
 // Bcopy (optional, pitch ldc) also receives every B chunk, i.e. B[b0:b0+BN, :D] from its column
 // 0 on, so that a backward whose D fits in one slab reads these rows once; its columns past the
 // last chunk are left as they were.
-template <typename T>
+// WG: the wgmma version (16-bit inputs; launched only where wgmma_available() says the GPU runs
+// sm_90a code).
+template <typename T, bool WG = false>
 __device__ void score_tile(float* S, T* As, T* Bs, const T* A, int64_t a0, int64_t MA, const T* Bm,
                            int64_t b0, int64_t MB, int64_t D, T* Bcopy = nullptr, int ldc = 0) {
+  if constexpr (WG) {
+#ifdef FASTCL_WGMMA
+    score_tile_wg<T>(S, As, Bs, A, a0, MA, Bm, b0, MB, D, Bcopy, ldc);
+#else
+    __trap();  // code built for a GPU without wgmma: the launcher never picks this
+#endif
+    return;
+  }
   const bool vec = vec_ok(A, D) && vec_ok(Bm, D);
   Score<T> acc;
   acc.zero();

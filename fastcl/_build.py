@@ -3,13 +3,14 @@ nothing from fastcl) and by nothing at run time.
 
 FASTCL_BUILD_CUDA=1 forces the extension (and fails loudly if it cannot be built), 0 skips it;
 unset, it is built when the build environment has a CUDA build of torch and nvcc.
-TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (the kernels need sm_80+: bf16 tensor cores).
+TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0a" (the kernels need sm_80+: bf16 tensor cores; 9.0a, not
+9.0, so that H100/H200s get the kernels that use wgmma, which exists only in sm_90a code).
 MAX_JOBS defaults to what the machine's memory allows (an nvcc job can take ~3 GiB).
 """
 import os
 
 SOURCES = ["csrc/bindings.cpp", "csrc/info_nce.cu", "csrc/whitening.cu"]
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0a"
 # No -std: torch.utils.cpp_extension picks the standard its headers need (C++20 for torch 2.14).
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 CXX_FLAGS = ["-O3"]

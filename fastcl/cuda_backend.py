@@ -45,6 +45,16 @@ def compiled_archs():
     return list(archs)
 
 
+def wgmma_available():
+    """Whether the current GPU runs the extension's sm_90a code (an H100/H200 with the default
+    TORCH_CUDA_ARCH_LIST "8.0;9.0a"): there the 16-bit kernels compute their score tiles with
+    Hopper's wgmma, unless the environment sets FASTCL_CUDA_WGMMA=0 (then WMMA, as on sm_80)."""
+    mod, err, _ = _STATE
+    if mod is None:
+        raise RuntimeError(err)
+    return bool(mod.wgmma_available())
+
+
 def _register_fakes():
     # Shapes only, for torch.compile / meta tensors; mirrors csrc/info_nce.cu.
     @torch.library.register_fake("fastcl_cuda::lse_forward")

@@ -3,8 +3,9 @@
 #  1. A separate venv (.venv-cuda) with the CUDA build of torch (2.14.1+cu130, ~5.5 GB; its CUDA
 #     library headers come with it) and the peers that need torchvision (open_clip, lightly).
 #  2. `pip wheel . --no-build-isolation` with FASTCL_BUILD_CUDA=1: nvcc compiles csrc/ for
-#     TORCH_CUDA_ARCH_LIST (default 8.0;9.0); a compile error fails this script.
-#  3. Installs that wheel and, from outside the checkout (so the wheel is what gets imported),
+#     TORCH_CUDA_ARCH_LIST (default 8.0;9.0a); a compile error fails this script.
+#  3. Checks that the wheel's sm_90a code holds the wgmma kernels (cuobjdump: HGMMA in SASS).
+#  4. Installs that wheel and, from outside the checkout (so the wheel is what gets imported),
 #     runs the tests that need it: the extension loads, registers its ops and shape functions,
 #     refuses CPU tensors with its reason; and equality with open_clip and lightly.
 # The kernels themselves are tested on a GPU by scripts/gpu_run.sh.
@@ -37,6 +38,17 @@ PYEOF
 $P --no-deps --force-reinstall "$WHEEL"
 
 cd "$(mktemp -d)"
+# The Hopper path is there: sm_90a code (not plain sm_90) whose InfoNCE kernels use wgmma (HGMMA
+# in SASS), read with the cuobjdump that Triton ships (the nvcc-only toolkit here has none).
+SO=$("$VENV/bin/python" -c "import importlib.util as u; print(u.find_spec('fastcl._C').origin)")
+OBJDUMP=$(ls "$VENV"/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump 2>/dev/null | head -1 || true)
+if [ -n "$OBJDUMP" ] && [[ "${TORCH_CUDA_ARCH_LIST:-9.0a}" == *9.0a* ]]; then
+  "$OBJDUMP" --list-elf "$SO" | tee /tmp/fastcl_elf.txt
+  grep -q "info_nce.sm_90a.cubin" /tmp/fastcl_elf.txt || { echo "no sm_90a InfoNCE code in $SO"; exit 1; }
+  n=$("$OBJDUMP" -sass "$SO" | grep -c "HGMMA" || true)
+  echo "wgmma (HGMMA) instructions in the sm_90a code: $n"
+  [ "$n" -gt 0 ] || { echo "the sm_90a code has no HGMMA: the Hopper path is missing"; exit 1; }
+fi
 "$VENV/bin/python" -c "import fastcl, fastcl.cuda_backend as c; assert c.unavailable() is None, c.unavailable(); \
 print('fastcl._C loads; kernels for sm', c.compiled_archs(), 'from', fastcl.__file__)"
 "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider --rootdir "$ROOT" \

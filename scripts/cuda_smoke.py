@@ -2,6 +2,7 @@
 dtype and flag set against float64. scripts/gpu_run.sh runs it before the test suite, and under
 compute-sanitizer when it fails, so a kernel fault shows where it is instead of poisoning the
 CUDA context of a whole pytest run. Exit status 1 on a wrong number, non-zero on a crash."""
+import os
 import sys
 
 import torch
@@ -16,6 +17,13 @@ why = fastcl.available_backends(DEVICE)[BACKEND]
 if why is not None:
     sys.exit(f"{BACKEND} backend not usable: {why}")
 tiny = "--tiny" in sys.argv  # for compute-sanitizer: one launch of each kernel
+# On a Hopper GPU running the sm_90a build, the 16-bit kernels run both score-tile variants.
+paths = ["default"]
+if BACKEND == "cuda":
+    from fastcl import cuda_backend
+    wg = cuda_backend.wgmma_available()
+    print(f"wgmma (sm_90a code on this GPU): {'yes' if wg else 'no'}", flush=True)
+    paths = ["wgmma", "wmma"] if wg else ["wmma"]
 # B=2: DCL needs a negative. D % 8 != 0: element-wise tile loads; D = 64, 520: 16-byte loads
 # (520: two D-slabs in the backward for every dtype).
 shapes = [(5, 7), (5, 64)] if tiny else [(2, 3), (70, 33), (130, 300), (70, 64), (66, 520)]
@@ -32,7 +40,10 @@ for B, D in shapes:
         "supcon": lambda a, b, **kw: FCL.supcon(torch.cat([a, b]), torch.cat([lab, lab]).to(a.device),
                                                 temperature=0.1, **kw),
     }
-    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)):
+    runs = [(torch.float32, 1e-3, "default")] + [(dt, tol, p) for dt, tol in ((torch.bfloat16, 5e-2),
+                                                                                (torch.float16, 1e-2)) for p in paths]
+    for dtype, tol, path in runs:
+        os.environ["FASTCL_CUDA_WGMMA"] = "0" if path == "wmma" else "1"
         for name, fn in cases.items():
             qq = q.to(DEVICE, dtype).requires_grad_()
             kk = k.to(DEVICE, dtype).requires_grad_()
@@ -52,7 +63,7 @@ for B, D in shapes:
                              for b in (q64, k64)]
             ok = all(e == e and e <= max(tol, 2 * f) for e, f in zip(errs, floor))  # NaN fails
             bad += not ok
-            print(f"{'ok ' if ok else 'BAD'} {name:8}{str(dtype):16}B={B:<4}D={D:<4} rel err loss/dq/dk "
+            print(f"{'ok ' if ok else 'BAD'} {name:8}{str(dtype):16}{path:8}B={B:<4}D={D:<4} rel err loss/dq/dk "
                   + " ".join(f"{e:.1e}" for e in errs), flush=True)
 x = torch.randn(256, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 y = FCL.group_whiten(x.to(DEVICE).float(), 2, method="newton_schulz", backend=BACKEND).double().cpu()

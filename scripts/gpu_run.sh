@@ -37,15 +37,17 @@ fi
   git rev-parse --short HEAD 2>/dev/null || true
 } 2>&1 | tee -a "$OUT/env.txt"
 
-# The CUDA C++ extension, built in place for this GPU's architecture only (fast).
+# The CUDA C++ extension, built in place for this GPU's architecture only (fast); on Hopper as
+# sm_90a, whose code has the wgmma kernels.
 ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+BUILD_ARCH=$ARCH; [ "$ARCH" = "9.0" ] && BUILD_ARCH=9.0a
 build_rc=0
 if has build; then
-  FASTCL_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 timeout 80 $PY setup.py build_ext --inplace \
+  FASTCL_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$BUILD_ARCH MAX_JOBS=16 timeout 100 $PY setup.py build_ext --inplace \
     > /tmp/build.log 2>&1
   build_rc=$?  # a failed build would only make the cuda tests skip: it fails the run instead
   tail -5 /tmp/build.log >> "$OUT/env.txt"
-  echo "extension build rc=$build_rc (arch $ARCH)" | tee -a "$OUT/env.txt"
+  echo "extension build rc=$build_rc (arch $BUILD_ARCH)" | tee -a "$OUT/env.txt"
 fi
 $PY -c "import fastcl; print('backends:', fastcl.available_backends('cuda'))" 2>&1 | tee -a "$OUT/env.txt"
 stamp "extension ready"
@@ -54,7 +56,7 @@ stamp "extension ready"
 # poison the CUDA context of every test after it. On failure, compute-sanitizer says where.
 smoke_rc=0
 if has build && [ "$build_rc" -eq 0 ]; then
-  timeout 30 $PY scripts/cuda_smoke.py 2>&1 | tee -a "$OUT/tests.log"
+  timeout 45 $PY scripts/cuda_smoke.py 2>&1 | tee -a "$OUT/tests.log"
   smoke_rc=${PIPESTATUS[0]}
   if [ "$smoke_rc" -ne 0 ]; then
     timeout 60 compute-sanitizer --print-limit 20 $PY scripts/cuda_smoke.py --tiny 2>&1 | tail -80 \
@@ -87,7 +89,11 @@ B="$PY -m benchmarks.bench_info_nce --csv $OUT/info_nce.csv"
 has bench && {
   stamp "bench"
   timeout 100 $B --sizes 4096,16384,32768,65536 --dim 512 --dtype bf16 --plot /tmp/plots/info_nce.png
-  timeout 30 $B --sizes 32768 --dim 512 --dtype bf16 --mode fwd --only naive-torch,fastcl-triton,fastcl-cuda
+  # Forward alone, then fwd+bwd of the fastcl kernels; on Hopper, the cuda kernels both with wgmma
+  # (fastcl-cuda) and with WMMA (fastcl-cuda-wmma).
+  timeout 30 $B --sizes 32768 --dim 512 --dtype bf16 --mode fwd \
+    --only naive-torch,fastcl-triton,fastcl-cuda,fastcl-cuda-wmma
+  timeout 30 $B --sizes 32768 --dim 512 --dtype bf16 --only fastcl-triton,fastcl-cuda,fastcl-cuda-wmma
   # Largest batch, bounded: where naive torch and open_clip run out of memory (B = 131072), and
   # how far fastcl and inf-cl get in 10 s a step. PARTS="max-batch" probes to B = 1M.
   timeout 45 $PY -m benchmarks.bench_max_batch --start 65536 --max-b 262144 --max-seconds 10 \

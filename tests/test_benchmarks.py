@@ -68,6 +68,33 @@ def test_oom_is_a_result_other_errors_are_not():
         common.measure(broken, CPU, 3)
 
 
+def test_provider_environment_covers_forward_and_backward(monkeypatch):
+    """A provider's `env` (the cuda kernels' WMMA variant: FASTCL_CUDA_WGMMA=0) holds for its
+    forward and its backward, and is undone afterwards."""
+    monkeypatch.delenv("FASTCL_PROBE", raising=False)
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(os.environ.get("FASTCL_PROBE"))
+            ctx.shape = x.shape
+            return x.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(os.environ.get("FASTCL_PROBE"))
+            return g * torch.ones(ctx.shape)
+
+    def fn(q, k, t, sym):
+        return Probe.apply(q) + k.sum()
+    fn.env = {"FASTCL_PROBE": "on"}
+    q = k = torch.randn(4, 3)
+    bench_info_nce._time_provider(fn, q, k, False, "fwd+bwd", torch.device("cpu"), 3)
+    assert seen and all(v == "on" for v in seen), seen
+    assert "FASTCL_PROBE" not in os.environ
+
+
 def test_time_fn_runs_adapt_to_the_step():
     calls = []
     med, p20, p80 = common.time_fn(lambda: calls.append(1), CPU, reps=20)

@@ -45,6 +45,26 @@ def test_fake_shapes_on_meta(symmetric):
     assert torch.ops.fastcl_cuda.newton_schulz(S, 5).shape == (3, 8, 8)
 
 
+@needs_cuda_backend
+def test_wgmma_switch_changes_only_summation_order(monkeypatch):
+    """FASTCL_CUDA_WGMMA=0 and 1 run different kernels on a Hopper GPU (the same one elsewhere): the
+    results agree to fp32 summation-order rounding, and the switch is read at every call."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u = torch.randn(130, 96, device="cuda", generator=g).to(torch.bfloat16)
+    v = torch.randn(130, 96, device="cuda", generator=g).to(torch.bfloat16)
+    s = torch.full((1,), 1 / 0.07, device="cuda")
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FASTCL_CUDA_WGMMA", flag)
+        row, col, rs, cs = torch.ops.fastcl_cuda.lse_forward(u, v, s, None, None, None, True, False, False)
+        du, dv, ds = torch.ops.fastcl_cuda.lse_backward(u, v, s, rs, cs, torch.ones_like(row), torch.ones_like(col),
+                                                         None, None, None, True, False, False)
+        out[flag] = (row, col, du.float(), dv.float(), ds)
+    for name, a, b in zip(["row", "col", "du", "dv", "dscale"], out["0"], out["1"]):
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), name
+        assert torch.allclose(a, b, rtol=2e-2 if name in ("du", "dv") else 1e-4, atol=1e-3), name
+
+
 @needs_extension
 def test_cpu_tensors_refused_with_reason():
     with pytest.raises(fastcl.BackendUnavailable, match="need CUDA tensors"):
@@ -68,12 +88,25 @@ def test_cpp_input_checks():
         op(u, u, s, torch.zeros(3, dtype=torch.long, device="cuda"), None, None, False, False, False)
 
 
+# The 16-bit kernels' score tile: wgmma where the GPU runs the build's sm_90a code (H100/H200), and
+# WMMA (FASTCL_CUDA_WGMMA=0 there; the only one elsewhere).
+PATHS = [(torch.float32, "fp32"), (torch.float16, "wgmma"), (torch.float16, "wmma"),
+         (torch.bfloat16, "wgmma"), (torch.bfloat16, "wmma")]
+
+
+def _use_path(monkeypatch, path):
+    if path == "wgmma" and not cuda_backend.wgmma_available():
+        pytest.skip("this GPU runs no sm_90a code of the extension (not a Hopper GPU, or built without 9.0a)")
+    monkeypatch.setenv("FASTCL_CUDA_WGMMA", "0" if path == "wmma" else "1")
+
+
 @needs_cuda_and_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,path", PATHS, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("case", list(FLAG_CASES))
 @pytest.mark.parametrize("B,D", [(1, 1), (63, 7), (65, 129), (200, 256), (130, 300), (70, 520)])
-def test_cuda_matches_triton_op(case, dtype, B, D):
+def test_cuda_matches_triton_op(monkeypatch, case, dtype, path, B, D):
     """The op itself, cuda vs triton vs float64: row/column losses, dU, dV, d scale."""
+    _use_path(monkeypatch, path)
     cfg = FLAG_CASES[case]
     g = torch.Generator().manual_seed(B * 1000 + D)
     N = B + cfg.get("N_extra", 0)
@@ -114,10 +147,11 @@ def test_cuda_matches_triton_op(case, dtype, B, D):
 
 
 @needs_cuda_backend
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_unaligned_inputs(dtype):
+@pytest.mark.parametrize("dtype,path", [PATHS[0], PATHS[3], PATHS[4]], ids=lambda x: str(x).replace("torch.", ""))
+def test_cuda_unaligned_inputs(monkeypatch, dtype, path):
     """D a multiple of 8, but the rows one element off a 16-byte boundary: the kernels must fall
     back from 16-byte loads (else a misaligned-address fault) and give the aligned result."""
+    _use_path(monkeypatch, path)
     B, D = 70, 64
     buf = torch.randn(2 * B * D + 1, device="cuda", dtype=dtype) / 8
     u, v = buf[1:1 + B * D].view(B, D), buf[1 + B * D:].view(B, D)

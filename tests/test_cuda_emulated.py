@@ -53,14 +53,17 @@ def _load(d, name, shape):
     return torch.from_numpy(np.fromfile(os.path.join(d, name), dtype=np.float32).reshape(shape))
 
 
-def _run(binary, d, mode, dtype, B, N, D, flags, grid):
-    r = subprocess.run([binary, mode, DT[dtype], str(B), str(N), str(D), str(flags), str(grid), d],
+def _run(binary, d, mode, dtype, B, N, D, flags, grid, path):
+    extra = ["wg"] if path == "wgmma" else []
+    r = subprocess.run([binary, mode, DT[dtype], str(B), str(N), str(D), str(flags), str(grid), d] + extra,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
 
 
-def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_row, g_col, dtype, grid):
-    """What lse_forward_cuda / lse_backward_cuda do around their kernels (csrc/info_nce.cu)."""
+def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_row, g_col, dtype, grid,
+             path="wmma"):
+    """What lse_forward_cuda / lse_backward_cuda do around their kernels (csrc/info_nce.cu).
+    path: "wmma", or "wgmma", the kernels' Hopper variant (16-bit dtypes)."""
     B, D = u.shape
     N = v.shape[0]
     flags = ((FLAGS["HAS_COL"] if sym else 0) | (FLAGS["HAS_LABELS"] if labels is not None else 0)
@@ -71,7 +74,7 @@ def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_ro
     _save(d, "labels.i64", labels, np.int64)
     _save(d, "row_cls.i64", cls, np.int64)
     _save(d, "col_cls.i64", cls, np.int64)
-    _run(binary, d, "fwd", dtype, B, N, D, flags, grid)
+    _run(binary, d, "fwd", dtype, B, N, D, flags, grid, path)
     row_stats = _load(d, "row_stats.out", (4, B))
     m, logl, pos = row_stats[:3]
     row_loss = ((m - pos) + logl) * LN2
@@ -86,7 +89,7 @@ def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_ro
     for name, t in (("row_stats.f32", row_stats), ("col_stats.f32", col_stats), ("g_row.f32", g_row),
                     ("g_col.f32", g_col), ("amp.f32", amp.reshape(1))):
         _save(d, name, t)
-    _run(binary, d, "bwd", dtype, B, N, D, flags, grid)
+    _run(binary, d, "bwd", dtype, B, N, D, flags, grid, path)
     du, dv = _load(d, "du.out", (B, D)), _load(d, "dv.out", (N, D))
     dscale = _load(d, "dscale.out", (-1,)).sum()
     return row_loss, col_loss, du, dv, dscale
@@ -101,10 +104,15 @@ def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_ro
 SHAPES = [(1, 3), (70, 33), (130, 129), (65, 300), (70, 96), (65, 264), (66, 520)]
 
 
-@pytest.mark.parametrize("dtype", list(DT), ids=str)
+# The 16-bit kernels' two score-tile variants: WMMA (sm_80+) and wgmma (the sm_90a build on Hopper).
+PATHS = [(torch.float32, "wmma"), (torch.float16, "wmma"), (torch.bfloat16, "wmma"),
+         (torch.float16, "wgmma"), (torch.bfloat16, "wgmma")]
+
+
+@pytest.mark.parametrize("dtype,path", PATHS, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("case", list(FLAG_CASES))
 @pytest.mark.parametrize("B,D", SHAPES)
-def test_emulated_kernels_match_float64(binary, tmp_path, case, dtype, B, D):
+def test_emulated_kernels_match_float64(binary, tmp_path, case, dtype, path, B, D):
     cfg = FLAG_CASES[case]
     g = torch.Generator().manual_seed(B * 7 + D)
     N = B + cfg.get("N_extra", 0)
@@ -123,7 +131,7 @@ def test_emulated_kernels_match_float64(binary, tmp_path, case, dtype, B, D):
     grid = 2  # persistent blocks: with 3 row blocks, one block handles two
 
     ours = emulated(binary, str(tmp_path), u.float(), v.float(), scale.float(), labels, sym, cls, excl_diag,
-                    excl_pos, g_row.float(), g_col.float(), dtype, grid)
+                    excl_pos, g_row.float(), g_col.float(), dtype, grid, path)
 
     def torch_backend(dt):  # the chunked torch backend: float64 is the oracle, dt the comparator
         uu, vv, ss = u.to(dt), v.to(dt), scale.to(torch.float64 if dt == torch.float64 else torch.float32)

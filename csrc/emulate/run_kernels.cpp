@@ -2,12 +2,13 @@
 // emulation of CUDA (cuda_emu.h), for tests on machines without a GPU
 // (tests/test_cuda_emulated.py).
 //
-//   run_kernels fwd|bwd f32|f16|bf16 B N D flags grid DIR
+//   run_kernels fwd|bwd f32|f16|bf16 B N D flags grid DIR [wg]
 //   run_kernels ns G g iters DIR      (Newton-Schulz: S.f32 [G,g,g] -> W.out)
 //
 // Reads raw little-endian arrays from DIR: u.f32 [B,D] and v.f32 [N,D] (rounded to the dtype
 // here), scale.f32 [1], and, when present, labels.i64, row_cls.i64, col_cls.i64; bwd also
 // row_stats.f32 [4,B], col_stats.f32 [2,N], g_row.f32, g_col.f32, amp.f32 [1].
+// wg: the kernels' wgmma variant (the Hopper score tile; 16-bit dtypes only).
 // Writes the kernels' raw outputs to DIR, poisoned first as the host launchers do:
 //   fwd: row_stats.out [4,B], col_m.out [grid,N], col_l.out [grid,N]
 //   bwd: du.out [B,D], dv.out [N,D], dscale.out [ceil(B/BM)] (float32)
@@ -58,7 +59,7 @@ template <typename T> std::vector<T> to_dtype(const std::vector<float>& x) {
 
 const int64_t* ptr_or_null(const std::vector<int64_t>& x) { return x.empty() ? nullptr : x.data(); }
 
-template <typename T> int run(bool fwd, int64_t B, int64_t N, int64_t D, int flags, unsigned grid) {
+template <typename T, bool WG> int run(bool fwd, int64_t B, int64_t N, int64_t D, int flags, unsigned grid) {
   using namespace fastcl;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const auto u = to_dtype<T>(read<float>("u.f32", B * D));
@@ -72,7 +73,7 @@ template <typename T> int run(bool fwd, int64_t B, int64_t N, int64_t D, int fla
     std::vector<float> row_stats(4 * B, nan), col_m(grid * N, NEG), col_l(grid * N, 0.f);
     const bool has_col = flags & HAS_COL;
     emu::launch(grid, THREADS, [&] {
-      lse_fwd_kernel<T>(u.data(), v.data(), scale.data(), ptr_or_null(labels), ptr_or_null(row_cls),
+      lse_fwd_kernel<T, WG>(u.data(), v.data(), scale.data(), ptr_or_null(labels), ptr_or_null(row_cls),
                         ptr_or_null(col_cls), row_stats.data(), has_col ? col_m.data() : nullptr,
                         has_col ? col_l.data() : nullptr, B, N, D, flags);
     });
@@ -93,12 +94,12 @@ template <typename T> int run(bool fwd, int64_t B, int64_t N, int64_t D, int fla
   with_slab<T>(D, [&](auto bd) {  // the launcher's choice of D-slab
     constexpr int BD = decltype(bd)::value;
     emu::launch(n_rb, THREADS, [&] {
-      grad_kernel<T, BD>(u.data(), v.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
+      grad_kernel<T, BD, WG>(u.data(), v.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
                          g_row.data(), g_col.data(), ptr_or_null(labels), ptr_or_null(row_cls), ptr_or_null(col_cls),
                          du.data(), dscale.data(), B, N, D, B, N, flags);
     });
     emu::launch(n_cb, THREADS, [&] {
-      grad_kernel<T, BD>(v.data(), u.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
+      grad_kernel<T, BD, WG>(v.data(), u.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
                          g_row.data(), g_col.data(), ptr_or_null(labels), ptr_or_null(row_cls), ptr_or_null(col_cls),
                          dv.data(), dscale.data(), N, B, D, B, N, flags | TRANSPOSED);
     });
@@ -124,12 +125,14 @@ int run_ns(int64_t G, int g, int iters) {
 }
 
 int main(int argc, char** argv) {
+  emu::set_smem(fastcl::smem, sizeof(fastcl::smem));
   if (argc == 6 && std::string(argv[1]) == "ns") {
     g_dir = argv[5];
     return run_ns(std::atoll(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]));
   }
-  if (argc != 9) {
-    std::fprintf(stderr, "usage: %s fwd|bwd f32|f16|bf16 B N D flags grid DIR\n", argv[0]);
+  const bool wg = argc == 10 && std::string(argv[9]) == "wg";
+  if (argc != 9 && !wg) {
+    std::fprintf(stderr, "usage: %s fwd|bwd f32|f16|bf16 B N D flags grid DIR [wg]\n", argv[0]);
     return 2;
   }
   const bool fwd = std::string(argv[1]) == "fwd";
@@ -138,9 +141,10 @@ int main(int argc, char** argv) {
   const int flags = std::atoi(argv[6]);
   const unsigned grid = (unsigned)std::atoi(argv[7]);
   g_dir = argv[8];
-  if (dt == "f32") return run<float>(fwd, B, N, D, flags, grid);
-  if (dt == "f16") return run<__half>(fwd, B, N, D, flags, grid);
-  if (dt == "bf16") return run<__nv_bfloat16>(fwd, B, N, D, flags, grid);
+  if (dt == "f32" && !wg) return run<float, false>(fwd, B, N, D, flags, grid);
+  if (dt == "f16") return wg ? run<__half, true>(fwd, B, N, D, flags, grid) : run<__half, false>(fwd, B, N, D, flags, grid);
+  if (dt == "bf16")
+    return wg ? run<__nv_bfloat16, true>(fwd, B, N, D, flags, grid) : run<__nv_bfloat16, false>(fwd, B, N, D, flags, grid);
   std::fprintf(stderr, "unknown dtype %s\n", dt.c_str());
   return 2;
 }
