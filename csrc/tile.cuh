@@ -173,14 +173,21 @@ __device__ __forceinline__ void copy_tile(T* dst, int ld, const T* src, int64_t 
 // ---------------------------------------------------------------------------------------------
 // Score: a BM x BN fp32 tile of A_chunk @ B_chunk^T accumulated over the D-chunks.
 // ---------------------------------------------------------------------------------------------
+// The score accumulators. Each kind says how score_tile lays out its chunk buffers (CORE: the
+// core-matrix layout of Stage::put_core, else row-major with pitch LDK), issues the MMAs of a
+// chunk (issue), makes the buffers it filled visible to them (published, before the barrier),
+// and waits for them (wait). Synchronous kinds compute in issue().
 template <typename T> struct Score {  // 16-bit: warp w owns rows 16*(w%4).., columns 32*(w/4)..
+  static constexpr bool CORE = false;
+  __device__ static void published() {}
+  __device__ void wait() {}
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[2];
   __device__ void zero() {
     nvcuda::wmma::fill_fragment(c[0], 0.f);
     nvcuda::wmma::fill_fragment(c[1], 0.f);
   }
   // As: [BM][LDK], Bs: [BN][LDK] (the B rows; read as B^T in column-major order)
-  __device__ void step(const T* As, const T* Bs) {
+  __device__ void issue(const T* As, const T* Bs) {
     using namespace nvcuda;
     const int w = threadIdx.x >> 5, r0 = (w & 3) * 16, c0 = (w >> 2) * 32;
 #pragma unroll
@@ -203,6 +210,9 @@ template <typename T> struct Score {  // 16-bit: warp w owns rows 16*(w%4).., co
 };
 
 template <> struct Score<float> {  // thread t owns rows 4*(t/16)+i, columns (t%16)+16*j
+  static constexpr bool CORE = false;
+  __device__ static void published() {}
+  __device__ void wait() {}
   float c[4][4];
   __device__ void zero() {
 #pragma unroll
@@ -210,7 +220,7 @@ template <> struct Score<float> {  // thread t owns rows 4*(t/16)+i, columns (t%
 #pragma unroll
       for (int j = 0; j < 4; ++j) c[i][j] = 0.f;
   }
-  __device__ void step(const float* As, const float* Bs) {
+  __device__ void issue(const float* As, const float* Bs) {
     const int r0 = (threadIdx.x >> 4) * 4, c0 = threadIdx.x & 15;
 #pragma unroll 4
     for (int k = 0; k < BK; ++k) {
@@ -292,7 +302,10 @@ __device__ __forceinline__ uint64_t desc(const void* p, uint32_t lbo, uint32_t s
 }  // namespace wg
 
 template <typename T> struct ScoreWG {  // warpgroup g = threadIdx.x / 128 owns columns 32g .. 32g+31
+  static constexpr bool CORE = true;
   static constexpr int VEC = vec_elems<T>();
+  // Each thread's ordinary stores to the chunk buffers, before the barrier, for the tensor cores.
+  __device__ static void published() { wg::fence_proxy(); }
   float d[16];
   __device__ void zero() {
 #pragma unroll
@@ -329,45 +342,11 @@ template <typename T> struct ScoreWG {  // warpgroup g = threadIdx.x / 128 owns 
   }
 };
 
-// score_tile's contract (below) on wgmma. Chunks go to As/Bs in the core-matrix layout; each
-// buffer is free to refill once its MMAs have completed (wait) in both warpgroups (barrier).
-template <typename T>
-__device__ void score_tile_wg(float* S, T* As, T* Bs, const T* A, int64_t a0, int64_t MA, const T* Bm,
-                              int64_t b0, int64_t MB, int64_t D, T* Bcopy, int ldc) {
+template <typename T, bool WG> struct ScoreOf { using type = Score<T>; };
+template <typename T> struct ScoreOf<T, true> {
   static_assert(sizeof(T) == 2 && BM == 64 && BN == 64 && THREADS == 256, "two warpgroups, m64n32 each");
-  const bool vec = vec_ok(A, D) && vec_ok(Bm, D);
-  ScoreWG<T> acc;
-  acc.zero();
-  Stage<T, BM, BK, true> sa;
-  Stage<T, BN, BK, true> sb;
-  sa.fetch(A, a0, MA, 0, D, vec);
-  sb.fetch(Bm, b0, MB, 0, D, vec);
-  sa.put_core(As);
-  sb.put_core(Bs);
-  if (Bcopy) sb.put(Bcopy, ldc);
-  wg::fence_proxy();
-  __syncthreads();
-  const int64_t nk = (D + BK - 1) / BK;
-  for (int64_t k = 0; k < nk; ++k) {
-    const int cur = (int)(k & 1);
-    const bool more = k + 1 < nk;
-    if (more) {
-      sa.fetch(A, a0, MA, (k + 1) * BK, D, vec);
-      sb.fetch(Bm, b0, MB, (k + 1) * BK, D, vec);
-    }
-    acc.issue(As + cur * BM * LDK, Bs + cur * BN * LDK);
-    if (more) {  // the other buffer: its MMAs (chunk k - 1) completed before the last barrier
-      sa.put_core(As + (cur ^ 1) * BM * LDK);
-      sb.put_core(Bs + (cur ^ 1) * BN * LDK);
-      if (Bcopy) sb.put(Bcopy + (k + 1) * BK, ldc);
-      wg::fence_proxy();
-    }
-    acc.wait();
-    __syncthreads();
-  }
-  acc.store(S);
-  __syncthreads();
-}
+  using type = ScoreWG<T>;
+};
 #endif
 
 // S[BM][LDS] = A[a0:a0+BM] @ B[b0:b0+BN]^T over all of D (A: [MA, D], B: [MB, D] row-major).
@@ -377,46 +356,54 @@ __device__ void score_tile_wg(float* S, T* As, T* Bs, const T* A, int64_t a0, in
 // Bcopy (optional, pitch ldc) also receives every B chunk, i.e. B[b0:b0+BN, :D] from its column
 // 0 on, so that a backward whose D fits in one slab reads these rows once; its columns past the
 // last chunk are left as they were.
-// WG: the wgmma version (16-bit inputs; launched only where wgmma_available() says the GPU runs
-// sm_90a code).
+// WG: the score tile on wgmma (ScoreWG; 16-bit inputs, launched only where wgmma_available()
+// says the GPU runs sm_90a code), its chunk buffers in the core-matrix layout.
+#ifndef FASTCL_WGMMA
+template <typename T, bool WG> struct ScoreOf { using type = Score<T>; };  // WG traps, below
+#endif
 template <typename T, bool WG = false>
 __device__ void score_tile(float* S, T* As, T* Bs, const T* A, int64_t a0, int64_t MA, const T* Bm,
                            int64_t b0, int64_t MB, int64_t D, T* Bcopy = nullptr, int ldc = 0) {
+#ifndef FASTCL_WGMMA
   if constexpr (WG) {
-#ifdef FASTCL_WGMMA
-    score_tile_wg<T>(S, As, Bs, A, a0, MA, Bm, b0, MB, D, Bcopy, ldc);
-#else
     __trap();  // code built for a GPU without wgmma: the launcher never picks this
-#endif
     return;
   }
+#endif
+  using Acc = typename ScoreOf<T, WG>::type;
   const bool vec = vec_ok(A, D) && vec_ok(Bm, D);
-  Score<T> acc;
+  Acc acc;
   acc.zero();
-  Stage<T, BM, BK> sa;
-  Stage<T, BN, BK> sb;
+  Stage<T, BM, BK, Acc::CORE> sa;
+  Stage<T, BN, BK, Acc::CORE> sb;
+  auto put = [&](int buf, int64_t k) {  // chunk k, from the registers to buffer buf
+    if constexpr (Acc::CORE) {
+      sa.put_core(As + buf * BM * LDK);
+      sb.put_core(Bs + buf * BN * LDK);
+    } else {
+      sa.put(As + buf * BM * LDK, LDK);
+      sb.put(Bs + buf * BN * LDK, LDK);
+    }
+    if (Bcopy) sb.put(Bcopy + k * BK, ldc);
+    Acc::published();
+  };
   sa.fetch(A, a0, MA, 0, D, vec);
   sb.fetch(Bm, b0, MB, 0, D, vec);
-  sa.put(As, LDK);
-  sb.put(Bs, LDK);
-  if (Bcopy) sb.put(Bcopy, ldc);
+  put(0, 0);
   __syncthreads();
   const int64_t nk = (D + BK - 1) / BK;
   for (int64_t k = 0; k < nk; ++k) {
-    // Buffer k & 1 holds chunk k. The other one was last read in step k - 1, which every
-    // thread finished before the barrier that ended it: free to refill.
+    // Buffer k & 1 holds chunk k. The other one was last read by chunk k - 1's MMAs, which every
+    // thread waited for before the barrier that ended it: free to refill.
     const int cur = (int)(k & 1);
     const bool more = k + 1 < nk;
     if (more) {
       sa.fetch(A, a0, MA, (k + 1) * BK, D, vec);
       sb.fetch(Bm, b0, MB, (k + 1) * BK, D, vec);
     }
-    acc.step(As + cur * BM * LDK, Bs + cur * BN * LDK);
-    if (more) {
-      sa.put(As + (cur ^ 1) * BM * LDK, LDK);
-      sb.put(Bs + (cur ^ 1) * BN * LDK, LDK);
-      if (Bcopy) sb.put(Bcopy + (k + 1) * BK, ldc);
-    }
+    acc.issue(As + cur * BM * LDK, Bs + cur * BN * LDK);
+    if (more) put(cur ^ 1, k + 1);
+    acc.wait();
     __syncthreads();
   }
   acc.store(S);
