@@ -244,6 +244,10 @@ template <> struct Score<float> {  // thread t owns rows 4*(t/16)+i, columns (t%
   }
 };
 
+// The accumulator kind of score_tile<T, WG>: Score<T>, or ScoreWG<T> for WG where wgmma exists
+// (elsewhere score_tile traps before using it).
+template <typename T, bool WG> struct ScoreOf { using type = Score<T>; };
+
 // ---------------------------------------------------------------------------------------------
 // Hopper (sm_90a): the score tile on warpgroup MMA. Each of the block's two warpgroups computes
 // 32 columns of the 64 x 64 tile with wgmma.m64n32k16, both operands read by the tensor cores
@@ -342,7 +346,6 @@ template <typename T> struct ScoreWG {  // warpgroup g = threadIdx.x / 128 owns 
   }
 };
 
-template <typename T, bool WG> struct ScoreOf { using type = Score<T>; };
 template <typename T> struct ScoreOf<T, true> {
   static_assert(sizeof(T) == 2 && BM == 64 && BN == 64 && THREADS == 256, "two warpgroups, m64n32 each");
   using type = ScoreWG<T>;
@@ -358,9 +361,6 @@ template <typename T> struct ScoreOf<T, true> {
 // last chunk are left as they were.
 // WG: the score tile on wgmma (ScoreWG; 16-bit inputs, launched only where wgmma_available()
 // says the GPU runs sm_90a code), its chunk buffers in the core-matrix layout.
-#ifndef FASTCL_WGMMA
-template <typename T, bool WG> struct ScoreOf { using type = Score<T>; };  // WG traps, below
-#endif
 template <typename T, bool WG = false>
 __device__ void score_tile(float* S, T* As, T* Bs, const T* A, int64_t a0, int64_t MA, const T* Bm,
                            int64_t b0, int64_t MB, int64_t D, T* Bcopy = nullptr, int ldc = 0) {
