@@ -20,6 +20,9 @@ def _import_error(module: str):
     return None
 
 
+_NO_CUDA = "torch sees no CUDA device here (torch.cuda.is_available() is False)"
+
+
 def why_not(backend: str, device: torch.device, dtype: torch.dtype):
     """None if `backend` can run on tensors of this device/dtype, else the reason it cannot."""
     if backend in ("torch", "reference"):
@@ -33,6 +36,8 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
             return f"the CUDA kernels take float16/bfloat16/float32, not {dtype} (use backend='torch')"
         if device.type != "cuda":
             return f"tensors are on {device.type}; the CUDA C++ kernels need CUDA tensors"
+        if not torch.cuda.is_available():
+            return _NO_CUDA
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return f"the CUDA kernels need compute capability 8.0+, this GPU is {major}.{minor}"
@@ -49,7 +54,7 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
         if dtype == torch.float64:
             return "the Triton kernels take float16/bfloat16/float32, not float64 (use backend='torch')"
         if device.type == "cuda":
-            return None
+            return None if torch.cuda.is_available() else _NO_CUDA
         if device.type == "cpu" and interpreting():
             if dtype == torch.bfloat16:
                 # Measured: the interpreter silently returns garbage for bf16 (shared/reference).

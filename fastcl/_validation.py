@@ -1,5 +1,6 @@
 """Input checks shared by every fastcl op: clear errors instead of silent wrong numbers."""
 import math
+import numbers
 
 import torch
 
@@ -52,6 +53,8 @@ def check_class_ids(labels, batch: int, device, name="labels"):
 def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
     """Column indices: integer [batch] on `device`, each in [0, num_classes)."""
     check_class_ids(labels, batch, device, name)
+    if labels.device.type == "meta":  # shapes only, no values to check
+        return
     if _compiling():  # no host sync inside a graph: a device-side assert still refuses bad labels
         torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
                             f"{name} must lie in [0, {num_classes}) (the rows of k)")
@@ -60,6 +63,16 @@ def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) (the rows of k), "
                              f"got values in [{lo}, {hi}]")
+
+
+def positive_number(value, name: str) -> float:
+    """value as a float, if it is a real number > 0 and finite; else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return value
 
 
 def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch.Tensor:
@@ -80,9 +93,7 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
         temperature = 0.07
     if isinstance(temperature, torch.Tensor):
         raise TypeError("temperature must be a Python float; pass a learnable scale as logit_scale=")
-    temperature = float(temperature)
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    temperature = positive_number(temperature, "temperature")
     # float64 inputs get a float64 1/temperature: rounding it to fp32 would cost ~1e-8 relative.
     return torch.tensor(1.0 / temperature, device=device,
                         dtype=torch.float64 if dtype == torch.float64 else torch.float32)

@@ -148,8 +148,9 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
             materialised logits).
 
     Returns:
-        The loss, float32 for 16-bit and float32 inputs, float64 for float64 inputs; shape []
-        or [B] for reduction="none".
+        The loss, float32 for 16-bit and float32 inputs, float64 for float64 inputs
+        (backend="reference" computes in the input dtype, like the naive torch it stands for);
+        shape [] or [B] for reduction="none".
     """
     _validation.check_embeddings(q, k)
     _validation.check_reduction(reduction)

@@ -2,24 +2,39 @@
 import torch
 from torch import nn
 
-from . import losses
+from . import _validation, losses
 
 
 class MultipleNegativesRankingLoss(nn.Module):
     """Fused drop-in for ``sentence_transformers.losses.MultipleNegativesRankingLoss``.
 
     Same constructor and forward as sentence-transformers' loss, so it plugs into
-    ``SentenceTransformerTrainer``: ``forward(sentence_features, labels)`` embeds each column
+    ``SentenceTransformerTrainer``. The constructor's newer options (``gather_across_devices``,
+    ``directions``, ``partition_mode``, ``hardness_mode``, ``hardness_strength``) are accepted at
+    their defaults and refused otherwise; ``similarity_fct`` must be cosine (the default). ``forward(sentence_features, labels)`` embeds each column
     (anchor, positive, negative_1, ...) with ``model(features)["sentence_embedding"]``. It then
     scores every anchor against all positives and negatives of the batch (cosine x scale)
     without building the [B, B*(1+k)] score matrix.
     """
 
-    def __init__(self, model, scale: float = 20.0, similarity_fct=None, backend: str = "auto"):
+    def __init__(self, model, scale: float = 20.0, similarity_fct=None, gather_across_devices: bool = False,
+                 directions=("query_to_doc",), partition_mode: str = "joint", hardness_mode=None,
+                 hardness_strength: float = 0.0, *, backend: str = "auto"):
         super().__init__()
         if similarity_fct is not None and getattr(similarity_fct, "__name__", "") != "cos_sim":
             raise NotImplementedError("only cosine similarity (the default) is fused")
-        self.model, self.scale, self.backend = model, scale, backend
+        # sentence-transformers 5+/6 arguments: accepted at their defaults (the plain loss);
+        # other values select variants that are not fused here.
+        for name, value, default in (("gather_across_devices", gather_across_devices, False),
+                                     ("directions", tuple(directions), ("query_to_doc",)),
+                                     ("partition_mode", partition_mode, "joint"),
+                                     ("hardness_mode", hardness_mode, None)):
+            if value != default:
+                raise NotImplementedError(f"{name}={value!r} is not supported by the fused loss "
+                                          f"(only the default, {default!r})")
+        if hardness_strength != 0.0:
+            raise NotImplementedError("hardness weighting is not supported by the fused loss")
+        self.model, self.scale, self.backend = model, _validation.positive_number(scale, "scale"), backend
 
     def forward(self, sentence_features, labels=None):
         reps = [self.model(f)["sentence_embedding"] for f in sentence_features]

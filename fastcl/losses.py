@@ -59,6 +59,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
 
 def dcl_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
     """DCLW's weights w_i = 2 - N softmax_i(<u1_i, u2_i> / sigma) on normalised views (mean 1)."""
+    sigma = _validation.positive_number(sigma, "sigma")
     return reference.vmf_weights(F.normalize(z1, dim=-1), F.normalize(z2, dim=-1), sigma)
 
 
@@ -128,6 +129,7 @@ def _dcl_weights(n1, n2, weight, sigma, detach):
     if isinstance(weight, str):
         if weight != "vmf":
             raise ValueError(f"weight must be None, 'vmf', a tensor or a callable, got {weight!r}")
+        sigma = _validation.positive_number(sigma, "sigma")
         w1 = reference.vmf_weights(n1, n2, sigma)
         w2 = reference.vmf_weights(n2, n1, sigma)
     elif isinstance(weight, Tensor):
@@ -157,6 +159,8 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, *, temperature: fl
         raise ValueError("features must be [B, D] or [B, V, D]")
     B = features.shape[0]
     views = features.shape[1] if features.dim() == 3 else 1
+    if views < 1:
+        raise ValueError(f"features [B, V, D] has V = 0 views (shape {tuple(features.shape)})")
     if labels is None:
         if views < 2:
             raise ValueError("supcon without labels needs several views per sample ([B, V, D], V >= 2)")
@@ -188,8 +192,12 @@ def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Opti
     if anchor.shape != positive.shape:
         raise ValueError(f"anchor and positive must have the same shape, got {tuple(anchor.shape)} "
                          f"and {tuple(positive.shape)}")
+    scale = _validation.positive_number(scale, "scale")
     cands = positive
     if negatives is not None:
+        if not isinstance(negatives, Tensor):
+            raise TypeError(f"negatives must be a tensor [B, M, D] or [P, D], got {type(negatives).__name__} "
+                            f"(stack a list of [B, D] tensors with torch.stack(negs, dim=1))")
         if negatives.dim() == 3:
             if negatives.shape[0] != anchor.shape[0]:
                 raise ValueError(f"negatives [B, M, D] must have B={anchor.shape[0]}, got {tuple(negatives.shape)}")

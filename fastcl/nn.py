@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from . import losses, whitening
+from . import _validation, losses, whitening
 from .info_nce import info_nce
 
 
@@ -33,8 +33,8 @@ class ClipLoss(nn.Module):
     """Symmetric CLIP loss with open_clip's ``ClipLoss`` signature.
 
     ``forward(image_features [B, D], text_features [B, D], logit_scale=None, output_dict=False)``.
-    As in open_clip, ``logit_scale`` is the logit MULTIPLIER (the model's ``logit_scale.exp()``)
-    and the features are used as given (open_clip's models normalise them; pass
+    As in open_clip, ``logit_scale`` is the logit MULTIPLIER (the model's ``logit_scale.exp()``,
+    so > 0: the loss takes its log, and a tensor <= 0 gives NaN) and the features are used as given (open_clip's models normalise them; pass
     ``normalize=True`` to do it here). ``output_dict=True`` returns
     ``{"contrastive_loss": loss}``.
 
@@ -61,7 +61,8 @@ class ClipLoss(nn.Module):
         self.max_log_scale = math.log(max_scale)
         self.normalize, self.backend = normalize, backend
         if init_temperature is not None:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+            t = _validation.positive_number(init_temperature, "init_temperature")
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / t)))
         else:
             self.logit_scale = None
 
@@ -73,8 +74,14 @@ class ClipLoss(nn.Module):
             log_scale = self.logit_scale.clamp(max=self.max_log_scale).to(image_features.device)
         else:
             if not isinstance(logit_scale, torch.Tensor):
-                logit_scale = torch.tensor(float(logit_scale), device=image_features.device)
-            log_scale = logit_scale.reshape(()).log()  # open_clip passes exp(logit_scale)
+                logit_scale = torch.tensor(_validation.positive_number(logit_scale, "logit_scale"),
+                                           device=image_features.device)
+            if logit_scale.numel() != 1:
+                raise ValueError(f"logit_scale (the multiplier) must have one element, got shape "
+                                 f"{tuple(logit_scale.shape)}")
+            # open_clip passes exp(logit_scale) (> 0); a tensor multiplier <= 0 gives NaN here
+            # (no host sync to check it).
+            log_scale = logit_scale.reshape(()).log()
         kw = dict(logit_scale=log_scale, symmetric=True, normalize=self.normalize, backend=self.backend)
         if self.world_size > 1:
             from .distributed import info_nce_distributed
@@ -189,8 +196,9 @@ class GroupWhitening(nn.Module):
                  iters=None, momentum: float = 0.1, ddof: int = 0, detach_stats: bool = False,
                  track_running_stats: bool = True, backend: str = "auto"):
         super().__init__()
-        if num_features % num_groups:
-            raise ValueError(f"num_groups={num_groups} must divide num_features={num_features}")
+        if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
+            raise ValueError(f"num_groups must be a positive divisor of num_features={num_features}, "
+                             f"got {num_groups!r}")
         g = num_features // num_groups
         self.num_features, self.num_groups = num_features, num_groups
         self.kw = dict(eps=eps, method=method, iters=iters, ddof=ddof, detach_stats=detach_stats,

@@ -141,6 +141,8 @@ def _check(x, num_groups, eps, ddof, method, iters, perm):
     if iters is not None and (method != "newton_schulz" or iters < 1):
         raise ValueError("iters is the number of Newton-Schulz iterations (>= 1, method='newton_schulz')")
     g = D // num_groups
+    if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
+        raise ValueError(f"ddof must be an integer >= 0, got {ddof!r}")
     if N - ddof < 1:
         raise ValueError(f"need N - ddof >= 1 samples, got N={N}, ddof={ddof}")
     if N - ddof < g and eps == 0:
@@ -175,7 +177,7 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     Returns:
         y [N, D] in x's dtype; each group of y satisfies y^T y / (N - ddof) ~= I. With
         return_matrix=True, also the batch's whitening matrices W [G, g, g] (detached; in the
-        permuted channel order if perm is given; not with backend="reference").
+        permuted channel order if perm is given).
     """
     _check(x, num_groups, eps, ddof, method, iters, perm)
     iters = DEFAULT_NS_ITERS if iters is None else iters
@@ -187,10 +189,9 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     xp = x[:, perm] if perm is not None else x
     W = None
     if backend == "reference":
-        if return_matrix:
-            raise ValueError("return_matrix is not available with backend='reference'")
-        y = whiten_reference(xp, num_groups, eps=eps, method=method, iters=iters, ddof=ddof,
-                             detach_stats=detach_stats)
+        y, W = whiten_reference(xp, num_groups, eps=eps, method=method, iters=iters, ddof=ddof,
+                                detach_stats=detach_stats, return_matrix=True)
+        W = W.detach()
     else:
         xg = xp.to(_cdt(x.dtype)).reshape(N, num_groups, g).transpose(0, 1)
         yg, W = _GroupWhiten.apply(xg, eps, ddof, method, iters, detach_stats, backend)
@@ -224,8 +225,9 @@ def _kernel_limits(method, g):
 
 
 def whiten_reference(x, num_groups, *, eps=1e-5, method="zca", iters=DEFAULT_NS_ITERS, ddof=0,
-                     detach_stats=False):
-    """Naive group whitening with plain autograd (ZCA through eigh): the test oracle."""
+                     detach_stats=False, return_matrix=False):
+    """Naive group whitening with plain autograd (ZCA through eigh): the test oracle.
+    y [N, D], and with return_matrix=True also W [G, g, g]."""
     N, D = x.shape
     g = D // num_groups
     xg = x.reshape(N, num_groups, g).transpose(0, 1)
@@ -238,7 +240,8 @@ def whiten_reference(x, num_groups, *, eps=1e-5, method="zca", iters=DEFAULT_NS_
         W = _matrix(S, method, iters)
     if detach_stats:
         W = W.detach()
-    return (xc @ W).transpose(0, 1).reshape(N, D)
+    y = (xc @ W).transpose(0, 1).reshape(N, D)
+    return (y, W) if return_matrix else y
 
 
 def shuffled_group_whiten(x: Tensor, num_groups: int, k: int = 3, *, generator=None, **kwargs) -> Tensor:

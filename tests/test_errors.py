@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import torch
 
@@ -29,6 +31,8 @@ k = torch.randn(4, 8)
     ((q, k), {"temperature": 0.1, "logit_scale": torch.tensor(1.0)}, ValueError, "not both"),
     ((q, k), {"logit_scale": 2.0}, TypeError, "tensor"),
     ((q, k), {"logit_scale": torch.ones(2)}, ValueError, "one element"),
+    ((q, k), {"temperature": "0.1"}, TypeError, "positive number"),
+    ((q, k), {"temperature": True}, TypeError, "positive number"),
     ((q, k), {"backend": "magic"}, ValueError, "backend must be one of"),
 ])
 def test_bad_input_raises(args, kwargs, exc, match):
@@ -89,3 +93,22 @@ def test_symmetric_term_refuses_exclusions():
     from fastcl.info_nce import row_terms
     with pytest.raises(ValueError, match="column"):
         row_terms(q, k, torch.tensor(1.0), "torch", symmetric=True, exclude_diag=True)
+
+
+def test_meta_tensors_give_shapes_with_labels():
+    # Meta tensors carry no values: the label range cannot be checked, the shapes still can.
+    qm, km = q.to("meta"), torch.randn(6, 8, device="meta")
+    out = FCL.info_nce(qm, km, labels=torch.arange(4, device="meta"), reduction="none", backend="torch")
+    assert out.device.type == "meta" and out.shape == (4,)
+    with pytest.raises(ValueError, match="shape"):
+        FCL.info_nce(qm, km, labels=torch.arange(3, device="meta"), backend="torch")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message on a machine without CUDA")
+def test_gpu_backends_say_why_without_cuda():
+    why = fastcl.available_backends("cuda")
+    assert why["torch"] is None
+    assert why["triton"] is not None
+    if importlib.util.find_spec("triton") is not None:  # else: triton's import error
+        assert "no CUDA" in why["triton"]
+    assert why["cuda"] is not None

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import fastcl
 import fastcl.functional as FCL
+import fastcl.integrations
 import fastcl.nn
 from fastcl import reference as R
 from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS
@@ -261,6 +262,25 @@ def test_modules():
     (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), label_smoothing=1.0), ValueError, "label_smoothing"),
     (lambda: fastcl.nn.NTXentLoss(memory_bank_size=128), NotImplementedError, "memory bank"),
     (lambda: fastcl.nn.DCLLoss(gather_distributed=True), NotImplementedError, "gather_distributed"),
+    (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight="vmf", sigma=0.0), ValueError, "sigma"),
+    (lambda: FCL.dcl_weights(torch.randn(4, 3), torch.randn(4, 3), sigma=-1.0), ValueError, "sigma"),
+    (lambda: FCL.supcon(torch.randn(4, 0, 3), torch.zeros(4, dtype=torch.long)), ValueError, "V = 0"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), scale=0.0), ValueError,
+     "scale must be a positive"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), scale=-20.0), ValueError,
+     "scale must be a positive"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), [torch.randn(4, 3)]),
+     TypeError, "torch.stack"),
+    (lambda: fastcl.nn.ClipLoss(init_temperature=0.0), ValueError, "init_temperature"),
+    (lambda: fastcl.nn.ClipLoss(init_temperature=-1), ValueError, "init_temperature"),
+    (lambda: fastcl.nn.ClipLoss()(torch.randn(4, 3), torch.randn(4, 3), 0.0), ValueError, "logit_scale"),
+    (lambda: fastcl.nn.ClipLoss()(torch.randn(4, 3), torch.randn(4, 3), torch.ones(2)), ValueError,
+     "one element"),
+    (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, scale=0), ValueError, "scale"),
+    (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, directions=("query_to_doc", "doc_to_query")),
+     NotImplementedError, "directions"),
+    (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, hardness_mode="hard_negatives"),
+     NotImplementedError, "hardness_mode"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):

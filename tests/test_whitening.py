@@ -203,6 +203,21 @@ def test_module_running_statistics():
     assert torch.allclose(m.running_mean, x.mean(0), atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["zca", "newton_schulz"])
+def test_module_and_matrix_with_reference_backend(method):
+    x = _x(64, 8, seed=19, offset=1.0, dtype=torch.float64)
+    y_ref, W_ref = FCL.group_whiten(x, 2, method=method, backend="reference", return_matrix=True)
+    y, W = FCL.group_whiten(x, 2, method=method, backend="torch", return_matrix=True)
+    assert W_ref.shape == (2, 4, 4) and not W_ref.requires_grad
+    assert torch.allclose(W_ref, W, atol=1e-10) and torch.allclose(y_ref, y, atol=1e-10)
+    m_ref = fastcl.nn.GroupWhitening(8, 2, method=method, momentum=0.5, backend="reference").double()
+    m = fastcl.nn.GroupWhitening(8, 2, method=method, momentum=0.5, backend="torch").double()
+    assert torch.allclose(m_ref(x), m(x), atol=1e-10)
+    assert torch.allclose(m_ref.running_whitening, m.running_whitening, atol=1e-10)
+    m_ref.eval(), m.eval()
+    assert torch.allclose(m_ref(x), m(x), atol=1e-10)
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: FCL.group_whiten(torch.randn(10, 6), 4), ValueError, "divisor"),
     (lambda: FCL.group_whiten(torch.randn(3, 8), 1, eps=0.0), ValueError, "singular"),
@@ -214,6 +229,10 @@ def test_module_running_statistics():
     (lambda: FCL.group_whiten(torch.randn(10), 1), ValueError, "2-D"),
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, backend="triton"), fastcl.BackendUnavailable, "newton_schulz"),
     (lambda: FCL.shuffled_group_whiten(torch.randn(2, 10, 6), 2, k=3), ValueError, "views"),
+    (lambda: FCL.group_whiten(torch.randn(10, 6), 2, ddof=-3), ValueError, "ddof"),
+    (lambda: FCL.group_whiten(torch.randn(10, 6), 2, ddof=0.5), ValueError, "ddof"),
+    (lambda: fastcl.nn.GroupWhitening(8, 0), ValueError, "positive divisor"),
+    (lambda: fastcl.nn.GroupWhitening(8, 3), ValueError, "positive divisor"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
