@@ -34,6 +34,16 @@ def _symmetric(fn, q, k, sym):
     return 0.5 * (fn(q, k) + fn(k, q)) if sym else fn(q, k)
 
 
+# Kernel variants timed beside their backend's default, selected by environment variables that
+# the launchers read at every call: the cuda kernels with WMMA instead of wgmma (Hopper), and the
+# Triton backward with 64 x 32 tiles (no spills in its tile loop, scripts/triton_resources.py)
+# instead of 64 x 64 (the fastest measured so far).
+VARIANTS = {
+    "fastcl-cuda-wmma": ("cuda", {"FASTCL_CUDA_WGMMA": "0"}),
+    "fastcl-triton-bn32": ("triton", {"FASTCL_BWD_BN": "32"}),
+}
+
+
 def providers(device, compile_naive: bool, only=None):
     """Everything that computes the same loss, in one run: fastcl backends, naive torch (eager
     and compiled), and the libraries users have today where they are installed. `only` skips
@@ -45,12 +55,16 @@ def providers(device, compile_naive: bool, only=None):
     for be in fastcl_backends(device):
         out[f"fastcl-{be}"] = lambda q, k, t, sym, be=be: FCL.info_nce(q, k, temperature=t, symmetric=sym,
                                                                        backend=be)
-    if "fastcl-cuda" in out and only and "fastcl-cuda-wmma" in only:
-        from fastcl import cuda_backend
-        if cuda_backend.wgmma_available():  # a Hopper GPU: the cuda kernels' WMMA variant as well
-            wmma = lambda q, k, t, sym: FCL.info_nce(q, k, temperature=t, symmetric=sym, backend="cuda")  # noqa: E731
-            wmma.env = {"FASTCL_CUDA_WGMMA": "0"}  # for its forward and backward alike
-            out["fastcl-cuda-wmma"] = wmma
+    for name, (be, env) in VARIANTS.items():  # only when named: each compiles kernels of its own
+        if f"fastcl-{be}" not in out or not only or name not in only:
+            continue
+        if name == "fastcl-cuda-wmma":
+            from fastcl import cuda_backend
+            if not cuda_backend.wgmma_available():  # not Hopper: fastcl-cuda is the WMMA variant
+                continue
+        fn = lambda q, k, t, sym, be=be: FCL.info_nce(q, k, temperature=t, symmetric=sym, backend=be)  # noqa: E731
+        fn.env = env  # for its forward and backward alike
+        out[name] = fn
     if importlib.util.find_spec("open_clip") and (not only or "open_clip" in only):
         import open_clip
         oc = open_clip.ClipLoss()

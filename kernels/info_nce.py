@@ -192,7 +192,10 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
         RM, RL, GRv, Y, POSR = rm2[:, None], rl2[:, None], gr[:, None], y[:, None], posr[:, None]
         ICNT, RCLS = icnt[:, None], rcls[:, None]
         R_IDX = a_idx[:, None]
-    dscale = tl.zeros((BM, BN), tl.float32)
+    # d scale summed per row as each tile is done: a [BM, BN] accumulator would hold 16 more
+    # registers per thread across the loop, and the backward spills at BD = 512 already
+    # (scripts/triton_resources.py: 153 -> 122 spill loads per tile, symmetric dU; 23 -> 0 one-way).
+    dscale = tl.zeros((BM,), tl.float32)
     for d0 in range(0, D, BD):  # one pass when D <= BD; else S is recomputed per D-slab
         ds_ = d0 + tl.arange(0, BD)
         dmask = ds_ < D
@@ -251,12 +254,12 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
             g = tl.where(valid, g * (s * amp), 0.0)
             if not TRANSPOSED:
                 if d0 == 0:
-                    dscale += tl.where(valid, ds_tile, 0.0)
+                    dscale += tl.sum(tl.where(valid, ds_tile, 0.0), 1)
             acc_da = tl.dot(g.to(Bm.dtype.element_ty), bt, acc_da, input_precision=PREC)
         tl.store(DA + a_idx[:, None] * D + ds_[None, :], acc_da / amp,
                  mask=amask[:, None] & dmask[None, :])
     if not TRANSPOSED:
-        tl.store(DSCALE + pid, tl.sum(tl.sum(dscale, 1), 0))
+        tl.store(DSCALE + pid, tl.sum(dscale, 0))
 
 
 # ----------------------------------------------------------------------------------------------

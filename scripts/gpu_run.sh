@@ -110,10 +110,12 @@ has bench && {
   stamp "bench"
   within 100 $B --sizes 4096,16384,32768,65536 --dim 512 --dtype bf16 --plot /tmp/plots/info_nce.png
   # Forward alone, then fwd+bwd of the fastcl kernels; on Hopper, the cuda kernels both with wgmma
-  # (fastcl-cuda) and with WMMA (fastcl-cuda-wmma).
+  # (fastcl-cuda) and with WMMA (fastcl-cuda-wmma); the Triton backward with 64 x 64 and 64 x 32
+  # tiles (fastcl-triton-bn32).
   within 30 $B --sizes 32768 --dim 512 --dtype bf16 --mode fwd \
     --only naive-torch,fastcl-triton,fastcl-cuda,fastcl-cuda-wmma
-  within 30 $B --sizes 32768 --dim 512 --dtype bf16 --only fastcl-triton,fastcl-cuda,fastcl-cuda-wmma
+  within 40 $B --sizes 32768 --dim 512 --dtype bf16 \
+    --only fastcl-triton,fastcl-triton-bn32,fastcl-cuda,fastcl-cuda-wmma
   # NT-Xent, SupCon and MNRL against lightly, pytorch-metric-learning and sentence-transformers
   # (fp32, as those libraries are used).
   within 60 $PY -m benchmarks.bench_family --csv "$OUT/family.csv" --plot-dir /tmp/plots

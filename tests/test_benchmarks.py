@@ -95,6 +95,36 @@ def test_provider_environment_covers_forward_and_backward(monkeypatch):
     assert "FASTCL_PROBE" not in os.environ
 
 
+def test_kernel_variants_only_when_named(monkeypatch):
+    """A kernel variant (an env setting of its backend) is timed only when --only names it, and
+    carries the env its launcher reads."""
+    monkeypatch.setattr(bench_info_nce, "fastcl_backends", lambda device: ["torch", "triton"])
+    assert "fastcl-triton-bn32" not in bench_info_nce.providers(CPU, False)
+    provs = bench_info_nce.providers(CPU, False, only=["fastcl-triton", "fastcl-triton-bn32"])
+    assert provs["fastcl-triton-bn32"].env == {"FASTCL_BWD_BN": "32"}
+    assert getattr(provs["fastcl-triton"], "env", {}) == {}
+    assert "fastcl-cuda-wmma" not in bench_info_nce.providers(CPU, False, only=["fastcl-cuda-wmma"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its ptxas)")
+def test_triton_resources_compiles_offline():
+    """scripts/triton_resources.py compiles the backward for sm_90 with Triton's own ptxas, no
+    GPU, and reports registers, spills and the tile loop."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "scripts", "triton_resources.py"),
+                          "--only", "grad dU one-direction"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("grad dU one-direction")]
+    assert len(line) == 1, out.stdout
+    regs = int(line[0].split("regs")[1].split()[0])
+    assert 0 < regs <= 255 and "HGMMA" in line[0] and "inner loop:" in line[0]
+    assert int(line[0].split("HGMMA")[1].split()[0]) > 0  # wgmma on sm_90
+
+
 def test_time_fn_runs_adapt_to_the_step():
     calls = []
     med, p20, p80 = common.time_fn(lambda: calls.append(1), CPU, reps=20)
