@@ -165,11 +165,15 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
                 ONE_SLAB: tl.constexpr, PREC: tl.constexpr):
     """dA[a] = s * sum_b G[a, b] * Bm[b] for a block of BM rows of A.
 
-    TRANSPOSED=False: A = U (queries), Bm = V, G[a, b] = G_ab     -> dU (and d scale)
-    TRANSPOSED=True:  A = V (keys),    Bm = U, G[a, b] = G_ba     -> dV
+    TRANSPOSED=False: A = U (queries), Bm = V, G[a, b] = G_ab     -> dU, d scale's row term
+    TRANSPOSED=True:  A = V (keys),    Bm = U, G[a, b] = G_ba     -> dV, d scale's column term
     G uses the row AND the column statistics in the same recompute. The positive (and the
     diagonal) use the forward's stored logit, not the recomputed one, so that P - 1 stays
-    exact however the tile shapes round differently from the forward's.
+    exact however the tile shapes round differently from the forward's. With column
+    statistics (CLIP: no labels, no exclusions) the positive IS the diagonal, S_ii, which is both
+    row i's and column i's stored positive: each launch reads it from its own side, loaded once
+    per program, instead of the other side's once per tile (registers: the backward spills).
+    DSCALE[pid] gets this program's d scale term (each G term times <u_i, v_j>, summed).
     """
     pid = tl.program_id(0)
     s = tl.load(SCALE).to(tl.float32)
@@ -193,8 +197,8 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
         ICNT, RCLS = icnt[:, None], rcls[:, None]
         R_IDX = a_idx[:, None]
     # d scale summed per row as each tile is done: a [BM, BN] accumulator would hold 16 more
-    # registers per thread across the loop, and the backward spills at BD = 512 already
-    # (scripts/triton_resources.py: 153 -> 122 spill loads per tile, symmetric dU; 23 -> 0 one-way).
+    # registers per thread across the loop, and at BD = 512 the [BM, BD] gradient accumulator
+    # takes half of them already (spills per tile: scripts/triton_resources.py, RESULTS.md).
     dscale = tl.zeros((BM,), tl.float32)
     for d0 in range(0, D, BD):  # one pass when D <= BD; else S is recomputed per D-slab
         ds_ = d0 + tl.arange(0, BD)
@@ -210,6 +214,8 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
                 rm2, rl2, gr, y, posr, icnt, rcls = _row_side(ROW_STATS, GR, LABELS, ROW_CLS, b_idx, bmask,
                                                               B, HAS_LABELS, MULTI_POS)
                 RM, RL, GRv, Y, POSR = rm2[None, :], rl2[None, :], gr[None, :], y[None, :], posr[None, :]
+                if HAS_COL:  # the positive is the diagonal: row j's positive is column j's
+                    POSR = POSC
                 ICNT, RCLS = icnt[None, :], rcls[None, :]
                 R_IDX = b_idx[None, :]
             else:
@@ -242,24 +248,29 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
                 ind = is_pos.to(tl.float32)
                 p = tl.where(keep, tl.exp2((tl.where(is_pos, POSR, z) - RM) - RL), 0.0)
             g = GRv * (p - ind)
-            # d scale = sum G_ij <u_i, v_j>; rows (columns) of each term sum to 0 exactly, so
-            # centring <u_i, v_j> on the positive keeps their rounding out of d scale.
-            ds_tile = g * (acc - POSR / s2)
+            # d scale = sum G_ij <u_i, v_j>, in log2 units here (/ s2 at the end). Rows of the
+            # row term and columns of the column term sum to 0 exactly, so centring on the
+            # positive keeps the rounding of <u_i, v_j> out of d scale. The dU launch sums the
+            # row term, the dV launch the column term: each has its positive loaded once.
+            if not TRANSPOSED:
+                ds_tile = g * (z - POSR)
             if HAS_COL:
                 is_diag = R_IDX == C_IDX
-                q = tl.exp2((tl.where(is_diag, POSC, z) - CM) - CL)
+                # On the diagonal, column j's stored positive S_jj is row j's (is_pos == is_diag).
+                q = tl.exp2((tl.where(is_diag, POSC if TRANSPOSED else POSR, z) - CM) - CL)
                 gq = GCv * tl.where(is_diag, q - 1.0, q)
                 g += gq
-                ds_tile += gq * (acc - POSC / s2)
+                if TRANSPOSED:
+                    ds_tile = gq * (z - POSC)
             g = tl.where(valid, g * (s * amp), 0.0)
-            if not TRANSPOSED:
+            if (not TRANSPOSED) or HAS_COL:
                 if d0 == 0:
                     dscale += tl.sum(tl.where(valid, ds_tile, 0.0), 1)
             acc_da = tl.dot(g.to(Bm.dtype.element_ty), bt, acc_da, input_precision=PREC)
         tl.store(DA + a_idx[:, None] * D + ds_[None, :], acc_da / amp,
                  mask=amask[:, None] & dmask[None, :])
-    if not TRANSPOSED:
-        tl.store(DSCALE + pid, tl.sum(dscale, 0))
+    if (not TRANSPOSED) or HAS_COL:
+        tl.store(DSCALE + pid, tl.sum(dscale, 0) / s2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +403,10 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     du = torch.full((B, D), float("nan"), device=u.device, dtype=u.dtype)
     dv = torch.full((N, D), float("nan"), device=u.device, dtype=v.dtype)
     n_rb = triton.cdiv(B, cfg["BM"])
-    dscale = torch.full((n_rb,), float("nan"), device=u.device, dtype=torch.float32)
+    n_cb = triton.cdiv(N, cfg["BM"])
+    # One d scale partial per program: dU's programs write the row term, dV's the column term.
+    dscale = torch.full((n_rb + (n_cb if symmetric else 0),), float("nan"), device=u.device,
+                        dtype=torch.float32)
     g_row = g_row.float().contiguous()
     g_col = g_col.float().contiguous() if symmetric else g_row
     lab = g_row if labels is None else labels
@@ -408,8 +422,8 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
         u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, du, dscale,
         B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         TRANSPOSED=False, **common)
-    grad_kernel[(triton.cdiv(N, cfg["BM"]),)](
-        v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv, dscale,
+    grad_kernel[(n_cb,)](
+        v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv, dscale[n_rb:],
         N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1),
         TRANSPOSED=True, **common)
     return du, dv, dscale.sum()
