@@ -288,6 +288,17 @@ def test_torch_backend_memory_not_quadratic(monkeypatch, symmetric):
     assert mode.largest * 200 < B * B  # at B=4096: the full matrix would be 256x the bound
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_torch_backend_several_chunks(monkeypatch, symmetric):
+    """Values and gradients when the torch backend's rows come in several chunks of 7, the last
+    one partial (the other tests' shapes fit one chunk)."""
+    B, N = (40, 40) if symmetric else (37, 90)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 7 * N)
+    assert len(list(chunked._chunks(B, N))) == 6
+    labels = None if symmetric else torch.randperm(N, generator=torch.Generator().manual_seed(6))[:B]
+    _check("torch", B, N, 11, torch.float32, 0.1, symmetric=symmetric, labels=labels)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_kernel_forward_writes_every_row(backend):
     """The launchers poison their outputs with NaN: any row a kernel skips would stay NaN."""

@@ -133,6 +133,35 @@ def test_dcl_callable_and_tensor_weights():
     by_callable = FCL.dcl(z1, z2, weight=lambda a, b: w, backend="torch")
     assert torch.allclose(by_tensor, by_callable)
     assert torch.allclose(by_tensor, R.dcl_reference(z1, z2, weight=w))
+    # A callable gets (this view, the other view), normalised: weight(n1, n2) for view 1's
+    # anchors and weight(n2, n1) for view 2's.
+    def f(a, b):
+        return 1.0 + 0.5 * a[:, 0] - 0.25 * b[:, 1]
+
+    n1, n2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+    expected = R.dcl_reference(z1, z2, weight=torch.cat([f(n1, n2), f(n2, n1)]), reduction="none")
+    usable = fastcl.available_backends(DEVICE, torch.float32)
+    for backend in [b for b in BACKENDS if usable[b] is None]:
+        got = FCL.dcl(z1.float().to(DEVICE), z2.float().to(DEVICE), weight=f, reduction="none", backend=backend)
+        assert torch.allclose(got.double().cpu(), expected, atol=1e-5), backend
+    assert fastcl.nn.DCLLoss(weight_fn=f, backend="torch")(z1, z2).item() == pytest.approx(
+        expected.mean().item(), rel=1e-12)
+
+
+def test_modules_forward_their_arguments():
+    """Each module passes its constructor's arguments on (not just the defaults)."""
+    g = torch.Generator().manual_seed(13)
+    q, k = torch.randn(9, 6, generator=g, dtype=torch.float64), torch.randn(9, 6, generator=g, dtype=torch.float64)
+    got = fastcl.nn.InfoNCELoss(temperature=0.2, symmetric=True, reduction="none", backend="torch")(q, k)
+    assert torch.allclose(got, R.info_nce_reference(q, k, temperature=0.2, symmetric=True, reduction="none"))
+    got = fastcl.nn.InfoNCELoss(temperature=0.2, normalize=False, reduction="sum", backend="torch")(q, k)
+    assert torch.allclose(got, R.info_nce_reference(q, k, temperature=0.2, normalize=False, reduction="sum"))
+    x, labels = _supcon_inputs(12, 5, torch.float64)
+    assert torch.allclose(fastcl.nn.SupConLoss(temperature=0.3, backend="torch")(x, labels),
+                          R.supcon_reference(x, labels, temperature=0.3))
+    a, p = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    assert torch.allclose(fastcl.nn.MultipleNegativesRankingLoss(scale=7.0, backend="torch")(a, p),
+                          F.cross_entropy(7.0 * F.normalize(a, dim=-1) @ F.normalize(p, dim=-1).T, torch.arange(7)))
 
 
 def _supcon_inputs(b, d, dtype, views=1, n_classes=4, seed=0):
@@ -180,6 +209,38 @@ def test_supcon_views_default_to_same_sample_positives():
                           R.supcon_reference(flat, torch.arange(8).repeat(2)))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supcon_negative_ids_and_unnormalized(backend):
+    """Class ids -2..1 (the kernels pad out-of-range rows and columns with -1/-2, which must not
+    count as classes), and raw dot products (normalize=False: nothing projects an error away)."""
+    x, labels = _supcon_inputs(45, 20, torch.float32, seed=15)
+    ids = (labels - 2).to(DEVICE)
+    check(lambda f, backend: FCL.supcon(f, ids, temperature=0.5, backend=backend),
+          lambda f: R.supcon_reference(f, (labels - 2).to(f.device), temperature=0.5),
+          [x], torch.float32, backend, ["dfeatures"])
+    check(lambda f, backend: FCL.supcon(f, ids, temperature=5.0, normalize=False, backend=backend),
+          lambda f: R.supcon_reference(f, (labels - 2).to(f.device), temperature=5.0, normalize=False),
+          [x], torch.float32, backend, ["dfeatures"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_family_with_torch_chunks(backend, monkeypatch):
+    """The loss family when the torch backend's rows come in several partial chunks."""
+    if backend != "torch":
+        pytest.skip("chunking is the torch backend's")
+    from fastcl import chunked
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 9 * 74)  # 2N = 74 rows: chunks of 9
+    z1, z2 = _views(37, 20, torch.float32)
+    check(lambda a, b, backend: FCL.nt_xent(a, b, temperature=0.3, reduction="none", backend=backend),
+          lambda a, b: R.nt_xent_reference(a, b, temperature=0.3, reduction="none"),
+          [z1, z2], torch.float32, backend, ["dz1", "dz2"])
+    check(lambda a, b, backend: FCL.dcl(a, b, reduction="none", backend=backend),
+          lambda a, b: R.dcl_reference(a, b, reduction="none"), [z1, z2], torch.float32, backend, ["dz1", "dz2"])
+    x, labels = _supcon_inputs(74, 20, torch.float32, seed=16)
+    check(lambda f, backend: FCL.supcon(f, labels, reduction="none", backend=backend),
+          lambda f: R.supcon_reference(f, labels, reduction="none"), [x], torch.float32, backend, ["dfeatures"])
+
+
 def test_supcon_large_sparse_class_ids():
     x, labels = _supcon_inputs(10, 4, torch.float64)
     assert torch.allclose(FCL.supcon(x, labels * 10**12 - 5, backend="torch"),
@@ -205,16 +266,31 @@ def test_multiple_negatives_ranking(backend, negatives):
           ref, tensors, torch.float32, backend, ["danchor", "dpositive", "dnegatives"][:len(tensors)])
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_multiple_negatives_ranking_reduction(reduction):
+    g = torch.Generator().manual_seed(14)
+    a, p = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    scores = 20.0 * F.normalize(a, dim=-1) @ F.normalize(p, dim=-1).T
+    assert torch.allclose(FCL.multiple_negatives_ranking(a, p, reduction=reduction, backend="torch"),
+                          F.cross_entropy(scores, torch.arange(6), reduction=reduction))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_info_nce_label_smoothing(backend, symmetric):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_info_nce_label_smoothing(backend, symmetric, reduction):
     g = torch.Generator().manual_seed(10)
     q = torch.randn(40, 12, generator=g, dtype=torch.float64)
     k = q + 0.5 * torch.randn(40 if symmetric else 55, 12, generator=g, dtype=torch.float64)[:, :12] \
         if symmetric else torch.randn(55, 12, generator=g, dtype=torch.float64)
-    check(lambda a, b, backend: FCL.info_nce(a, b, temperature=0.1, symmetric=symmetric,
-                                             label_smoothing=0.1, backend=backend),
-          lambda a, b: R.info_nce_reference(a, b, temperature=0.1, symmetric=symmetric, label_smoothing=0.1),
+    # Without symmetry: positives given by labels, anywhere among the 55 keys.
+    labels = None if symmetric else torch.randperm(55, generator=g)[:40]
+    lab = None if labels is None else labels.to(DEVICE)
+    check(lambda a, b, backend: FCL.info_nce(a, b, temperature=0.1, symmetric=symmetric, labels=lab,
+                                             label_smoothing=0.1, reduction=reduction, backend=backend),
+          lambda a, b: R.info_nce_reference(a, b, temperature=0.1, symmetric=symmetric, label_smoothing=0.1,
+                                            labels=None if labels is None else labels.to(a.device),
+                                            reduction=reduction),
           [q, k], torch.float32, backend, ["dq", "dk"])
 
 

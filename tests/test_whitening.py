@@ -29,6 +29,9 @@ def _group_cov(y, num_groups, ddof=0):
 @pytest.mark.parametrize("detach_stats", [False, True])
 def test_gradcheck(method, use_perm, detach_stats):
     x = _x(10, 6, seed=1).requires_grad_()
+    if not detach_stats and not use_perm:  # the backward's 1 / (N - ddof) as well
+        assert torch.autograd.gradcheck(lambda x: FCL.group_whiten(x, 2, eps=1e-3, method=method, ddof=1,
+                                                                   backend="torch"), (x,))
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(2)) if use_perm else None
 
     def f(x):
@@ -60,8 +63,28 @@ def test_whitening_property_and_reference(method, ddof):
     y = FCL.group_whiten(x, 4, eps=0.0, method=method, ddof=ddof, backend="torch")
     eye = torch.eye(6, dtype=torch.float64).expand(4, 6, 6)
     assert torch.allclose(_group_cov(y, 4, ddof), eye, atol=1e-10)
-    ref = Wh.whiten_reference(x, 4, eps=0.0, method=method, ddof=ddof)
+    if method == "cholesky":  # independent of fastcl's matrix functions: W = L^-T
+        xg = x.reshape(300, 4, 6).transpose(0, 1)
+        xc = xg - xg.mean(1, keepdim=True)
+        L = torch.linalg.cholesky(xc.transpose(-1, -2) @ xc / (300 - ddof))
+        ref = (xc @ torch.linalg.inv(L).transpose(-1, -2)).transpose(0, 1).reshape(300, 24)
+    else:  # zca: eigh autograd; newton_schulz: see test_newton_schulz_iteration_count
+        ref = Wh.whiten_reference(x, 4, eps=0.0, method=method, ddof=ddof)
     assert torch.allclose(y, ref, atol=1e-10)
+
+
+def test_newton_schulz_iteration_count():
+    """For a diagonal S the coupled iteration acts on each eigenvalue alone:
+    y0 = l / c, z0 = 1, t = (3 - z y) / 2, y <- y t, z <- t z; W = z / sqrt(c)."""
+    lam = torch.tensor([1.0, 0.3, 0.05], dtype=torch.float64)
+    c = lam.norm()
+    for iters in (1, 2, 3, 7):
+        y, z = lam / c, torch.ones(3, dtype=torch.float64)
+        for _ in range(iters):
+            t = (3 - z * y) / 2
+            y, z = y * t, t * z
+        W = Wh.newton_schulz_matrix(torch.diag(lam)[None], iters)[0]
+        assert torch.allclose(W, torch.diag(z / c.sqrt()), atol=1e-14), iters
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -83,13 +106,14 @@ def test_low_precision_inputs_against_float64(method, dtype):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])  # skipped where unusable (conftest)
-def test_kernel_newton_schulz_matches_torch(backend):
+@pytest.mark.parametrize("iters", [3, None])  # 3: not converged, so every iteration shows
+def test_kernel_newton_schulz_matches_torch(backend, iters):
     x = _x(96, 40, seed=6, offset=3.0, dtype=torch.float32).to(DEVICE)
     gy = torch.randn(96, 40, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     outs = []
     for b in ("torch", backend):
         xx = x.clone().requires_grad_()
-        y = FCL.group_whiten(xx, 5, method="newton_schulz", backend=b)  # g = 8
+        y = FCL.group_whiten(xx, 5, method="newton_schulz", iters=iters, backend=b)  # g = 8
         (y * gy).sum().backward()
         outs.append((y, xx.grad))
     (y_t, g_t), (y_k, g_k) = outs
@@ -201,6 +225,20 @@ def test_module_running_statistics():
     ye = m(x)
     assert torch.allclose(_group_cov(ye, 2), torch.eye(4, dtype=torch.float64).expand(2, 4, 4), atol=1e-3)
     assert torch.allclose(m.running_mean, x.mean(0), atol=1e-5)
+    # eval applies exactly (x - running_mean) @ running_whitening, group by group
+    xc = (x - m.running_mean).reshape(128, 2, 4).transpose(0, 1)
+    assert torch.allclose(ye, (xc @ m.running_whitening).transpose(0, 1).reshape(128, 8), atol=1e-6)
+
+
+def test_module_momentum():
+    """running = (1 - momentum) * running + momentum * batch, as in BatchNorm."""
+    m = fastcl.nn.GroupWhitening(8, 2, momentum=0.1)
+    x = _x(128, 8, seed=21, offset=3.0, dtype=torch.float32)
+    _, W = FCL.group_whiten(x, 2, return_matrix=True)
+    m(x)
+    assert torch.allclose(m.running_mean, 0.1 * x.mean(0), atol=1e-6)
+    eye = torch.eye(4).expand(2, 4, 4)
+    assert torch.allclose(m.running_whitening, 0.9 * eye + 0.1 * W, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["zca", "newton_schulz"])
@@ -221,8 +259,8 @@ def test_module_and_matrix_with_reference_backend(method):
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: FCL.group_whiten(torch.randn(10, 6), 4), ValueError, "divisor"),
     (lambda: FCL.group_whiten(torch.randn(3, 8), 1, eps=0.0), ValueError, "singular"),
-    (lambda: FCL.group_whiten(torch.randn(40, 4).repeat(1, 2), 1, eps=0.0, backend="torch"), ValueError,
-     "rank-deficient"),
+    (lambda: FCL.group_whiten(torch.randn(40, 4, generator=torch.Generator().manual_seed(0)).repeat(1, 2), 1,
+                              eps=0.0, backend="torch"), ValueError, "rank-deficient"),
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, method="pca"), ValueError, "method"),
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, perm=torch.tensor([0, 1, 2, 3, 4, 4])), ValueError, "permutation"),
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, iters=5), ValueError, "Newton-Schulz"),
