@@ -105,8 +105,8 @@ def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=Non
               exclude_diag=False, exclude_pos=False, with_counts=False):
     """(row_loss [B], col_loss [N] or [0]) from the fused op; see info_nce_rows. with_counts
     adds each row's number of positives [B], which the op counted in the tiles."""
-    if symmetric and (exclude_diag or exclude_pos or row_cls is not None):
-        raise ValueError("the column (symmetric) term is defined without exclusions or class ids")
+    if symmetric and (exclude_diag or exclude_pos or row_cls is not None or labels is not None):
+        raise ValueError("the column (symmetric) term is defined without labels, exclusions or class ids")
     if labels is not None:
         labels = labels.long().contiguous()
     if row_cls is not None:

@@ -394,6 +394,9 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     """
     B, D = u.shape
     N = v.shape[0]
+    if symmetric and (labels is not None or row_cls is not None or exclude_diag or exclude_pos):
+        # grad_kernel takes row i's positive to be the diagonal S_ii when there are column terms.
+        raise ValueError("symmetric: the positive of row i is column i (no labels, class ids or exclusions)")
     cfg = _config(u.device, backward=True)
     # fp32 operands take twice the shared memory of 16-bit ones: halve the D-slab.
     bd_max = cfg.pop("BD_MAX") // (2 if u.dtype == torch.float32 else 1)

@@ -115,3 +115,16 @@ def test_gpu_backends_say_why_without_cuda():
     if importlib.util.find_spec("triton") is not None:  # else: triton's import error
         assert "no CUDA" in why["triton"]
     assert why["cuda"] is not None
+
+
+def test_column_term_needs_the_diagonal_positive():
+    """The symmetric (column) term pairs row i with column i; the kernels rely on it."""
+    from fastcl.info_nce import row_terms
+    s = torch.tensor(5.0)
+    with pytest.raises(ValueError, match="without labels"):
+        row_terms(q, k, s, "torch", labels=torch.arange(4).flip(0), symmetric=True)
+    pytest.importorskip("triton")
+    from fastcl.kernels import info_nce as K
+    g = torch.ones(4)
+    with pytest.raises(ValueError, match="positive of row i is column i"):
+        K.lse_backward(q, k, s, torch.zeros(4, 4), torch.zeros(2, 4), g, g, torch.arange(4), True)
