@@ -11,10 +11,11 @@ class MultipleNegativesRankingLoss(nn.Module):
     Same constructor and forward as sentence-transformers' loss, so it plugs into
     ``SentenceTransformerTrainer``. The constructor's newer options (``gather_across_devices``,
     ``directions``, ``partition_mode``, ``hardness_mode``, ``hardness_strength``) are accepted at
-    their defaults and refused otherwise; ``similarity_fct`` must be cosine (the default). ``forward(sentence_features, labels)`` embeds each column
-    (anchor, positive, negative_1, ...) with ``model(features)["sentence_embedding"]``. It then
-    scores every anchor against all positives and negatives of the batch (cosine x scale)
-    without building the [B, B*(1+k)] score matrix.
+    their defaults and refused otherwise; ``similarity_fct`` must be cosine (the default).
+    ``forward(sentence_features, labels)`` embeds each column (anchor, positive, negative_1,
+    ...) with ``model(features)["sentence_embedding"]``. It then scores every anchor against all
+    positives and negatives of the batch (cosine x scale) without building the [B, B*(1+k)]
+    score matrix.
     """
 
     def __init__(self, model, scale: float = 20.0, similarity_fct=None, gather_across_devices: bool = False,

@@ -34,8 +34,8 @@ class ClipLoss(nn.Module):
 
     ``forward(image_features [B, D], text_features [B, D], logit_scale=None, output_dict=False)``.
     As in open_clip, ``logit_scale`` is the logit MULTIPLIER (the model's ``logit_scale.exp()``,
-    so > 0: the loss takes its log, and a tensor <= 0 gives NaN) and the features are used as given (open_clip's models normalise them; pass
-    ``normalize=True`` to do it here). ``output_dict=True`` returns
+    so > 0: the loss takes its log, and a tensor <= 0 gives NaN) and the features are used as
+    given (open_clip's models normalise them; pass ``normalize=True`` to do it here). ``output_dict=True`` returns
     ``{"contrastive_loss": loss}``.
 
     With ``world_size > 1`` the loss sees every rank's pairs through
