@@ -40,9 +40,54 @@ def test_info_nce_sweep_rows_csv_and_plot(tmp_path):
         assert png.stat().st_size > 0
 
 
+def test_derived_columns(monkeypatch):
+    """speed-up = naive ms / provider ms; TFLOP/s = 8 B^2 D / s (fwd+bwd); peak bytes -> MiB: from
+    timings fixed here, so the formulas are checked, not the machine."""
+    fixed = {"naive-torch": 4.0, "fastcl-torch": 2.0}  # ms
+    monkeypatch.setattr(bench_info_nce, "_time_provider",
+                        lambda fn, *a: (fixed[fn.name],) * 3 + (3 * 2**20, "ok"))
+
+    def named(name):
+        fn = lambda *a: None  # noqa: E731
+        fn.name = name
+        return fn
+    monkeypatch.setattr(bench_info_nce, "providers", lambda *a, **k: {n: named(n) for n in fixed})
+    rows = bench_info_nce.run([64], 16, "fp32", True, 2, CPU)
+    by = {r["provider"]: r for r in rows}
+    assert by["fastcl-torch"]["speedup_vs_naive"] == pytest.approx(2.0)
+    assert by["naive-torch"]["tflops"] == pytest.approx(8 * 64 * 64 * 16 / 4e-3 / 1e12)
+    assert by["fastcl-torch"]["peak_mib"] == pytest.approx(3.0)
+
+    # the family sweep: each provider's step runs once, then "takes" its fixed time
+    current = [None]
+    monkeypatch.setattr(bench_family, "providers", lambda op, device: {
+        n: (lambda a, b, lab, n=n: (current.__setitem__(0, n), (a * b).sum())[1]) for n in fixed})
+    monkeypatch.setattr(bench_family, "measure", lambda step, device, reps: (
+        step(), (fixed[current[0]],) * 3 + (2**20, "ok"))[1])
+    rows = bench_family.run("nt_xent", [16], 8, 2, CPU)
+    by = {r["provider"]: r for r in rows}
+    assert by["fastcl-torch"]["speedup_vs_naive"] == pytest.approx(2.0) and by["fastcl-torch"]["peak_mib"] == 1.0
+
+
+def test_time_fn_median_and_percentiles(monkeypatch):
+    """median, p20, p80 of the timed runs (not the warm-ups), from a fake clock: durations 1..9 ms
+    and one 200 ms outlier give 5.5, 2.8 and 8.2 (inclusive quantiles)."""
+    clock = [0.0]
+    durations = iter([1.0, 1.0] + [3, 200, 1, 9, 5, 2, 8, 4, 7, 6])  # 2 warm-ups, 10 runs (ms)
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def fn():
+        clock[0] += next(durations) / 1e3
+    med, p20, p80 = common.time_fn(fn, CPU, reps=10, warmup=2, min_reps=10)
+    assert (med, p20, p80) == pytest.approx((5.5, 2.8, 8.2))
+
+
 def test_slow_guard_skips_predicted_slow_steps(tmp_path):
     g = common.SlowGuard(100.0)
     assert not g.skip("a", 10**6)  # nothing measured yet: it runs
+    g.record("c", 1000, 10.0)
+    g.record("c", 2000, float("nan"))  # an OOM row predicts nothing and keeps the last figure
+    assert g.skip("c", 4000)  # 10 ms * 16 > 100 ms
     g.record("a", 1000, 30.0)
     assert g.predicted_ms("a", 2000) == pytest.approx(120.0)  # ~B²
     assert g.skip("a", 2000) and not g.skip("a", 1500)

@@ -106,6 +106,9 @@ def _errors_worker(rank, world, init_file, out_prefix):
         (dict(grad_mode="sum"), 4, 4, None),
         ({}, 4, 4, torch.tensor([0, 1, 2, 99]) if rank == 1 else torch.arange(4)),  # one rank's labels
         ({}, 0 if rank == 1 else 4, 4, None),                                       # one rank's empty batch
+        ({}, 4, 4, torch.tensor([0, 1, 2, 8]) if rank == 1 else torch.arange(4)),   # label == N
+        ({}, 4, 4, torch.tensor([0, 1, 2, -1]) if rank == 1 else torch.arange(4)),  # negative label
+        ({}, 5, 4, None),                                                           # N < B, no labels
     ]
     for kwargs, n_q, n_k, labels in bad_on_rank1:
         try:
@@ -118,6 +121,19 @@ def _errors_worker(rank, world, init_file, out_prefix):
     per_exact = info_nce_distributed(q, k, reduction="none")
     per_ddp = info_nce_distributed(q, k, reduction="none", grad_mode="ddp")
     errors.append(bool(torch.allclose(per_ddp, world * per_exact)))
+    # reduction="none" against one process on the global batch, values and gradients
+    g = torch.Generator().manual_seed(0)
+    Q, K = torch.randn(4 * world, 3, generator=g, dtype=torch.float64), torch.randn(4 * world, 3, generator=g,
+                                                                                    dtype=torch.float64)
+    Q.requires_grad_(), K.requires_grad_()
+    ref = fastcl.info_nce_reference(Q, K, temperature=0.2, reduction="none")
+    ref.sum().backward()
+    rows = slice(4 * rank, 4 * rank + 4)
+    q, k = Q.detach()[rows].clone().requires_grad_(), K.detach()[rows].clone().requires_grad_()
+    per = info_nce_distributed(q, k, temperature=0.2, reduction="none")
+    per.sum().backward()
+    errors.append(bool(torch.allclose(per, ref[rows]) and torch.allclose(q.grad, Q.grad[rows])
+                       and torch.allclose(k.grad, K.grad[rows])))
     torch.save(errors, f"{out_prefix}{rank}.pt")
     dist.barrier()  # every rank is done talking
 
@@ -137,7 +153,8 @@ def test_distributed_bad_input(tmp_path):
         assert "as many keys" in errors[0] and "gather" in errors[1] and "grad_mode" in errors[2]
         assert "[0, 8)" in errors[3]
         assert ("empty batch" if rank == 1 else "rank(s) [1]") in errors[4]
-        assert errors[5] is True
+        assert "[0, 8)" in errors[5] and "[0, 8)" in errors[6] and "fewer keys" in errors[7]
+        assert errors[8] is True and errors[9] is True
 
 
 if os.name != "posix":  # pragma: no cover - gloo over file:// init is tested on Linux

@@ -313,6 +313,54 @@ def test_torch_backend_several_chunks(monkeypatch, symmetric):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_column_max_in_another_programs_rows(backend):
+    """CLIP loss at tau = 0.01 where the rows of one persistent program are anti-aligned with
+    every column and another program holds the columns' maxima: merging the programs' column
+    statistics on anything but their maximum overflows exp2."""
+    B, D = 64, 8
+    u, v = torch.zeros(B, D), torch.zeros(B, D)
+    u[:32, 0], u[:32, 1], u[32:, 0] = -1.0, 0.1, 1.0
+    v[:, 0], v[:, 2] = 1.0, torch.linspace(-1, 1, B)
+    u += 0.01 * torch.randn(B, D, generator=torch.Generator().manual_seed(0))
+    ref = fastcl.info_nce_reference(u.double(), v.double(), temperature=0.01, symmetric=True)
+    out = FCL.info_nce(u.to(DEVICE), v.to(DEVICE), temperature=0.01, symmetric=True, backend=backend)
+    assert float(out) == pytest.approx(float(ref), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fp16_gradients_under_a_loss_scale(backend):
+    """fp16 with a GradScaler-sized loss scale (2^17): G * s leaves fp16's range (~1e5 > 65504)
+    though the gradients fit; the kernels' power-of-two amplitude keeps them finite."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (0.05 * torch.randn(16, 16, generator=g)).half(), (0.05 * torch.randn(16, 16, generator=g)).half()
+    qq, kk = q.to(DEVICE).clone().requires_grad_(), k.to(DEVICE).clone().requires_grad_()
+    (2.0 ** 17 * FCL.info_nce(qq, kk, temperature=0.07, symmetric=True, normalize=False, backend=backend)).backward()
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    (2.0 ** 17 * fastcl.info_nce_reference(q64, k64, temperature=0.07, symmetric=True, normalize=False)).backward()
+    for got, exact in ((qq.grad, q64.grad), (kk.grad, k64.grad)):
+        assert torch.isfinite(got).all()
+        assert float((got.double().cpu() - exact).norm() / exact.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_multi_positive_rows_without_positives(backend):
+    """Rows whose class has no other member: positive logit 0 and count 0 in the statistics
+    (not 0/0), finite gradients."""
+    from fastcl.info_nce import _impl
+    impl = _impl(backend)
+    u = F.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(0)), dim=-1).to(DEVICE)
+    cls = torch.tensor([0, 0, 1, 1] * 9 + [7, 8, 9, 10], device=DEVICE)  # the last 4: no positive
+    s = torch.tensor(10.0, device=DEVICE)
+    _, _, rs, cs = impl.lse_forward(u, u, s, None, False, row_cls=cls, col_cls=cls, exclude_diag=True)
+    assert torch.isfinite(rs).all()
+    assert rs[2, -4:].tolist() == [0.0] * 4 and rs[3, -4:].tolist() == [0.0] * 4
+    gr = torch.ones(40, device=DEVICE)
+    du, dv, ds = impl.lse_backward(u, u, s, rs, cs, gr, gr, None, False, row_cls=cls, col_cls=cls,
+                                   exclude_diag=True)
+    assert torch.isfinite(du).all() and torch.isfinite(dv).all() and torch.isfinite(ds)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_kernel_forward_writes_every_row(backend):
     """The launchers poison their outputs with NaN: any row a kernel skips would stay NaN."""
     from fastcl.info_nce import _impl

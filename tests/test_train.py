@@ -153,8 +153,88 @@ def test_metrics_logged_and_temperature_learned():
     hist = T.Trainer(recipe, data, _cfg(steps=8)).train()
     assert set(hist[-1]) >= {"step", "loss", "temperature", "alignment", "uniformity", "seconds"}
     assert hist[-1]["temperature"] != pytest.approx(0.07)  # the logit scale is learned
+    assert hist[-1]["temperature"] == pytest.approx(math.exp(-recipe.logit_scale.item()), rel=1e-12)
+    assert 0.0 < hist[-1]["alignment"] <= 4.0  # image vs text embeddings, not one view with itself
+    # Closed forms: E||u_a - u_b||^2, and log E exp(-2 ||u_i - u_j||^2).
     assert T.alignment(torch.ones(3, 2), torch.ones(3, 2)) == 0.0
-    assert T.uniformity(torch.eye(4)) < 0
+    assert T.alignment(torch.eye(2), torch.tensor([[0.0, 1.0], [0.0, 1.0]])) == pytest.approx(1.0)
+    assert T.uniformity(torch.eye(4)) == pytest.approx(-4.0)  # every pair at squared distance 2
+
+
+def test_recipes_compute_their_losses():
+    """Each recipe's loss on given embeddings is the fastcl loss it names, with its temperature."""
+    import fastcl.functional as FCL
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randn(12, 6, generator=g, dtype=torch.float64)
+    for loss, expected in [("info_nce", FCL.info_nce(a, b, temperature=0.3, symmetric=True)),
+                           ("nt_xent", FCL.nt_xent(a, b, temperature=0.3)),
+                           ("dcl", FCL.dcl(a, b, temperature=0.3)),
+                           ("dclw", FCL.dcl(a, b, temperature=0.3, weight="vmf"))]:
+        assert T.SimCLR(_mlp(), _noise, loss=loss, temperature=0.3).loss([a, b]) == pytest.approx(
+            expected.item(), rel=1e-12), loss
+    assert T.SimCSE(_mlp(), temperature=0.2).loss([a, b]) == pytest.approx(
+        FCL.info_nce(a, b, temperature=0.2).item(), rel=1e-12)
+    clip = T.CLIP(_mlp(), _mlp(), init_temperature=0.1).double()
+    assert clip.loss([a, b]).item() == pytest.approx(FCL.info_nce(
+        a, b, logit_scale=clip.logit_scale.detach(), symmetric=True).item(), rel=1e-12)
+    assert clip.temperature() == pytest.approx(0.1, rel=1e-6)
+    # WhitenedCSE: SupCon over the k whitened views, whose positives are the same sample's views
+    w = T.WhitenedCSE(_mlp(), num_groups=2, k=3, temperature=0.2)
+    torch.manual_seed(5)
+    got = w.loss([a])
+    torch.manual_seed(5)
+    views = FCL.shuffled_group_whiten(a, 2, 3, method="zca", detach_stats=True, eps=1e-5)  # [k, N, D]
+    expected = FCL.supcon(torch.cat(views.unbind(0)), torch.arange(12).repeat(3), temperature=0.2)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_simclr_views_are_two_augmentations():
+    x = _batches(n=1)[0]
+    torch.manual_seed(0)
+    (n1, v1), (n2, v2) = T.SimCLR(_mlp(), _noise).views(x)
+    assert n1 == n2 == "encoder" and v1.shape == v2.shape == x.shape
+    assert not torch.equal(v1, v2) and not torch.equal(v1, x)
+
+
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_amp_dtypes(amp, dtype):
+    """The encoders run in the autocast dtype; the loss gets fp32 embeddings."""
+    seen = {}
+
+    class Enc(nn.Linear):
+        def forward(self, x):
+            out = super().forward(x)
+            seen["encoder"] = out.dtype
+            return out
+
+    class Recipe(T.SimCSE):
+        def loss(self, z):
+            seen["loss"] = z[0].dtype
+            return super().loss(z)
+
+    T.Trainer(Recipe(Enc(6, 4)), [x.float() for x in _batches(n=1)], _cfg(amp=amp)).train()
+    assert seen == {"encoder": dtype, "loss": torch.float32}
+
+
+def test_checkpoint_every(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(T.Trainer, "save", lambda self, path: saved.append(self.step))
+    T.Trainer(T.SimCSE(_mlp()), _batches(n=2), _cfg(steps=5, checkpoint_path=str(tmp_path / "c.pt"),
+                                                    checkpoint_every=2)).train()
+    assert saved == [2, 4, 5]  # every 2 steps, and at the end
+
+
+def test_resume_restores_the_grad_scaler(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    data = [x.float() for x in _batches(n=2, b=16)]
+    enc = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    first = T.Trainer(T.SimCLR(enc, _noise), data, _cfg(steps=3, amp="fp16", checkpoint_path=path))
+    first.train()
+    fresh = torch.amp.GradScaler("cpu").state_dict()
+    assert first.scaler.state_dict() != fresh  # the scaler has state worth restoring
+    enc2 = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    resumed = T.Trainer(T.SimCLR(enc2, _noise), data, _cfg(steps=6, amp="fp16", checkpoint_path=path, resume=True))
+    assert resumed.scaler.state_dict() == first.scaler.state_dict()
 
 
 def test_bad_config():
