@@ -218,6 +218,19 @@ def test_max_batch_probe_and_whitening(tmp_path):
     assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in got)
 
 
+def test_max_batch_probe_does_not_start_a_step_predicted_too_slow(monkeypatch):
+    """A step costs ~B^2: after 0.3 s at B = 32, B = 64 (~1.2 s) is not started under a 1 s limit."""
+    clock = [0.0]
+    monkeypatch.setattr(bench_max_batch.time, "perf_counter", lambda: clock[0])
+
+    def fn(q, k, t, sym):
+        clock[0] += 0.3 * (q.shape[0] / 32) ** 2
+        return (q * k).sum()
+    best, stop = bench_max_batch.probe("fake", fn, CPU, 4, "fp32", 32, 1024, 1.0)
+    assert best["B"] == 32 and best["seconds"] == pytest.approx(0.3)
+    assert stop.startswith("time: B=64 would take")
+
+
 def test_auto_figures_come_from_the_committed_csvs():
     """fastcl._dispatch.MEASURED_MS is what benchmarks.measured_figures reads off the committed
     H100 CSVs: the figures `auto` decides by can be traced to raw, dated rows."""
