@@ -256,8 +256,9 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
                 ds_tile = g * (z - POSR)
             if HAS_COL:
                 is_diag = R_IDX == C_IDX
-                # On the diagonal, column j's stored positive S_jj is row j's (is_pos == is_diag).
-                q = tl.exp2((tl.where(is_diag, POSC if TRANSPOSED else POSR, z) - CM) - CL)
+                # On the diagonal, column j's stored positive S_jj is row j's (is_pos == is_diag),
+                # and POSR holds it from this launch's own side (dV: POSR = POSC above).
+                q = tl.exp2((tl.where(is_diag, POSR, z) - CM) - CL)
                 gq = GCv * tl.where(is_diag, q - 1.0, q)
                 g += gq
                 if TRANSPOSED:
@@ -323,6 +324,17 @@ def _config(device: torch.device, backward: bool):
                     BK=64, BD_MAX=_env_int("FASTCL_BWD_BD", 512),
                     num_warps=_env_int("FASTCL_BWD_WARPS", 8), num_stages=_env_int("FASTCL_BWD_STAGES", 2))
     return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+
+
+def backward_config(device: torch.device, dtype: torch.dtype, D: int) -> dict:
+    """grad_kernel's launch config for D-wide operands: tiles, warps, stages, the D-slab BD and
+    whether one slab covers D (ONE_SLAB)."""
+    cfg = _config(device, backward=True)
+    # fp32 operands take twice the shared memory of 16-bit ones: halve the D-slab.
+    bd_max = cfg.pop("BD_MAX") // (2 if dtype == torch.float32 else 1)
+    cfg["BD"] = min(bd_max, max(16, triton.next_power_of_2(D)))
+    cfg["ONE_SLAB"] = D <= cfg["BD"]
+    return cfg
 
 
 def _num_programs(device: torch.device, n_row_blocks: int) -> int:
@@ -397,11 +409,7 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     if symmetric and (labels is not None or row_cls is not None or exclude_diag or exclude_pos):
         # grad_kernel takes row i's positive to be the diagonal S_ii when there are column terms.
         raise ValueError("symmetric: the positive of row i is column i (no labels, class ids or exclusions)")
-    cfg = _config(u.device, backward=True)
-    # fp32 operands take twice the shared memory of 16-bit ones: halve the D-slab.
-    bd_max = cfg.pop("BD_MAX") // (2 if u.dtype == torch.float32 else 1)
-    cfg["BD"] = min(bd_max, max(16, triton.next_power_of_2(D)))
-    cfg["ONE_SLAB"] = D <= cfg["BD"]
+    cfg = backward_config(u.device, u.dtype, D)
     # Poisoned outputs: every element must be written by the kernels.
     du = torch.full((B, D), float("nan"), device=u.device, dtype=u.dtype)
     dv = torch.full((N, D), float("nan"), device=u.device, dtype=v.dtype)

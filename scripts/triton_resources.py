@@ -37,7 +37,7 @@ COUNTED = ("LDL", "STL", "HGMMA", "HMMA", "LDGSTS", "MUFU.EX2")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def compile_kernel(fn, dtype, ptr_dtypes, aligned_ints, unit_strides, consts, num_warps, num_stages, arch):
+def compile_kernel(fn, ptr_dtypes, aligned_ints, unit_strides, consts, num_warps, num_stages, arch):
     """triton.compile of `fn` specialised like a launch: pointers and `aligned_ints` divisible
     by 16, `unit_strides` equal to 1 (Triton specialises both at launch), `consts` constexprs."""
     sig, attrs, constexprs = {}, {}, {}
@@ -100,22 +100,19 @@ def forward(dtype: str, arch: int, **flags):
     consts.update(flags)
     ptrs = dict(U=dtype, V=dtype, **{n: "fp32" for n in ("SCALE", "LABELS", "ROW_CLS", "COL_CLS",
                                                          "ROW_STATS", "COL_M", "COL_L")})
-    return consts, compile_kernel(K.lse_fwd_kernel, dtype, ptrs, {"B", "N", "D", "s_ub", "s_vn", "s_cp"},
+    return consts, compile_kernel(K.lse_fwd_kernel, ptrs, {"B", "N", "D", "s_ub", "s_vn", "s_cp"},
                                   {"s_ud", "s_vd"}, consts, warps, stages, arch)
 
 
 def gradient(dtype: str, arch: int, D: int, **flags):
-    cfg = K._config(torch.device("cuda"), backward=True)
+    cfg = K.backward_config(torch.device("cuda"), TORCH_DTYPES[dtype], D)  # as lse_backward launches
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    # As lse_backward picks the D-slab.
-    bd_max = cfg.pop("BD_MAX") // (2 if dtype == "fp32" else 1)
-    cfg["BD"] = min(bd_max, max(16, triton.next_power_of_2(D)))
     consts = dict(TRANSPOSED=False, HAS_COL=True, HAS_LABELS=False, EXCL_DIAG=False, EXCL_POS=False,
-                  MULTI_POS=False, ONE_SLAB=D <= cfg["BD"], PREC=K._precision(TORCH_DTYPES[dtype]), **cfg)
+                  MULTI_POS=False, PREC=K._precision(TORCH_DTYPES[dtype]), **cfg)
     consts.update(flags)
     ptrs = dict(A=dtype, Bm=dtype, DA=dtype, **{n: "fp32" for n in (
         "SCALE", "AMP", "ROW_STATS", "COL_STATS", "GR", "GC", "LABELS", "ROW_CLS", "COL_CLS", "DSCALE")})
-    return consts, compile_kernel(K.grad_kernel, dtype, ptrs, {"MA", "MB", "D", "B", "N", "s_am", "s_bm"},
+    return consts, compile_kernel(K.grad_kernel, ptrs, {"MA", "MB", "D", "B", "N", "s_am", "s_bm"},
                                   {"s_ad", "s_bd"}, consts, warps, stages, arch)
 
 
