@@ -29,12 +29,11 @@ class MultipleNegativesRankingLoss(nn.Module):
         for name, value, default in (("gather_across_devices", gather_across_devices, False),
                                      ("directions", tuple(directions), ("query_to_doc",)),
                                      ("partition_mode", partition_mode, "joint"),
-                                     ("hardness_mode", hardness_mode, None)):
+                                     ("hardness_mode", hardness_mode, None),
+                                     ("hardness_strength", hardness_strength, 0.0)):
             if value != default:
                 raise NotImplementedError(f"{name}={value!r} is not supported by the fused loss "
                                           f"(only the default, {default!r})")
-        if hardness_strength != 0.0:
-            raise NotImplementedError("hardness weighting is not supported by the fused loss")
         self.model, self.scale, self.backend = model, _validation.positive_number(scale, "scale"), backend
 
     def forward(self, sentence_features, labels=None):
