@@ -59,11 +59,19 @@ def test_derived_columns(monkeypatch):
     assert by["fastcl-torch"]["peak_mib"] == pytest.approx(3.0)
 
     # the family sweep: each provider's step runs once, then "takes" its fixed time
-    current = [None]
-    monkeypatch.setattr(bench_family, "providers", lambda op, device: {
-        n: (lambda a, b, lab, n=n: (current.__setitem__(0, n), (a * b).sum())[1]) for n in fixed})
-    monkeypatch.setattr(bench_family, "measure", lambda step, device, reps: (
-        step(), (fixed[current[0]],) * 3 + (2**20, "ok"))[1])
+    current = []
+
+    def loss_of(name):
+        def loss(a, b, lab):
+            current.append(name)
+            return (a * b).sum()
+        return loss
+
+    def measure(step, device, reps):
+        step()
+        return (fixed[current[-1]],) * 3 + (2**20, "ok")
+    monkeypatch.setattr(bench_family, "providers", lambda op, device: {n: loss_of(n) for n in fixed})
+    monkeypatch.setattr(bench_family, "measure", measure)
     rows = bench_family.run("nt_xent", [16], 8, 2, CPU)
     by = {r["provider"]: r for r in rows}
     assert by["fastcl-torch"]["speedup_vs_naive"] == pytest.approx(2.0) and by["fastcl-torch"]["peak_mib"] == 1.0
