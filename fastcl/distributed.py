@@ -87,6 +87,13 @@ def _ring_exchange(tensors, rank, world, group):
     return dist.batch_isend_irecv(ops), recv
 
 
+def _block_labels(labels, off, n):
+    """(rows whose positive is in the key block [off, off + n), labels within the block; -1 for
+    the other rows, which the fused op reads as no positive in this block)."""
+    in_b = (labels >= off) & (labels < off + n)
+    return in_b, torch.where(in_b, labels - off, torch.full_like(labels, -1))
+
+
 class _RingRows(torch.autograd.Function):
     """Per-row logsumexp_j S_ij - S_{i,y_i} of local rows u against keys spread over the ring."""
 
@@ -94,50 +101,55 @@ class _RingRows(torch.autograd.Function):
     def forward(ctx, u, v, scale, labels, sizes, rank, group, backend):
         impl, world = _impl(backend), len(sizes)
         offs = [sum(sizes[:r]) for r in range(world)]
-        cd = scale.dtype
-        lse = torch.full((u.shape[0],), float("-inf"), dtype=cd, device=u.device)
+        cd, unit = scale.dtype, impl.LOG_UNIT
+        # The rows' statistics merge as (max, log-sum below the max), and the positive comes
+        # from its block's own tile, as in one process: the loss (max - pos) + log-sum is then
+        # exact when the positive is the maximum. A merged log-sum-exp minus a positive
+        # recomputed elsewhere lost every digit of nearly solved rows (their loss is below the
+        # rounding of the logits).
+        m = torch.full((u.shape[0],), float("-inf"), dtype=cd, device=u.device)
+        logl = torch.zeros(u.shape[0], dtype=cd, device=u.device)
         pos = torch.zeros(u.shape[0], dtype=cd, device=u.device)
         block, owner = _padded(v, max(sizes)).contiguous(), rank
         for step in range(world):
             pending = _ring_exchange([block], rank, world, group) if step < world - 1 else None
-            vb = block[: sizes[owner]]
-            _, _, stats, _ = impl.lse_forward(u, vb, scale, None, False)
-            lse = torch.logaddexp(lse, ((stats[0] + stats[1]) * impl.LOG_UNIT).to(cd))
-            in_b = (labels >= offs[owner]) & (labels < offs[owner] + sizes[owner])
-            idx = (labels - offs[owner]).clamp(0, max(sizes[owner] - 1, 0))
-            if sizes[owner]:
-                pos = torch.where(in_b, (u.to(cd) * vb[idx].to(cd)).sum(1) * scale, pos)
+            in_b, lab = _block_labels(labels, offs[owner], sizes[owner])
+            _, _, stats, _ = impl.lse_forward(u, block[: sizes[owner]], scale, lab, False)
+            mb, lb = (stats[0] * unit).to(cd), (stats[1] * unit).to(cd)
+            m_new = torch.maximum(m, mb)
+            logl = torch.logaddexp(logl + (m - m_new), lb + (mb - m_new))
+            m = m_new
+            pos = torch.where(in_b, (stats[2] * unit).to(cd), pos)
             if pending is not None:
                 for w in pending[0]:
                     w.wait()
                 block, owner = pending[1][0], (owner - 1) % world
-        ctx.save_for_backward(u, v, scale, labels, lse, pos)
+        ctx.save_for_backward(u, v, scale, labels, m, logl, pos)
         ctx.cfg = (sizes, rank, group, backend)
-        return lse - pos
+        return (m - pos) + logl
 
     @staticmethod
     def backward(ctx, g):
-        u, v, scale, labels, lse, pos = ctx.saved_tensors
+        u, v, scale, labels, m, logl, pos = ctx.saved_tensors
         sizes, rank, group, backend = ctx.cfg
         impl, world = _impl(backend), len(sizes)
         offs = [sum(sizes[:r]) for r in range(world)]
         unit = impl.LOG_UNIT
-        # The merged statistics in the backend's units: max = lse, log-sum = 0, the positive.
-        stats = torch.stack([lse / unit, torch.zeros_like(lse), pos / unit, torch.ones_like(lse)])
-        stats = stats.to(torch.float32 if backend == "triton" else lse.dtype).contiguous()
+        # The merged statistics in the backend's units: max, log-sum, the positive, 1 positive.
+        stats = torch.stack([m / unit, logl / unit, pos / unit, torch.ones_like(m)])
+        stats = stats.to(torch.float32 if backend == "triton" else m.dtype).contiguous()
         g = g.contiguous()
-        du = torch.zeros(u.shape, dtype=lse.dtype, device=u.device)
-        dscale = torch.zeros((), dtype=lse.dtype, device=u.device)
+        du = torch.zeros(u.shape, dtype=m.dtype, device=u.device)
+        dscale = torch.zeros((), dtype=m.dtype, device=u.device)
         rows = max(sizes)
         block, owner = _padded(v, rows).contiguous(), rank
-        dacc = torch.zeros((rows, v.shape[1]), dtype=lse.dtype, device=v.device)
+        dacc = torch.zeros((rows, v.shape[1]), dtype=m.dtype, device=v.device)
         for step in range(world):
             # The key block for the next step can travel while this one is computed.
             pending = _ring_exchange([block], rank, world, group) if step < world - 1 else None
             n = sizes[owner]
             if n:
-                in_b = (labels >= offs[owner]) & (labels < offs[owner] + n)
-                lab = torch.where(in_b, labels - offs[owner], torch.full_like(labels, -1))
+                _, lab = _block_labels(labels, offs[owner], n)
                 du_p, dv_p, ds_p = impl.lse_backward(u, block[:n], scale, stats, stats[:2, :0], g, g,
                                                      lab, False)
                 du += du_p.to(du.dtype)
