@@ -7,9 +7,9 @@ rank order, and batches may be uneven. Two ways to see the global negatives:
   with gradient, then runs the fused op on its local rows against them. The gather's backward
   all-reduces the gradient and keeps the owner's rows. Memory O(N_total * D) per rank.
 - ``gather="ring"``: key blocks travel around the ring with ``batch_isend_irecv``. The next
-  block's transfer overlaps this block's compute, and row log-sum-exps merge online. In the
-  backward each block travels again with its dk accumulator, which lands back at its owner
-  after world_size hops. Memory O(max local batch * D) per rank.
+  block's transfer overlaps this block's compute, and the rows' (max, log-sum) statistics
+  merge online. In the backward each block travels again with its dk accumulator, which lands
+  back at its owner after world_size hops. Memory O(max local batch * D) per rank.
 
 Gradient convention (``grad_mode``):
 - ``"exact"`` (default): every rank returns the GLOBAL loss value. The gradients w.r.t. its

@@ -248,3 +248,30 @@ def test_auto_figures_come_from_the_committed_csvs():
     fig = measured_figures.figures(os.path.join(res, "info_nce_h100.csv"), os.path.join(res, "family_h100.csv"),
                                    os.path.join(res, "whitening_h100.csv"))
     assert fig == MEASURED_MS["sm_90"]
+
+
+def test_ab_torch_backend_runs_both_revisions_and_restores(monkeypatch):
+    """The A/B of the torch backend against a git revision: each loss timed with both sources,
+    and fastcl.chunked holds the current functions again afterwards (also on an error)."""
+    from benchmarks import ab_torch_backend
+    from fastcl import chunked
+    current = (chunked.lse_forward, chunked.lse_backward)
+    old = ab_torch_backend.load_revision("HEAD")
+    assert old.lse_forward is not chunked.lse_forward and callable(old.lse_backward)
+    seen = set()
+    real_once = ab_torch_backend._once
+
+    def once(step, device):  # which lse_forward each timed run used
+        seen.add(chunked.lse_forward)
+        return real_once(step, device)
+
+    monkeypatch.setattr(ab_torch_backend, "_once", once)
+    rows = ab_torch_backend.compare(old, [6], 4, 1, CPU)
+    assert [r[:2] for r in rows] == [(n, 6) for n in ("clip", "info_nce", "nt_xent", "dcl", "supcon", "mnrl")]
+    assert all(o > 0 and n > 0 for _, _, o, n in rows)
+    assert seen == {old.lse_forward, current[0]}
+    assert (chunked.lse_forward, chunked.lse_backward) == current
+    monkeypatch.setattr(ab_torch_backend, "_once", lambda *_: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ab_torch_backend.compare(old, [6], 4, 1, CPU)
+    assert (chunked.lse_forward, chunked.lse_backward) == current
