@@ -130,7 +130,7 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
             Q = (S - col_stats[0]).sub_(col_stats[1]).exp_()
             Q.diagonal(i0).sub_(1.0)
             Q.mul_(g_col)
-            dscale += (Q * torch.sub(S, pos, out=T)).sum()
+            dscale += (Q * torch.sub(S, pos, out=T)).sum()  # column j centred on S_jj, in T's buffer
             G += Q
         dU[i0:i1] = G @ V
         dV.addmm_(G.T, U[i0:i1])
