@@ -17,19 +17,25 @@
   runs in fp32 on the embeddings.
 - Under torch.distributed (initialised by the caller), the encoders are wrapped in DDP and the
   InfoNCE/CLIP losses see the global batch (``fastcl.distributed``, gradients scaled for DDP).
-- ``checkpoint_path`` saves model, optimizer, scaler, CPU and CUDA RNG states and history;
-  ``resume=True`` loads it and skips the batches already seen. Resuming reproduces the
-  uninterrupted run exactly when the data's order does not depend on the global RNG: a list,
-  or a DataLoader given its own seeded ``generator``. A plain ``shuffle=True`` DataLoader
-  draws its order from the restored global RNG, so it resumes with a different order.
+- ``checkpoint_path`` saves model, optimizer, scaler, history and every rank's RNG states
+  (torch CPU, the trainer's CUDA device, Python ``random``, NumPy); ``resume=True`` loads it
+  and skips the batches already seen, with the RNG put back after the skip. Resuming
+  reproduces the uninterrupted run exactly when the data's order does not depend on the
+  global RNG: a list, a DataLoader without shuffling, or one given its own seeded
+  ``generator``. A plain ``shuffle=True`` DataLoader draws its order from the global RNG at
+  each epoch's start, so its resumed epoch has a different order.
+- With ``chunk_size``, buffers that the encoders update in the forward (BatchNorm's running
+  statistics) are updated once per chunk, by the first pass; the re-encoding leaves them be.
 - Logged per step: loss, temperature, alignment and uniformity (Wang & Isola 2020).
 """
 import contextlib
 import dataclasses
 import math
 import os
+import random
 import sys
 import time
+import warnings
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -276,6 +282,9 @@ class Trainer:
                     states.append(_RngReplay(self.device))
                     parts.append(self._encode(name, x[i:i + chunk]))
                 z.append(torch.cat(parts).requires_grad_())
+        # The re-encoding below runs the forward again; keep buffers it would update a second
+        # time (BatchNorm's running statistics) as the first pass left them.
+        buffers = [(b, b.clone()) for b in self.recipe.buffers()]
         # 2. The fused loss over the FULL batch: every negative, and the embeddings' gradients.
         loss = self.recipe.loss(z)
         self.scaler.scale(loss).backward()
@@ -295,17 +304,24 @@ class Trainer:
                 with sync, states[k].replay():
                     self._encode(name, x[i:i + chunk]).backward(zi.grad[i:i + chunk])
                 k += 1
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
         return loss, z
 
     # -- loop, logging, checkpoints ---------------------------------------------------------
     def _next_batch(self):
+        if self._iter is None and self._skip:
+            # After a resume, continue where the saved run stopped (epochs of a re-iterable
+            # dataset replay in the same order; a one-shot iterator is simply consumed). The
+            # checkpoint's RNG state already follows those batches: whatever re-iterating
+            # draws (a DataLoader seeds its workers from the global RNG) must not shift it.
+            skip, self._skip = self._skip, 0
+            with _rng_kept(self.device):
+                for _ in range(skip):
+                    self._next_batch()
         if self._iter is None:
             self._iter = iter(self.data)
-            # After a resume, continue where the saved run stopped (epochs of a re-iterable
-            # dataset replay in the same order; a one-shot iterator is simply consumed).
-            for _ in range(self._skip):
-                self._next_batch()
-            self._skip = 0
         try:
             return next(self._iter)
         except StopIteration:  # a new epoch
@@ -322,17 +338,24 @@ class Trainer:
             m["seconds"] = time.perf_counter() - t0
             self.history.append(m)
             bar.update(m)
-            if cfg.checkpoint_path and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and main:
+            if cfg.checkpoint_path and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save(cfg.checkpoint_path)
         bar.close()
-        if cfg.checkpoint_path and main:
+        if cfg.checkpoint_path:
             self.save(cfg.checkpoint_path)
         return self.history
 
     def save(self, path: str):
+        """Write a checkpoint. Under torch.distributed every rank must call it (each rank's RNG
+        states are gathered); rank 0 writes the file."""
+        rng = [_rng_state(self.device)]
+        if _distributed():
+            rng = [None] * dist.get_world_size()
+            dist.all_gather_object(rng, _rng_state(self.device))
+            if dist.get_rank() != 0:
+                return
         state = {"step": self.step, "recipe": self.recipe.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "history": self.history, "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                 "scaler": self.scaler.state_dict(), "history": self.history, "rng_per_rank": rng,
                  "config": dataclasses.asdict(self.config)}
         tmp = path + ".tmp"
         torch.save(state, tmp)
@@ -344,10 +367,44 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = state["step"], state["history"]
-        torch.set_rng_state(state["rng"].cpu())  # map_location moved it; RNG states live on the CPU
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
+        rng = state["rng_per_rank"]
+        rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        if len(rng) == world:
+            _set_rng_state(rng[rank], self.device)
+        else:  # one rank's stream on every rank would make their augmentations alike
+            warnings.warn(f"checkpoint written by {len(rng)} processes, resumed on {world}: the RNG "
+                          f"states are not restored, so the run does not continue exactly", stacklevel=2)
         self._iter, self._skip = None, self.step
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    np = sys.modules.get("numpy")  # only if the user's code imported it
+    if np is not None:
+        state["numpy"] = np.random.get_state()
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["torch"].cpu())  # map_location may have moved it; it lives on the CPU
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    if "numpy" in state:
+        import numpy
+        numpy.random.set_state(state["numpy"])
+
+
+@contextlib.contextmanager
+def _rng_kept(device: torch.device):
+    """Run a block without changing any RNG state that a checkpoint keeps."""
+    state = _rng_state(device)
+    try:
+        yield
+    finally:
+        _set_rng_state(state, device)
 
 
 def _to(batch, device):

@@ -1,6 +1,7 @@
 import copy
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -54,7 +55,9 @@ def test_grad_cache_equals_one_pass(recipe_name):
     for chunk in (None, 7):  # 7 does not divide 20: a ragged last chunk
         recipe = make()
         torch.manual_seed(123)  # the same augmentation noise in both runs
-        T.Trainer(recipe, data, _cfg(steps=2, chunk_size=chunk)).train()
+        # SGD, whose step is linear in the gradient (AdamW's would hide a scaled gradient).
+        T.Trainer(recipe, data, _cfg(steps=2, chunk_size=chunk),
+                  torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
         results.append(_params(recipe))
     assert torch.allclose(results[0], results[1], atol=1e-12)
 
@@ -66,10 +69,10 @@ def test_grad_cache_replays_dropout():
     recipe = T.SimCSE(_mlp(dropout=0.3))
     before = copy.deepcopy(recipe)
     torch.manual_seed(7)
-    T.Trainer(recipe, data, _cfg(chunk_size=6, lr=1e-2)).train()
+    T.Trainer(recipe, data, _cfg(chunk_size=6), torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
 
     ref = before
-    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)  # the trainer's defaults
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)  # linear in the gradient, unlike AdamW
     torch.manual_seed(7)
     x = data[0]
     z = [torch.cat([ref.encoders["encoder"](x[i:i + 6]) for i in range(0, 20, 6)]) for _ in range(2)]
@@ -115,6 +118,64 @@ def test_checkpoint_resume_with_a_seeded_shuffling_dataloader(tmp_path):
     hist = T.Trainer(resumed, loader(), _cfg(steps=5, checkpoint_path=path, resume=True)).train()
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in hist_full], abs=1e-12)
     assert torch.allclose(_params(resumed), _params(full), atol=1e-12)
+
+
+def _noise_py(x):
+    """Augmentation drawing from Python's `random` too (its state must be checkpointed)."""
+    return x + random.uniform(0.05, 0.2) * torch.randn_like(x)
+
+
+@pytest.mark.parametrize("kind", ["plain_dataloader", "python_random"])
+def test_checkpoint_resume_restores_every_rng(tmp_path, kind):
+    """A DataLoader without a generator seeds itself from the global RNG at each iter(): the
+    resume's re-iteration must not shift the restored stream. Python's `random` is restored."""
+    xs = torch.cat(_batches(n=3))
+    if kind == "plain_dataloader":
+        def data():
+            return torch.utils.data.DataLoader(xs, batch_size=20)
+        aug = _noise
+    else:
+        def data():
+            return list(xs.split(20))
+        aug = _noise_py
+
+    def run(steps, **kw):
+        recipe = T.SimCLR(_mlp(), aug, loss="info_nce")
+        torch.manual_seed(0)
+        random.seed(0)
+        return recipe, T.Trainer(recipe, data(), _cfg(steps=steps, **kw)).train()
+
+    full, hist_full = run(5)
+    path = str(tmp_path / "ckpt.pt")
+    run(2, checkpoint_path=path)
+    torch.manual_seed(1)  # the checkpoint's states must win over whatever the new process has
+    random.seed(1)
+    resumed = T.SimCLR(_mlp(), aug, loss="info_nce")
+    hist = T.Trainer(resumed, data(), _cfg(steps=5, checkpoint_path=path, resume=True)).train()
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in hist_full], abs=1e-12)
+    assert torch.allclose(_params(resumed), _params(full), atol=1e-12)
+
+
+def test_grad_cache_updates_batchnorm_statistics_once_per_chunk():
+    """The re-encoding pass must not update BatchNorm's running statistics a second time: they
+    equal those of the chunks encoded once each."""
+    def enc():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)).double()
+
+    x = _batches(n=1)[0]
+    recipe = T.SimCSE(enc())
+    T.Trainer(recipe, [x], _cfg(chunk_size=7)).train()
+    bn = recipe.encoders["encoder"][1]
+    expected = enc()
+    with torch.no_grad():
+        for _ in range(2):  # SimCSE encodes the batch twice (two dropout views), in 3 chunks each
+            for i in range(0, 20, 7):
+                expected(x[i:i + 7])
+    ref = expected[1]
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 6
+    assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-14)
+    assert torch.allclose(bn.running_var, ref.running_var, atol=1e-14)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -267,11 +328,8 @@ def _ddp_worker(rank, world, init_file, out, chunk, kind):
     T.Trainer(recipe, local, _cfg(steps=2, chunk_size=chunk), torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
     torch.save(_params(recipe), f"{out}{rank}.pt")
     dist.barrier()  # every rank is done talking
-
     # Results are on disk; skip the process-group teardown, whose C++ destructors race with
-
     # gloo threads at exit and now and then abort ("terminate called without an active exception").
-
     os._exit(0)
 
 
@@ -283,3 +341,38 @@ def test_ddp_equals_single_process(tmp_path, chunk, kind):
     T.Trainer(recipe, _ddp_data(kind), _cfg(steps=2), torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
     for r in range(2):
         assert torch.allclose(torch.load(tmp_path / f"r{r}.pt"), _params(recipe), atol=1e-10)
+
+
+def _ddp_resume_worker(rank, world, init_file, out, ckpt):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    local = [b[rank * 10:(rank + 1) * 10] for b in _batches(n=3)]
+    losses = {}
+    for phase, steps, kw in [("full", 4, {}), ("part", 2, dict(checkpoint_path=ckpt)),
+                             ("resumed", 4, dict(checkpoint_path=ckpt, resume=True))]:
+        recipe = T.SimCLR(_mlp(), _noise, loss="info_nce")
+        torch.manual_seed(100 + rank)  # each rank its own augmentation stream
+        trainer = T.Trainer(recipe, local, _cfg(steps=steps, **kw), torch.optim.SGD(recipe.parameters(), lr=0.1))
+        losses[phase] = [h["loss"] for h in trainer.train()]
+        dist.barrier()  # the checkpoint is written before anyone reads it
+    torch.save(losses, f"{out}{rank}.pt")
+    dist.barrier()
+    os._exit(0)  # as in _ddp_worker
+
+
+def test_ddp_resume_restores_each_ranks_rng(tmp_path):
+    """Each rank resumes its own RNG stream, not rank 0's."""
+    mp.spawn(_ddp_resume_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), str(tmp_path / "c.pt")),
+             nprocs=2, join=True)
+    for r in range(2):
+        losses = torch.load(tmp_path / f"r{r}.pt")
+        assert losses["resumed"] == pytest.approx(losses["full"], abs=1e-12)
+
+
+def test_resume_on_another_world_size_warns(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    T.Trainer(T.SimCSE(_mlp()), _batches(n=1), _cfg(checkpoint_path=path)).train()
+    state = torch.load(path, weights_only=False)
+    state["rng_per_rank"] *= 2  # as if written by two processes
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="not restored"):
+        T.Trainer(T.SimCSE(_mlp()), _batches(n=1), _cfg(steps=2, checkpoint_path=path, resume=True))
