@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from . import _validation, losses, whitening
+from .chunked import compute_dtype
 from .info_nce import info_nce
 
 
@@ -196,9 +197,10 @@ class GroupWhitening(nn.Module):
                  iters=None, momentum: float = 0.1, ddof: int = 0, detach_stats: bool = False,
                  track_running_stats: bool = True, backend: str = "auto"):
         super().__init__()
-        if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
-            raise ValueError(f"num_groups must be a positive divisor of num_features={num_features}, "
-                             f"got {num_groups!r}")
+        whitening.check_options(num_features, num_groups, eps, ddof, method, iters)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r} (a cumulative "
+                             f"average, BatchNorm's momentum=None, is not supported)")
         g = num_features // num_groups
         self.num_features, self.num_groups = num_features, num_groups
         self.kw = dict(eps=eps, method=method, iters=iters, ddof=ddof, detach_stats=detach_stats,
@@ -214,12 +216,16 @@ class GroupWhitening(nn.Module):
             y, W = whitening.group_whiten(x, self.num_groups, return_matrix=True, **self.kw)
             if self.training and self.track_running_stats:
                 with torch.no_grad():  # the batch's own W: no second eigh / iteration
-                    self.running_mean.lerp_(x.detach().mean(0).to(self.running_mean.dtype), self.momentum)
+                    # The mean in fp32 (fp64): a 16-bit mean of data at 30 +- 1 is off by ~0.06.
+                    mean = x.detach().mean(0, dtype=compute_dtype(x.dtype))
+                    self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
                     self.running_whitening.lerp_(W.to(self.running_whitening.dtype), self.momentum)
             return y
-        N, G = x.shape[0], self.num_groups
-        xc = (x - self.running_mean.to(x.dtype)).reshape(N, G, -1).transpose(0, 1)
-        return (xc @ self.running_whitening.to(x.dtype)).transpose(0, 1).reshape(N, -1)
+        # In fp32 (fp64 for fp64 input), as training mode computes: x - mean in 16 bits would
+        # lose the digits that remain after centring.
+        N, G, cd = x.shape[0], self.num_groups, compute_dtype(x.dtype)
+        xc = (x.to(cd) - self.running_mean.to(cd)).reshape(N, G, -1).transpose(0, 1)
+        return (xc @ self.running_whitening.to(cd)).transpose(0, 1).reshape(N, -1).to(x.dtype)
 
     def extra_repr(self):
         return f"{self.num_features}, num_groups={self.num_groups}, method={self.kw['method']!r}"

@@ -77,10 +77,14 @@ def group_stats(xg: Tensor, eps: float, ddof: int):
 
 def _check_not_singular(S: Tensor, eps: float, lam: Optional[Tensor] = None):
     """With eps == 0 a rank-deficient group would whiten to ~1e19: refuse it (one host sync).
-    lam: S's ascending eigenvalues when the caller already has them."""
+    lam: S's ascending eigenvalues when the caller already has them. Rank-deficient means
+    lambda_min <= g * (S's dtype's machine epsilon) * lambda_max, NumPy's matrix_rank
+    tolerance: eigh puts a singular S's smallest eigenvalue at a few machine epsilons of the
+    largest (~1e-7 in fp32, ~1e-16 in fp64), not at 0."""
     if eps == 0:
         lam = torch.linalg.eigvalsh(S) if lam is None else lam
-        if bool((lam[..., 0] <= 1e-12 * lam[..., -1].abs()).any()):
+        tol = S.shape[-1] * torch.finfo(S.dtype).eps
+        if bool((lam[..., 0] <= tol * lam[..., -1].abs()).any()):
             raise ValueError("a group's covariance is singular (rank-deficient channels): "
                              "use eps > 0")
 
@@ -110,6 +114,9 @@ class _GroupWhiten(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, _gW):
+        if torch.is_grad_enabled():  # create_graph=True: this backward has no graph of its own
+            raise RuntimeError("group_whiten's analytic backward cannot be differentiated again "
+                               "(create_graph=True); use backend='reference' for higher-order gradients")
         ddof, method, iters, detach_stats = ctx.cfg
         xc, W = ctx.saved_tensors[:2]
         gxc = gy @ W.transpose(-1, -2)
@@ -126,28 +133,38 @@ class _GroupWhiten(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public API
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_options(D, num_groups, eps, ddof, method, iters):
+    """The options' own checks (no data needed): also run by the GroupWhitening constructor."""
+    if not _is_int(num_groups) or num_groups < 1 or D % num_groups:
+        raise ValueError(f"num_groups must be a positive divisor of D={D}, got {num_groups!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if eps < 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if iters is not None and (method != "newton_schulz" or not _is_int(iters) or iters < 1):
+        raise ValueError("iters is the number of Newton-Schulz iterations (>= 1, method='newton_schulz')")
+    if not _is_int(ddof) or ddof < 0:
+        raise ValueError(f"ddof must be an integer >= 0, got {ddof!r}")
+
+
 def _check(x, num_groups, eps, ddof, method, iters, perm):
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [N, D], got {getattr(x, 'shape', type(x))}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"x must be a floating tensor, got {x.dtype}")
     N, D = x.shape
-    if not isinstance(num_groups, int) or num_groups < 1 or D % num_groups:
-        raise ValueError(f"num_groups must be a positive divisor of D={D}, got {num_groups}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if eps < 0 or not math.isfinite(eps):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    if iters is not None and (method != "newton_schulz" or iters < 1):
-        raise ValueError("iters is the number of Newton-Schulz iterations (>= 1, method='newton_schulz')")
+    check_options(D, num_groups, eps, ddof, method, iters)
     g = D // num_groups
-    if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
-        raise ValueError(f"ddof must be an integer >= 0, got {ddof!r}")
     if N - ddof < 1:
         raise ValueError(f"need N - ddof >= 1 samples, got N={N}, ddof={ddof}")
-    if N - ddof < g and eps == 0:
-        raise ValueError(f"the group covariance is singular: N - ddof = {N - ddof} < group size {g}; "
-                         f"use more samples, fewer channels per group, or eps > 0")
+    if N - 1 < g and eps == 0:  # centring leaves N - 1 degrees of freedom, whatever ddof is
+        raise ValueError(f"the group covariance is singular: N = {N} centred samples span at most "
+                         f"{N - 1} < group size {g} dimensions; use more samples, fewer channels "
+                         f"per group, or eps > 0")
     if perm is not None:
         if not isinstance(perm, Tensor) or perm.shape != (D,) or perm.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"perm must be an integer tensor of shape [{D}]")
@@ -250,6 +267,8 @@ def shuffled_group_whiten(x: Tensor, num_groups: int, k: int = 3, *, generator=N
     x: [N, D] (the same batch for every view) or [k, N, D] (one batch per view).
     Returns [k, N, D]. kwargs go to :func:`group_whiten`.
     """
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"k is the number of views (an integer >= 1), got {k!r}")
     if x.dim() == 3:
         if x.shape[0] != k:
             raise ValueError(f"x has {x.shape[0]} views but k={k}")

@@ -68,9 +68,29 @@ def test_whitening_property_and_reference(method, ddof):
         xc = xg - xg.mean(1, keepdim=True)
         L = torch.linalg.cholesky(xc.transpose(-1, -2) @ xc / (300 - ddof))
         ref = (xc @ torch.linalg.inv(L).transpose(-1, -2)).transpose(0, 1).reshape(300, 24)
-    else:  # zca: eigh autograd; newton_schulz: see test_newton_schulz_iteration_count
+    elif method == "newton_schulz":  # the iteration written out here, not fastcl's _matrix
+        xg = x.reshape(300, 4, 6).transpose(0, 1)
+        xc = xg - xg.mean(1, keepdim=True)
+        ref = (xc @ _newton_schulz(xc.transpose(-1, -2) @ xc / (300 - ddof), Wh.DEFAULT_NS_ITERS))
+        ref = ref.transpose(0, 1).reshape(300, 24)
+    else:  # zca: eigh autograd
         ref = Wh.whiten_reference(x, 4, eps=0.0, method=method, ddof=ddof)
     assert torch.allclose(y, ref, atol=1e-10)
+
+
+def _newton_schulz(S, iters):
+    """shared/reference/whitening.md: c = ||S||_F, Y0 = S/c, Z0 = I, T = (3I - Z Y)/2,
+    Y <- Y T, Z <- T Z, W = Z / sqrt(c); one matrix at a time."""
+    out = []
+    for Sg in S:
+        c = Sg.norm()
+        eye = torch.eye(Sg.shape[0], dtype=Sg.dtype)
+        Y, Z = Sg / c, eye
+        for _ in range(iters):
+            T = (3 * eye - Z @ Y) / 2
+            Y, Z = Y @ T, T @ Z
+        out.append(Z / c.sqrt())
+    return torch.stack(out)
 
 
 def test_newton_schulz_iteration_count():
@@ -248,6 +268,11 @@ def test_module_and_matrix_with_reference_backend(method):
     y, W = FCL.group_whiten(x, 2, method=method, backend="torch", return_matrix=True)
     assert W_ref.shape == (2, 4, 4) and not W_ref.requires_grad
     assert torch.allclose(W_ref, W, atol=1e-10) and torch.allclose(y_ref, y, atol=1e-10)
+    if method == "newton_schulz":  # the reference backend shares fastcl's iteration: check it too
+        xg = x.reshape(64, 2, 4).transpose(0, 1)
+        xc = xg - xg.mean(1, keepdim=True)
+        S = xc.transpose(-1, -2) @ xc / 64 + 1e-5 * torch.eye(4, dtype=torch.float64)
+        assert torch.allclose(W, _newton_schulz(S, Wh.DEFAULT_NS_ITERS), atol=1e-12)
     m_ref = fastcl.nn.GroupWhitening(8, 2, method=method, momentum=0.5, backend="reference").double()
     m = fastcl.nn.GroupWhitening(8, 2, method=method, momentum=0.5, backend="torch").double()
     assert torch.allclose(m_ref(x), m(x), atol=1e-10)
@@ -271,10 +296,69 @@ def test_module_and_matrix_with_reference_backend(method):
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, ddof=0.5), ValueError, "ddof"),
     (lambda: fastcl.nn.GroupWhitening(8, 0), ValueError, "positive divisor"),
     (lambda: fastcl.nn.GroupWhitening(8, 3), ValueError, "positive divisor"),
+    (lambda: fastcl.nn.GroupWhitening(8, True), ValueError, "positive divisor"),
+    (lambda: FCL.group_whiten(torch.randn(10, 6), True), ValueError, "positive divisor"),
+    (lambda: fastcl.nn.GroupWhitening(8, 2, method="pca"), ValueError, "method"),  # at construction
+    (lambda: fastcl.nn.GroupWhitening(8, 2, iters=5), ValueError, "Newton-Schulz"),
+    (lambda: fastcl.nn.GroupWhitening(8, 2, eps=-1.0), ValueError, "eps"),
+    (lambda: fastcl.nn.GroupWhitening(8, 2, momentum=None), ValueError, "momentum"),
+    (lambda: fastcl.nn.GroupWhitening(8, 2, momentum=1.5), ValueError, "momentum"),
+    (lambda: FCL.shuffled_group_whiten(torch.randn(10, 6), 2, k=0), ValueError, "number of views"),
+    # N = g: centring leaves N - 1 = 7 degrees of freedom for 8 channels, whatever ddof is
+    (lambda: FCL.group_whiten(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)) + 3, 1, eps=0.0),
+     ValueError, "singular"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_deficient_fp32_groups_are_refused(method):
+    """One channel the sum of two others: fp32 rounding leaves the smallest eigenvalue at
+    ~1e-7 of the largest, not 0. Every seed must be refused, not whitened to garbage."""
+    for seed in range(12):
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(seed)) + 3
+        x[:, 7] = x[:, 0] + x[:, 1]
+        with pytest.raises(ValueError, match="singular"):
+            FCL.group_whiten(x, 1, eps=0.0, method=method, backend="torch")
+
+
+def test_well_conditioned_fp32_groups_are_accepted():
+    """The singularity tolerance is about rank, not conditioning: kappa ~1e4 in fp32 passes."""
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x * torch.logspace(0, -2, 8, dtype=torch.float64)  # eigenvalues spread over 1e4
+    y = FCL.group_whiten(x.float(), 1, eps=0.0, method="zca", backend="torch")
+    assert torch.allclose(_group_cov(y, 1), torch.eye(8, dtype=torch.float64)[None], atol=2e-2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_double_backward_raises(method):
+    """The analytic backward is not itself differentiable: a gradient penalty must fail loudly,
+    not return a wrong second derivative."""
+    x = _x(16, 4, seed=22).requires_grad_()
+    y = FCL.group_whiten(x, 2, method=method, backend="torch")
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.autograd.grad((y * y.detach().flip(0)).sum(), x, create_graph=True)
+    # The reference backend (plain autograd) has second derivatives.
+    x = _x(10, 4, seed=22).requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda x: FCL.group_whiten(x, 2, eps=1e-3, method=method, backend="reference"), (x,))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)], ids=str)
+def test_module_eval_in_16_bit_computes_in_fp32(dtype, tol):
+    """With momentum 1 the running statistics are the batch's, so eval mode must whiten like
+    the exact float64 op, to the output's rounding (as training mode does): the running mean
+    and the centring in fp32, not 16 bits (a bf16 mean of data at 30 +- 1 is off by ~0.06)."""
+    m = fastcl.nn.GroupWhitening(8, 2, momentum=1.0)
+    x = _x(128, 8, seed=23, offset=30.3, dtype=torch.float32).to(dtype)
+    exact = FCL.group_whiten(x.double(), 2, backend="torch")
+    assert rel_err(m(x).double(), exact) < tol  # training mode
+    m.eval()
+    y = m(x)
+    assert y.dtype == dtype
+    assert rel_err(y.double(), exact) < tol
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
