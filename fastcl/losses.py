@@ -31,6 +31,9 @@ def _partner(n, device):
 
 def _setup(a, temperature, reduction, backend):
     _validation.check_reduction(reduction)
+    # No None here: these losses have no logit_scale= alternative, and their defaults differ
+    # from info_nce's 0.07 that scale_tensor would substitute.
+    _validation.positive_number(temperature, "temperature")
     scale = _validation.scale_tensor(temperature, None, a.device, a.dtype)
     return scale, _dispatch.resolve(backend, a.device, a.dtype)
 
@@ -141,6 +144,10 @@ def _dcl_weights(n1, n2, weight, sigma, detach):
     for w in (w1, w2):
         if not isinstance(w, Tensor) or w.shape != (n1.shape[0],):
             raise ValueError(f"DCL weights must be a tensor of shape [{n1.shape[0]}]")
+        if not w.is_floating_point():
+            raise TypeError(f"DCL weights must be a floating tensor, got {w.dtype}")
+        if w.device != n1.device:
+            raise ValueError(f"DCL weights must be on the features' device {n1.device}, got {w.device}")
     return (w1.detach(), w2.detach()) if detach else (w1, w2)
 
 

@@ -75,8 +75,11 @@ class ClipLoss(nn.Module):
             log_scale = self.logit_scale.clamp(max=self.max_log_scale).to(image_features.device)
         else:
             if not isinstance(logit_scale, torch.Tensor):
+                # fp64 features get an fp64 multiplier: its log and exp in fp32 would cost ~1e-7.
                 logit_scale = torch.tensor(_validation.positive_number(logit_scale, "logit_scale"),
-                                           device=image_features.device)
+                                           device=image_features.device,
+                                           dtype=torch.float64 if image_features.dtype == torch.float64
+                                           else torch.float32)
             if logit_scale.numel() != 1:
                 raise ValueError(f"logit_scale (the multiplier) must have one element, got shape "
                                  f"{tuple(logit_scale.shape)}")

@@ -283,8 +283,9 @@ import torch  # noqa: E402
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when these kernels run in Triton's CPU interpreter. triton.jit read
+    TRITON_INTERPRET when this module was imported; the variable's value now may differ."""
+    return type(lse_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")

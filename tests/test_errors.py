@@ -1,4 +1,8 @@
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from conftest import HAS_CUDA
 
 q = torch.randn(4, 8)
 k = torch.randn(4, 8)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("args, kwargs, exc, match", [
@@ -60,10 +65,25 @@ def test_triton_refuses_bf16_in_interpreter():
         FCL.info_nce(q.bfloat16(), k.bfloat16(), backend="triton")
 
 
-def test_triton_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(fastcl.BackendUnavailable, match="CUDA device"):
-        FCL.info_nce(q, k, backend="triton")
+@pytest.mark.skipif(HAS_CUDA, reason="CPU tensors without a GPU")
+def test_triton_on_cpu_without_interpreter():
+    """The kernels' mode is fixed when they are imported (triton.jit reads TRITON_INTERPRET
+    then): setting the variable afterwards must not make the dispatch call them usable."""
+    code = """if True:
+        import os, torch, fastcl, fastcl.functional as FCL
+        q = torch.randn(4, 8)
+        assert "CUDA device" in fastcl.available_backends("cpu")["triton"]  # imports the kernels
+        os.environ["TRITON_INTERPRET"] = "1"
+        assert "CUDA device" in fastcl.available_backends("cpu")["triton"]
+        try:
+            FCL.info_nce(q, q, backend="triton")
+        except fastcl.BackendUnavailable as e:
+            assert "before importing fastcl" in str(e), e
+        else:
+            raise AssertionError("triton ran compiled kernels on CPU tensors")
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=300)
 
 
 def test_available_backends_reports_reasons():

@@ -1,5 +1,6 @@
 """The loss family on the fused core: every output and gradient vs float64 references."""
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -124,6 +125,19 @@ def test_dclw_gradient_through_weights(backend):
 def test_dcl_weights_have_mean_one():
     z1, z2 = _views(50, 8, torch.float64)
     assert torch.allclose(FCL.dcl_weights(z1, z2).mean(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_vmf_weights_formula():
+    """w_i = 2 - N exp(c_i / sigma) / sum_j exp(c_j / sigma), c_i = <u1_i, u2_i> on normalised
+    views, written out here: the DCLW oracles share fastcl.reference.vmf_weights."""
+    z1, z2 = _views(9, 5, torch.float64)
+    c = [sum(a * b for a, b in zip(F.normalize(z1[i], dim=0).tolist(), F.normalize(z2[i], dim=0).tolist()))
+         for i in range(9)]
+    e = [math.exp(ci / 0.3) for ci in c]
+    expected = torch.tensor([2 - 9 * ei / sum(e) for ei in e], dtype=torch.float64)
+    assert torch.allclose(FCL.dcl_weights(z1, z2, sigma=0.3), expected, atol=1e-13)
+    assert torch.allclose(R.vmf_weights(F.normalize(z1, dim=-1), F.normalize(z2, dim=-1), 0.3), expected,
+                          atol=1e-13)
 
 
 def test_dcl_callable_and_tensor_weights():
@@ -318,8 +332,20 @@ def test_modules():
     x, labels = _supcon_inputs(12, 5, torch.float64)
     assert torch.allclose(fastcl.nn.SupConLoss()(x, labels), R.supcon_reference(x, labels))
     negs = [torch.randn(6, 8, dtype=torch.float64) for _ in range(2)]
-    assert torch.allclose(fastcl.nn.MultipleNegativesRankingLoss()(z1, z2, *negs),
-                          FCL.multiple_negatives_ranking(z1, z2, torch.cat(negs)))
+    # sentence-transformers' MNRL: cross-entropy over scale * cos(anchor_i, [positives; negatives])
+    cos = F.normalize(z1, dim=-1) @ F.normalize(torch.cat([z2] + negs), dim=-1).T
+    expected = F.cross_entropy(20.0 * cos, torch.arange(6))
+    assert torch.allclose(fastcl.nn.MultipleNegativesRankingLoss()(z1, z2, *negs), expected)
+
+
+def test_clip_loss_float_multiplier_keeps_float64():
+    """A Python-float logit_scale on fp64 features stays fp64 (its log and exp in fp32 cost ~1e-7)."""
+    a, b = _views(8, 6, torch.float64)
+    logits = 14.0 * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+    expected = (F.cross_entropy(logits, torch.arange(8)) + F.cross_entropy(logits.T, torch.arange(8))) / 2
+    got = fastcl.nn.ClipLoss(normalize=True)(a, b, 14.0)
+    assert got.dtype == torch.float64
+    assert abs(got.item() - expected.item()) < 1e-12
 
 
 @pytest.mark.parametrize("call, exc, match", [
@@ -350,6 +376,16 @@ def test_modules():
     (lambda: fastcl.nn.ClipLoss()(torch.randn(4, 3), torch.randn(4, 3), 0.0), ValueError, "logit_scale"),
     (lambda: fastcl.nn.ClipLoss()(torch.randn(4, 3), torch.randn(4, 3), torch.ones(2)), ValueError,
      "one element"),
+    # These losses have no logit_scale=: None must not silently become info_nce's 0.07.
+    (lambda: FCL.nt_xent(torch.randn(4, 3), torch.randn(4, 3), temperature=None), TypeError, "temperature"),
+    (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), temperature=None), TypeError, "temperature"),
+    (lambda: FCL.supcon(torch.randn(4, 3), torch.arange(4), temperature=None), TypeError, "temperature"),
+    (lambda: fastcl.nn.NTXentLoss(temperature=None)(torch.randn(4, 3), torch.randn(4, 3)), TypeError,
+     "temperature"),
+    (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight=torch.ones(4, device="meta")), ValueError,
+     "device"),
+    (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight=torch.ones(4, dtype=torch.long)), TypeError,
+     "floating"),
     (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, scale=0), ValueError, "scale"),
     (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, directions=("query_to_doc", "doc_to_query")),
      NotImplementedError, "directions"),
