@@ -93,7 +93,7 @@ def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=200
                 nan = float("nan")
                 med, p20, p80, mem, status = nan, nan, nan, nan, "slow"
             else:
-                med, p20, p80, mem, status = measure(step, device, reps)
+                med, p20, p80, mem, status = measure(step, device, reps, leaves=(aa, bb))
                 guard.record(name, B, med)
             if name == "naive-torch":
                 naive_ms = med

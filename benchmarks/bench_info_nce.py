@@ -121,7 +121,8 @@ def _time_step(fn, q, k, symmetric, mode, device, reps):
         else:
             fn(qq, kk, 0.07, symmetric)
 
-    return measure(step, device, reps)  # qq, kk and the graph are freed on return
+    # qq, kk and the graph are freed on return
+    return measure(step, device, reps, leaves=(qq, kk) if backward else ())
 
 
 def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mode="fwd+bwd",

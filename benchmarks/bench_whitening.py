@@ -28,7 +28,7 @@ def run(n, d, group, methods, reps, device, dtype="fp32", csv_path=None):
                 xx.grad = None
                 group_whiten(xx, d // group, method=method, backend=backend).backward(gy)
 
-            med, p20, p80, mem, status = measure(step, device, reps)
+            med, p20, p80, mem, status = measure(step, device, reps, leaves=(xx,))
             if backend == "reference":
                 ref_ms = med
             row = dict(op="group_whiten", method=method, backend=backend, N=n, D=d, group=group,

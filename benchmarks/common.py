@@ -84,10 +84,15 @@ def time_fn(fn, device, reps: int, warmup: int = 2, budget_ms: float = 3000.0, m
     return statistics.median(times), q[1], q[7]
 
 
-def peak_memory(fn, device) -> float:
-    """Peak bytes allocated by one call of fn beyond what was allocated before (CUDA only)."""
+def peak_memory(fn, device, leaves=()) -> float:
+    """Peak bytes allocated by one call of fn beyond what was allocated before (CUDA only).
+    What is counted: everything fn allocates, the gradients it writes into `leaves` included
+    (their .grad from an earlier run is dropped before the baseline, or the step's own freeing
+    of it would hide that much); the inputs and, in bwd mode, the kept forward graph are not."""
     if device.type != "cuda":
         return float("nan")
+    for t in leaves:
+        t.grad = None
     _sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -97,14 +102,18 @@ def peak_memory(fn, device) -> float:
 
 
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    """CUDA's out-of-memory error, or the CPU allocator's ("can't allocate memory")."""
+    text = str(e).lower()
+    return (isinstance(e, torch.OutOfMemoryError) or "out of memory" in text
+            or "can't allocate memory" in text)
 
 
-def measure(step, device, reps):
-    """(median ms, p20, p80, peak bytes, status) of step(); out-of-memory is a result ("OOM")."""
+def measure(step, device, reps, leaves=()):
+    """(median ms, p20, p80, peak bytes, status) of step(); out-of-memory is a result ("OOM").
+    leaves: the tensors whose .grad step() writes (see peak_memory)."""
     try:
         med, p20, p80 = time_fn(step, device, reps)
-        return med, p20, p80, peak_memory(step, device), "ok"
+        return med, p20, p80, peak_memory(step, device, leaves), "ok"
     except Exception as e:
         if not is_oom(e):
             raise

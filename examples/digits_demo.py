@@ -6,9 +6,10 @@ image) through fastcl.train, then evaluates the frozen embeddings against the un
 - a linear probe trained on only 5 labels per class (where representation quality shows).
 Prints a table and saves a plot.
 
-    python examples/digits_demo.py [--steps 600] [--out digits_demo.png]
+    python examples/digits_demo.py [--steps 600] [--out examples/digits_demo.png]
 """
 import argparse
+import os
 import time
 
 import numpy as np
@@ -83,7 +84,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", default="digits_demo.png")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_demo.png"),
+                   help="PNG path (default: beside this script, wherever it is run from)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     xtr, ytr, xte, yte = load_digits_split(a.seed)

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh)
-exec "$PY" -m pytest -q -rs tests "$@"
+exec "$PY" -m pytest -q -rfEs tests "$@"

@@ -67,7 +67,7 @@ def test_derived_columns(monkeypatch):
             return (a * b).sum()
         return loss
 
-    def measure(step, device, reps):
+    def measure(step, device, reps, leaves=()):
         step()
         return (fixed[current[-1]],) * 3 + (2**20, "ok")
     monkeypatch.setattr(bench_family, "providers", lambda op, device: {n: loss_of(n) for n in fixed})
@@ -113,6 +113,12 @@ def test_oom_is_a_result_other_errors_are_not():
 
     med, p20, p80, mem, status = common.measure(oom, CPU, 3)
     assert status == "OOM" and all(math.isnan(x) for x in (med, p20, p80, mem))
+
+    def cpu_oom():  # what torch's CPU allocator raises when malloc fails
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 80000000000 bytes. Error code 12")
+
+    assert common.measure(cpu_oom, CPU, 3)[4] == "OOM"
 
     def broken():
         raise ValueError("a bug, not a capacity limit")
@@ -275,3 +281,32 @@ def test_ab_torch_backend_runs_both_revisions_and_restores(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         ab_torch_backend.compare(old, [6], 4, 1, CPU)
     assert (chunked.lse_forward, chunked.lse_backward) == current
+
+
+def test_suite_quick_writes_every_part(tmp_path, monkeypatch):
+    """python -m benchmarks --quick: every part runs and appends to its CSV under FASTCL_BENCH_DIR."""
+    from benchmarks.__main__ import main
+    monkeypatch.setenv("FASTCL_BENCH_DIR", str(tmp_path))
+    main(["--quick", "--mode", "fwd+bwd"])
+    for name in ("info_nce", "family", "whitening", "max_batch"):
+        assert _rows(tmp_path / f"{name}.csv"), name
+    assert {r["B"] for r in _rows(tmp_path / "info_nce.csv")} == {"128", "256"}
+    with pytest.raises(SystemExit, match="own files"):
+        main(["--csv", str(tmp_path / "x.csv")])
+    with pytest.raises(SystemExit, match="own files"):
+        main(["--plot=x.png"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is measured on CUDA only")
+def test_peak_memory_counts_the_gradients_a_step_writes():
+    """A step that drops and rewrites .grad: the gradient's bytes are part of its peak, even
+    though the timed runs left the previous .grad allocated."""
+    dev = torch.device("cuda")
+    x = torch.randn(1 << 20, device=dev, requires_grad=True)
+
+    def step():
+        x.grad = None
+        (x * 2).sum().backward()
+
+    step()  # as after the timed runs: x.grad is allocated
+    assert common.peak_memory(step, dev, leaves=(x,)) >= 4 * x.numel()
