@@ -64,18 +64,28 @@ class _AllGatherRows(torch.autograd.Function):
 
 
 class _SumGradOverRanks(torch.autograd.Function):
-    """Identity; the gradient is summed over ranks once (logit_scale in "exact" mode)."""
+    """Identity; the gradient is summed over ranks once (logit_scale in "exact" mode), or
+    averaged (mean=True)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, mean=False):
+        ctx.group, ctx.mean = group, mean
         return x.clone()
 
     @staticmethod
     def backward(ctx, g):
         g = g.clone()
         dist.all_reduce(g, group=ctx.group)
-        return g, None
+        if ctx.mean:
+            g /= dist.get_world_size(ctx.group)
+        return g, None, None
+
+
+def mean_grad_over_ranks(x: Tensor, group=None) -> Tensor:
+    """Identity whose backward averages x's gradient over the ranks, as DDP does for the model's
+    parameters: for a parameter outside DDP (a loss module's own logit scale) fed to a
+    grad_mode="ddp" loss, every rank then holds the exact gradient of the global loss."""
+    return _SumGradOverRanks.apply(x, group, True)
 
 
 def _ring_exchange(tensors, rank, world, group):

@@ -47,7 +47,9 @@ class ClipLoss(nn.Module):
 
     fastcl extension: ``init_temperature=t`` gives the module its own learnable
     ``logit_scale`` parameter (log(1/t), clamped to log(max_scale) in the forward, as in CLIP),
-    used when forward gets no ``logit_scale``.
+    used when forward gets no ``logit_scale``. With ``world_size > 1`` its gradient is averaged
+    over the ranks in the backward (it is not in the model's DDP), so every rank holds the exact
+    gradient and the ranks' scales stay equal.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
@@ -73,6 +75,9 @@ class ClipLoss(nn.Module):
                 raise ValueError("pass logit_scale (the multiplier, as open_clip does) or build "
                                  "ClipLoss(init_temperature=...) for a learnable one")
             log_scale = self.logit_scale.clamp(max=self.max_log_scale).to(image_features.device)
+            if self.world_size > 1:  # this parameter is in no DDP: average its gradient here
+                from .distributed import mean_grad_over_ranks
+                log_scale = mean_grad_over_ranks(log_scale)
         else:
             if not isinstance(logit_scale, torch.Tensor):
                 # fp64 features get an fp64 multiplier: its log and exp in fp32 would cost ~1e-7.

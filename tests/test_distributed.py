@@ -80,14 +80,28 @@ def _worker(rank, world, init_file, out_prefix):
             gather=gather, grad_mode=mode, backend=backend, reduction=REDUCTION.get(name, "mean"))
         loss.backward()
         results[name] = dict(loss=loss.detach(), dq=q.grad, dk=k.grad, dls=ls.grad)
+    # nn.ClipLoss with its own learnable scale, outside any DDP wrapper (see _clip_module_reference)
+    bq, _, Q, K, _ = _global_data(world, True, False)
+    oq = sum(bq[:rank])
+    q, k = Q[oq: oq + bq[rank]].clone().requires_grad_(), K[oq: oq + bq[rank]].clone().requires_grad_()
+    m = fastcl.nn.ClipLoss(rank=rank, world_size=world, init_temperature=0.5, normalize=True).double()
+    loss = m(q, k)
+    loss.backward()
+    results["clip_module"] = dict(loss=loss.detach(), dq=q.grad, dk=k.grad, dls=m.logit_scale.grad)
     torch.save(results, f"{out_prefix}{rank}.pt")
     dist.barrier()  # every rank is done talking
-
     # Results are on disk; skip the process-group teardown, whose C++ destructors race with
-
     # gloo threads at exit and now and then abort ("terminate called without an active exception").
-
     os._exit(0)
+
+
+def _clip_module_reference(world):
+    bq, _, Q, K, _ = _global_data(world, True, False)
+    q, k = Q.clone().requires_grad_(), K.clone().requires_grad_()
+    m = fastcl.nn.ClipLoss(init_temperature=0.5, normalize=True).double()
+    loss = m(q, k)
+    loss.backward()
+    return bq, dict(loss=loss.detach(), dq=q.grad, dk=k.grad, dls=m.logit_scale.grad)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -131,6 +145,15 @@ def test_distributed_equals_single_process(world, tmp_path):
                     assert abs(float(out["dls"]) - float(ref["dls"])) < tol * 10, (name, r, "dls")
         if learn and mode == "ddp":  # DDP's average of the per-rank gradients is the full one
             assert abs(dls_sum / world - float(ref["dls"])) < tol * 10, (name, "dls")
+    # ClipLoss: the features' gradients scaled for the model's DDP; the module's own scale is in
+    # no DDP, so every rank must hold its full gradient already (else the ranks' scales drift).
+    bq, ref = _clip_module_reference(world)
+    for r, res in enumerate(per_rank):
+        out, oq = res["clip_module"], sum(bq[:r])
+        assert torch.allclose(out["loss"], ref["loss"], atol=1e-12), r
+        for key in ("dq", "dk"):
+            assert torch.allclose(out[key], world * ref[key][oq: oq + bq[r]], atol=1e-12), (r, key)
+        assert abs(float(out["dls"]) - float(ref["dls"])) < 1e-12, (r, float(out["dls"]), float(ref["dls"]))
 
 
 def _errors_worker(rank, world, init_file, out_prefix):
