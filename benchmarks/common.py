@@ -59,6 +59,8 @@ def _sync(device):
 def time_fn(fn, device, reps: int, warmup: int = 2, budget_ms: float = 3000.0, min_reps: int = 5):
     """Median, p20, p80 in ms over `reps` runs: device events on CUDA, perf_counter on CPU.
     Slow steps get fewer runs (at least min_reps) so one provider spends about budget_ms."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
     warm_ms = float("inf")
     for _ in range(warmup):  # the last warm-up, past any compilation, estimates one step
         t0 = time.perf_counter()
@@ -111,14 +113,19 @@ def is_oom(e: BaseException) -> bool:
 def measure(step, device, reps, leaves=()):
     """(median ms, p20, p80, peak bytes, status) of step(); out-of-memory is a result ("OOM").
     leaves: the tensors whose .grad step() writes (see peak_memory)."""
+    nan = float("nan")
     try:
         med, p20, p80 = time_fn(step, device, reps)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        return nan, nan, nan, nan, "OOM"
+    try:  # the timed runs fit: an OOM of this extra run (fragmentation) keeps their times
         return med, p20, p80, peak_memory(step, device, leaves), "ok"
     except Exception as e:
         if not is_oom(e):
             raise
-        nan = float("nan")
-        return nan, nan, nan, nan, "OOM"
+        return med, p20, p80, nan, "ok"
 
 
 class SlowGuard:
@@ -147,9 +154,16 @@ def append_csv(path, rows, device):
     """Append result rows (dicts with the same keys) to an append-only CSV, with the header line."""
     if not path or not rows:
         return
-    new = not os.path.exists(path)
+    fields = list(rows[0]) + ["header"]
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            have = next(csv.reader(f), [])
+        if have != fields:  # appending would put values under the wrong column names
+            raise ValueError(f"{path} has the columns {have}, these rows have {fields}: "
+                             f"move the old file away (results are append-only per column set)")
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["header"])
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
         for r in rows:

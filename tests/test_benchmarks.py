@@ -310,3 +310,23 @@ def test_peak_memory_counts_the_gradients_a_step_writes():
 
     step()  # as after the timed runs: x.grad is allocated
     assert common.peak_memory(step, dev, leaves=(x,)) >= 4 * x.numel()
+
+
+def test_csv_refuses_rows_with_other_columns(tmp_path):
+    path = tmp_path / "r.csv"
+    common.append_csv(str(path), [dict(a=1, b=2)], CPU)
+    common.append_csv(str(path), [dict(a=3, b=4)], CPU)
+    assert [r["a"] for r in _rows(path)] == ["1", "3"]
+    with pytest.raises(ValueError, match="columns"):
+        common.append_csv(str(path), [dict(a=1, c=2)], CPU)
+    with pytest.raises(ValueError, match="reps"):
+        common.time_fn(lambda: None, CPU, 0)
+
+
+def test_oom_in_the_memory_run_keeps_the_times(monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(common, "peak_memory", oom)
+    med, p20, p80, mem, status = common.measure(lambda: None, CPU, 3)
+    assert status == "ok" and med == med and math.isnan(mem)
