@@ -228,7 +228,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.encoders = {k: DDP(m, device_ids=ids) for k, m in self.encoders.items()}
             wrapped = {id(p) for m in self.recipe.encoders.values() for p in m.parameters()}
-            self._loose = [p for p in self.recipe.parameters() if id(p) not in wrapped]
+            self._loose = [p for p in self.recipe.parameters() if id(p) not in wrapped and p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(self.recipe.parameters(), lr=config.lr,
                                                         weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
@@ -261,9 +261,13 @@ class Trainer:
         else:
             loss, z = self._grad_cache_step(views, self.config.chunk_size)
         for p in self._loose:  # average like DDP does for the encoders' parameters
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+            # Every rank joins, with zeros if it has no gradient, and a count of the ranks that
+            # have one: the ranks agree on whether the parameter gets a gradient at all.
+            g = p.grad.detach().flatten() if p.grad is not None else p.new_zeros(p.numel())
+            packed = torch.cat([g, g.new_ones(1) if p.grad is not None else g.new_zeros(1)])
+            dist.all_reduce(packed)
+            if packed[-1] > 0:
+                p.grad = (packed[:-1] / dist.get_world_size()).view_as(p)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1

@@ -376,3 +376,37 @@ def test_resume_on_another_world_size_warns(tmp_path):
     torch.save(state, path)
     with pytest.warns(UserWarning, match="not restored"):
         T.Trainer(T.SimCSE(_mlp()), _batches(n=1), _cfg(steps=2, checkpoint_path=path, resume=True))
+
+
+class _RankBiasSimCSE(T.SimCSE):
+    """A loss parameter outside DDP that only rank 0's loss uses: rank 1 has no gradient for it."""
+
+    def __init__(self, encoder):
+        super().__init__(encoder)
+        self.bias = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def loss(self, z):
+        extra = self.bias ** 2 + self.bias if dist.get_rank() == 0 else 0.0
+        return super().loss(z) + extra
+
+
+def _loose_grad_worker(rank, world, init_file, out):
+    import datetime
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    recipe = _RankBiasSimCSE(_mlp(seed=3))
+    local = [b[rank * 10:(rank + 1) * 10] for b in _batches(n=2)]
+    T.Trainer(recipe, local, _cfg(steps=2), torch.optim.SGD(recipe.parameters(), lr=0.1)).train()
+    torch.save(recipe.bias.detach(), f"{out}{rank}.pt")
+    dist.barrier()
+    os._exit(0)  # as in _ddp_worker
+
+
+def test_ddp_loss_parameter_with_a_gradient_on_some_ranks(tmp_path):
+    """Every rank joins the loss parameters' all-reduce, even one without a gradient, and all
+    ranks apply the same averaged update (a rank that skipped the collective hung the others)."""
+    mp.spawn(_loose_grad_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "b")), nprocs=2, join=True)
+    b0, b1 = (torch.load(tmp_path / f"b{r}.pt") for r in range(2))
+    # d(b^2 + b)/db = 1 at b = 0 on rank 0 only: the average is 0.5, one SGD step of lr 0.1 -> -0.05;
+    # the second step: (2 * -0.05 + 1) / 2 = 0.45 -> -0.05 - 0.045
+    assert float(b0) == float(b1) == pytest.approx(-0.095, abs=1e-12)
