@@ -162,7 +162,7 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
                 TRANSPOSED: tl.constexpr, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
                 EXCL_DIAG: tl.constexpr, EXCL_POS: tl.constexpr, MULTI_POS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                ONE_SLAB: tl.constexpr, PREC: tl.constexpr):
+                ONE_SLAB: tl.constexpr, SAME_CHUNKS: tl.constexpr, PREC: tl.constexpr):
     """dA[a] = s * sum_b G[a, b] * Bm[b] for a block of BM rows of A.
 
     TRANSPOSED=False: A = U (queries), Bm = V, G[a, b] = G_ab     -> dU, d scale's row term
@@ -204,7 +204,7 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
         ds_ = d0 + tl.arange(0, BD)
         dmask = ds_ < D
         acc_da = tl.zeros((BM, BD), tl.float32)
-        if ONE_SLAB:  # A's rows are read once; each B tile serves the S dot and the dA dot
+        if ONE_SLAB and not SAME_CHUNKS:  # A's rows read once; each B tile serves both dots
             at = tl.load(A + a_idx[:, None] * s_am + ds_[None, :] * s_ad,
                          mask=amask[:, None] & dmask[None, :], other=0.0)
         for b0 in range(0, MB, BN):
@@ -227,9 +227,9 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
                     CCLS = tl.load(COL_CLS + b_idx, mask=bmask, other=-2)[None, :]
             bt = tl.load(Bm + b_idx[:, None] * s_bm + ds_[None, :] * s_bd,
                          mask=bmask[:, None] & dmask[None, :], other=0.0)
-            if ONE_SLAB:
+            if ONE_SLAB and not SAME_CHUNKS:
                 acc = tl.dot(at, tl.trans(bt), input_precision=PREC)
-            else:
+            else:  # the forward's own chunks of BK: S recomputed as the forward rounded it
                 acc = _score_tile(A, Bm, a_idx, b_idx, amask, bmask, D, s_ad, s_am, s_bd, s_bm,
                                   BM, BN, BK, PREC)
             z = acc * s2
@@ -335,6 +335,14 @@ def backward_config(device: torch.device, dtype: torch.dtype, D: int) -> dict:
     bd_max = cfg.pop("BD_MAX") // (2 if dtype == torch.float32 else 1)
     cfg["BD"] = min(bd_max, max(16, triton.next_power_of_2(D)))
     cfg["ONE_SLAB"] = D <= cfg["BD"]
+    # P_ij = exp(S_ij - the forward's log-sum-exp) sums to 1 only if S is recomputed as the
+    # forward rounded it; the logit scale multiplies any difference (10x naive fp32's gradient
+    # error at scale 100, RESULTS.md). One dot over the slab sums in another order than the
+    # forward's BK chunks where the products are split (3xTF32) or the interpreter's numpy
+    # matmul blocks them; 16-bit tensor-core dots accumulate k in order either way.
+    # FASTCL_BWD_SAME_CHUNKS=0/1 overrides (the GPU script times both).
+    same = dtype == torch.float32 or interpreting() or device.type != "cuda"
+    cfg["SAME_CHUNKS"] = os.environ.get("FASTCL_BWD_SAME_CHUNKS", "1" if same else "0") == "1"
     return cfg
 
 

@@ -25,12 +25,12 @@ if HAS_CUDA:
     SHAPES += [(257, 257, 129), (300, 1000, 64), (1000, 1000, 512)]
 
 
-def _inputs(B, N, D, dtype, seed, scale_value=None):
+def _inputs(B, N, D, dtype, seed, scale_value=None, corr=2.0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, D, generator=g, dtype=torch.float64)
     k = torch.randn(N, D, generator=g, dtype=torch.float64)
     # Correlated positives, like a trained model's, so the loss is not trivially log(N).
-    k[:B] += 2.0 * q[: min(B, N)]
+    k[:B] += corr * q[: min(B, N)]
     return q.to(dtype).double(), k.to(dtype).double()  # values exactly representable in dtype
 
 
@@ -45,8 +45,8 @@ def _run(fn, q, k, ls, dtype, device, upstream, **kw):
 
 
 def _check(backend, B, N, D, dtype, temperature, symmetric=False, labels=None, reduction="none",
-           normalize=True, seed=0):
-    q, k = _inputs(B, N, D, dtype, seed)
+           normalize=True, seed=0, corr=2.0):
+    q, k = _inputs(B, N, D, dtype, seed, corr=corr)
     ls = torch.tensor(math.log(1.0 / temperature), dtype=torch.float64)
     upstream = torch.rand(B, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
     kw = dict(symmetric=symmetric, labels=labels, reduction=reduction, normalize=normalize)
@@ -81,6 +81,27 @@ def test_dtypes_and_temperatures(backend, dtype, temperature, symmetric):
         pytest.skip("bf16 is refused in the Triton interpreter")
     # tau=0.01 makes |logits| up to 100: fine for fp32 accumulation, would overflow exp in fp16.
     _check(backend, 70, 70, 40, dtype, temperature, symmetric=symmetric, seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("B, D", [(40, 8), (64, 16)])
+def test_logit_scale_100_with_one_backward_slab(backend, symmetric, B, D):
+    """tau = 0.01 (CLIP's largest logit scale), D inside one backward D-slab (narrower than the
+    forward's chunk in the interpreter), rows far from solved: the recompute must round S as
+    the forward did, or the rows' probabilities miss summing to 1 and the scale multiplies
+    that. One dot over the slab against the forward's chunk: 6x naive fp32's gradient error."""
+    _check(backend, B, B, D, torch.float32, 0.01, symmetric=symmetric, seed=7, corr=0.3)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_triton_one_dot_slab_path(monkeypatch, symmetric):
+    """The backward's one-dot S recompute (16-bit inputs on a GPU take it): correct at tau = 0.07."""
+    monkeypatch.setenv("FASTCL_BWD_SAME_CHUNKS", "0")
+    from fastcl.kernels.info_nce import backward_config
+    assert backward_config(torch.device(DEVICE), torch.float16, 20)["SAME_CHUNKS"] is False
+    for dtype in (torch.float32, torch.float16):
+        _check("triton", 45, 45, 20, dtype, 0.07, symmetric=symmetric, seed=2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
