@@ -280,6 +280,7 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
 import os  # noqa: E402
 
 import torch  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 
 def interpreting() -> bool:
@@ -346,6 +347,41 @@ def backward_config(device: torch.device, dtype: torch.dtype, D: int) -> dict:
     return cfg
 
 
+# The tile configs are sized for an H100 (227 KB of shared memory per block). A GPU with less
+# (A100: 163 KB; sm_86/89 cards: 99 KB) makes Triton raise OutOfResources when the kernel is
+# loaded, before anything runs, so a smaller config can simply be tried next. Only the pipeline
+# depth and the backward's recompute change down the ladder: tile shapes, and with them the
+# grid and the buffers sized from it, stay.
+_FITS = {}  # (kernel, device, dtype, launch config) -> the first config of its ladder that loaded
+
+
+def _ladder(cfg: dict, backward: bool) -> list:
+    """cfg, then configs needing less shared memory (forward: fewer stages; backward: the
+    chunked recompute, whose operand tiles are BK wide instead of a whole D-slab, then 1 stage)."""
+    out = [cfg]
+    if backward and not cfg["SAME_CHUNKS"]:
+        out.append(dict(cfg, SAME_CHUNKS=True))
+    for stages in range(cfg["num_stages"] - 1, 0, -1):
+        out.append(dict(out[-1], num_stages=stages))
+    return out
+
+
+def _launch(kernel, grid, args, kwargs, cfg, device, dtype, backward):
+    """kernel[grid](*args, **kwargs, **config) with the first config of cfg's ladder that this GPU
+    can load (remembered per kernel, device, dtype and config); the config used is returned."""
+    key = (kernel, str(device), dtype, tuple(sorted(kwargs.items())), tuple(sorted(cfg.items())))
+    ladder = [_FITS[key]] if key in _FITS else _ladder(cfg, backward)
+    for i, c in enumerate(ladder):
+        try:
+            kernel[grid](*args, **kwargs, **c)
+        except OutOfResources:
+            if i == len(ladder) - 1:
+                raise
+            continue
+        _FITS[key] = c
+        return c
+
+
 def _num_programs(device: torch.device, n_row_blocks: int) -> int:
     if device.type == "cuda":
         cap = 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -385,13 +421,13 @@ def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, s
         col_l = torch.zeros((P, N), device=u.device, dtype=torch.float32)
     else:
         col_m = col_l = row_stats  # unused placeholders
-    lse_fwd_kernel[(P,)](
-        u, v, scale, row_stats if labels is None else labels,
-        row_stats if row_cls is None else row_cls, row_stats if col_cls is None else col_cls,
-        row_stats, col_m, col_l, B, N, D,
-        u.stride(0), u.stride(1), v.stride(0), v.stride(1), col_m.stride(0) if symmetric else 0,
-        P, HAS_COL=symmetric, HAS_LABELS=labels is not None, EXCL_DIAG=exclude_diag,
-        EXCL_POS=exclude_pos, MULTI_POS=row_cls is not None, PREC=_precision(u.dtype), **cfg)
+    args = (u, v, scale, row_stats if labels is None else labels,
+            row_stats if row_cls is None else row_cls, row_stats if col_cls is None else col_cls,
+            row_stats, col_m, col_l, B, N, D,
+            u.stride(0), u.stride(1), v.stride(0), v.stride(1), col_m.stride(0) if symmetric else 0, P)
+    flags = dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, EXCL_DIAG=exclude_diag,
+                 EXCL_POS=exclude_pos, MULTI_POS=row_cls is not None, PREC=_precision(u.dtype))
+    _launch(lse_fwd_kernel, (P,), args, flags, cfg, u.device, u.dtype, backward=False)
     m, logl, pos = row_stats[:3]
     row_loss = ((m - pos) + logl) * LN2
     if not symmetric:
@@ -436,14 +472,14 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     gmax = g_row.abs().max() + (g_col.abs().max() if symmetric else 0.0)
     amp = torch.exp2(torch.floor(torch.log2(16384.0 / (scale.float() * gmax).clamp_min(1e-30))))
     amp = amp.clamp(2.0 ** -60, 2.0 ** 60).reshape(1)
-    common = dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, EXCL_DIAG=exclude_diag,
-                  EXCL_POS=exclude_pos, MULTI_POS=row_cls is not None, PREC=_precision(u.dtype), **cfg)
-    grad_kernel[(n_rb,)](
-        u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, du, dscale,
-        B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
-        TRANSPOSED=False, **common)
-    grad_kernel[(n_cb,)](
-        v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv, dscale[n_rb:],
-        N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1),
-        TRANSPOSED=True, **common)
+    flags = dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, EXCL_DIAG=exclude_diag,
+                 EXCL_POS=exclude_pos, MULTI_POS=row_cls is not None, PREC=_precision(u.dtype))
+    _launch(grad_kernel, (n_rb,),
+            (u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, du, dscale,
+             B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1)),
+            dict(flags, TRANSPOSED=False), cfg, u.device, u.dtype, backward=True)
+    _launch(grad_kernel, (n_cb,),
+            (v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv, dscale[n_rb:],
+             N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1)),
+            dict(flags, TRANSPOSED=True), cfg, u.device, u.dtype, backward=True)
     return du, dv, dscale.sum()

@@ -494,3 +494,38 @@ def test_triton_fp32_precision_choice(monkeypatch):
             info._precision(torch.float32)
     finally:
         matmul.allow_tf32 = saved
+
+
+def test_triton_launch_steps_down_to_a_config_that_fits(monkeypatch):
+    """A GPU with less shared memory than the configs assume raises OutOfResources at load time;
+    the launcher tries the next config of its ladder (fewer stages; the backward's chunked
+    recompute), remembers the one that loaded, and re-raises if none does."""
+    from triton.runtime.errors import OutOfResources
+    from fastcl.kernels import info_nce as K
+    monkeypatch.setattr(K, "_FITS", {})
+    launches = []
+
+    class Kernel:  # loads only with the chunked recompute and at most `limit` stages
+        limit = 1
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                launches.append((kw["SAME_CHUNKS"], kw["num_stages"]))
+                if not kw["SAME_CHUNKS"] or kw["num_stages"] > self.limit:
+                    raise OutOfResources(300000, 232448, "shared memory")
+            return run
+
+    kernel = Kernel()
+    cfg = dict(BM=64, BN=64, BK=64, BD=512, ONE_SLAB=True, SAME_CHUNKS=False, num_warps=8, num_stages=3)
+    dev = torch.device("cuda", 0)
+    used = K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16, backward=True)
+    assert launches == [(False, 3), (True, 3), (True, 2), (True, 1)]
+    assert used == dict(cfg, SAME_CHUNKS=True, num_stages=1)
+    launches.clear()
+    K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16, backward=True)
+    assert launches == [(True, 1)]  # remembered: straight to the config that loads
+    kernel.limit = 0  # nothing fits: the error surfaces
+    monkeypatch.setattr(K, "_FITS", {})
+    with pytest.raises(OutOfResources):
+        K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16, backward=True)
+    assert K._ladder(dict(num_stages=3), backward=False) == [dict(num_stages=s) for s in (3, 2, 1)]
