@@ -97,6 +97,8 @@ def _normalize(x: Tensor) -> Tensor:
 def prepare(scale: Tensor, normalize: bool, *xs: Tensor):
     """The embeddings (normalised if asked) and the scale in the compute dtype (float64 stays
     float64, for gradcheck)."""
+    if normalize not in (True, False):  # a string such as "no" would otherwise read as True
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
     xs = tuple(_normalize(x) for x in xs) if normalize else xs
     return (*xs, scale.to(chunked.compute_dtype(xs[0].dtype)))
 

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ((q, k), {"temperature": "0.1"}, TypeError, "positive number"),
     ((q, k), {"temperature": True}, TypeError, "positive number"),
     ((q, k), {"backend": "magic"}, ValueError, "backend must be one of"),
+    ((q, k), {"normalize": "no"}, TypeError, "normalize must be True or False"),
 ])
 def test_bad_input_raises(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
