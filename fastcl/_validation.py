@@ -56,8 +56,10 @@ def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
     if labels.device.type == "meta":  # shapes only, no values to check
         return
     if _compiling():  # no host sync inside a graph: a device-side assert still refuses bad labels
+        # A fixed message: formatting the symbolic num_classes into it would pin it to a constant
+        # and recompile the graph for every key count.
         torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
-                            f"{name} must lie in [0, {num_classes}) (the rows of k)")
+                            "labels must lie in [0, N) (the rows of k)")
     else:
         lo, hi = int(labels.min()), int(labels.max())  # one host sync; worth it for a clear error
         if lo < 0 or hi >= num_classes:
@@ -70,7 +72,9 @@ def positive_number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
     value = float(value)
-    if not (value > 0 and math.isfinite(value)):
+    # Comparisons, not math.isfinite: under torch.compile a float that changed between calls
+    # becomes symbolic, and math.isfinite cannot trace it (NaN fails both comparisons).
+    if not (value > 0 and value < math.inf):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value
 

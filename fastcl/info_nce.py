@@ -38,8 +38,12 @@ def info_nce_rows(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor],
     other columns j with col_cls[j] == row_cls[i]. col_loss_j = logsumexp_i S_ij - S_jj
     (symmetric). The stats are the backend's O(B + N) statistics for the backward; no gradient.
     """
-    return _impl(backend).lse_forward(u, v, scale, labels, symmetric, row_cls, col_cls,
-                                      exclude_diag, exclude_pos)
+    # Autocast must not reach the implementation's matmuls: the backward recomputes S and needs
+    # it rounded as the forward rounded it (a bf16 forward against an fp32 backward left rows of
+    # P summing to 1 +- 1e-2: silently wrong gradients). The inputs' dtype decides the precision.
+    with torch.autocast(u.device.type, enabled=False):
+        return _impl(backend).lse_forward(u, v, scale, labels, symmetric, row_cls, col_cls,
+                                          exclude_diag, exclude_pos)
 
 
 @info_nce_rows.register_fake
@@ -56,9 +60,10 @@ def info_nce_rows_backward(u: Tensor, v: Tensor, scale: Tensor, labels: Optional
                            symmetric: bool, row_cls: Optional[Tensor], col_cls: Optional[Tensor],
                            exclude_diag: bool, exclude_pos: bool,
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    du, dv, dscale = _impl(backend).lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col,
-                                                 labels, symmetric, row_cls, col_cls,
-                                                 exclude_diag, exclude_pos)
+    with torch.autocast(u.device.type, enabled=False):  # as in the forward
+        du, dv, dscale = _impl(backend).lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col,
+                                                     labels, symmetric, row_cls, col_cls,
+                                                     exclude_diag, exclude_pos)
     return du.to(u.dtype), dv.to(v.dtype), dscale.to(scale.dtype)
 
 

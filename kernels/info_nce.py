@@ -470,7 +470,7 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     ccls = g_row if col_cls is None else col_cls
     # |G * s| <= s * (max|g_row| + max|g_col|); bring that bound to ~2^14, a power of two.
     gmax = g_row.abs().max() + (g_col.abs().max() if symmetric else 0.0)
-    amp = torch.exp2(torch.floor(torch.log2(16384.0 / (scale.float() * gmax).clamp_min(1e-30))))
+    amp = torch.exp2(torch.floor(torch.log2(16384.0 / (scale.float() * gmax).abs().clamp_min(1e-30))))
     amp = amp.clamp(2.0 ** -60, 2.0 ** 60).reshape(1)
     flags = dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, EXCL_DIAG=exclude_diag,
                  EXCL_POS=exclude_pos, MULTI_POS=row_cls is not None, PREC=_precision(u.dtype))

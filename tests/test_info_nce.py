@@ -529,3 +529,39 @@ def test_triton_launch_steps_down_to_a_config_that_fits(monkeypatch):
     with pytest.raises(OutOfResources):
         K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16, backward=True)
     assert K._ladder(dict(num_stages=3), backward=False) == [dict(num_stages=s) for s in (3, 2, 1)]
+
+
+def test_autocast_does_not_reach_inside_the_op():
+    """Under CPU bf16 autocast the op computes in its inputs' dtype, forward and backward alike:
+    a bf16 forward against an fp32 recompute left P's rows summing to 1 +- 1e-2 (wrong gradients)."""
+    g = torch.Generator().manual_seed(0)
+    q0, k0 = torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)
+    out = []
+    for autocast in (False, True):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = FCL.info_nce(q, k, temperature=0.5, normalize=False, reduction="sum", backend="torch")
+        loss.backward()
+        out.append((loss.detach(), q.grad, k.grad))
+    for a, b in zip(*out):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert float(out[1][2].sum(0).norm()) < 1e-4  # sum_i (P_i - onehot_i) q_i-weights: rows sum to 1
+
+
+def test_compile_is_dynamic_in_key_count_and_temperature():
+    """Labels must not pin N into the graph (one compile per key count until the recompile limit),
+    and a Python-float temperature that changes must not break fullgraph compilation."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(lambda q, k, y, t: FCL.info_nce(q, k, labels=y, temperature=t, backend="torch"),
+                      fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 8, generator=g)
+    for n, t in zip((7, 9, 11, 13), (0.1, 0.2, 0.3, 0.4)):
+        k = torch.randn(n, 8, generator=g)
+        y = torch.randint(0, n, (5,), generator=g)
+        assert torch.allclose(f(q, k, y, t), FCL.info_nce(q, k, labels=y, temperature=t, backend="torch"))
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    torch._dynamo.reset()
