@@ -59,7 +59,7 @@ def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
         # A fixed message: formatting the symbolic num_classes into it would pin it to a constant
         # and recompile the graph for every key count.
         torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
-                            "labels must lie in [0, N) (the rows of k)")
+                            f"{name} must lie in [0, N) (the rows of k)")
     else:
         lo, hi = int(labels.min()), int(labels.max())  # one host sync; worth it for a clear error
         if lo < 0 or hi >= num_classes:
