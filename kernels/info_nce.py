@@ -355,22 +355,22 @@ def backward_config(device: torch.device, dtype: torch.dtype, D: int) -> dict:
 _FITS = {}  # (kernel, device, dtype, launch config) -> the first config of its ladder that loaded
 
 
-def _ladder(cfg: dict, backward: bool) -> list:
-    """cfg, then configs needing less shared memory (forward: fewer stages; backward: the
-    chunked recompute, whose operand tiles are BK wide instead of a whole D-slab, then 1 stage)."""
+def _ladder(cfg: dict) -> list:
+    """cfg, then configs needing less shared memory (the backward's chunked recompute, whose
+    operand tiles are BK wide instead of a whole D-slab, where cfg has one dot; fewer stages)."""
     out = [cfg]
-    if backward and not cfg["SAME_CHUNKS"]:
+    if cfg.get("SAME_CHUNKS") is False:  # only the backward's config has the choice
         out.append(dict(cfg, SAME_CHUNKS=True))
     for stages in range(cfg["num_stages"] - 1, 0, -1):
         out.append(dict(out[-1], num_stages=stages))
     return out
 
 
-def _launch(kernel, grid, args, kwargs, cfg, device, dtype, backward):
+def _launch(kernel, grid, args, kwargs, cfg, device, dtype):
     """kernel[grid](*args, **kwargs, **config) with the first config of cfg's ladder that this GPU
     can load (remembered per kernel, device, dtype and config); the config used is returned."""
     key = (kernel, str(device), dtype, tuple(sorted(kwargs.items())), tuple(sorted(cfg.items())))
-    ladder = [_FITS[key]] if key in _FITS else _ladder(cfg, backward)
+    ladder = [_FITS[key]] if key in _FITS else _ladder(cfg)
     for i, c in enumerate(ladder):
         try:
             kernel[grid](*args, **kwargs, **c)
@@ -380,6 +380,12 @@ def _launch(kernel, grid, args, kwargs, cfg, device, dtype, backward):
             continue
         _FITS[key] = c
         return c
+
+
+def _flags(symmetric, labels, row_cls, exclude_diag, exclude_pos, dtype) -> dict:
+    """The kernels' shared compile-time flags for one call of the op."""
+    return dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, EXCL_DIAG=exclude_diag,
+                EXCL_POS=exclude_pos, MULTI_POS=row_cls is not None, PREC=_precision(dtype))
 
 
 def _num_programs(device: torch.device, n_row_blocks: int) -> int:
@@ -425,9 +431,8 @@ def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, s
             row_stats if row_cls is None else row_cls, row_stats if col_cls is None else col_cls,
             row_stats, col_m, col_l, B, N, D,
             u.stride(0), u.stride(1), v.stride(0), v.stride(1), col_m.stride(0) if symmetric else 0, P)
-    flags = dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, EXCL_DIAG=exclude_diag,
-                 EXCL_POS=exclude_pos, MULTI_POS=row_cls is not None, PREC=_precision(u.dtype))
-    _launch(lse_fwd_kernel, (P,), args, flags, cfg, u.device, u.dtype, backward=False)
+    flags = _flags(symmetric, labels, row_cls, exclude_diag, exclude_pos, u.dtype)
+    _launch(lse_fwd_kernel, (P,), args, flags, cfg, u.device, u.dtype)
     m, logl, pos = row_stats[:3]
     row_loss = ((m - pos) + logl) * LN2
     if not symmetric:
@@ -472,14 +477,13 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     gmax = g_row.abs().max() + (g_col.abs().max() if symmetric else 0.0)
     amp = torch.exp2(torch.floor(torch.log2(16384.0 / (scale.float() * gmax).abs().clamp_min(1e-30))))
     amp = amp.clamp(2.0 ** -60, 2.0 ** 60).reshape(1)
-    flags = dict(HAS_COL=symmetric, HAS_LABELS=labels is not None, EXCL_DIAG=exclude_diag,
-                 EXCL_POS=exclude_pos, MULTI_POS=row_cls is not None, PREC=_precision(u.dtype))
+    flags = _flags(symmetric, labels, row_cls, exclude_diag, exclude_pos, u.dtype)
     _launch(grad_kernel, (n_rb,),
             (u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, du, dscale,
              B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1)),
-            dict(flags, TRANSPOSED=False), cfg, u.device, u.dtype, backward=True)
+            dict(flags, TRANSPOSED=False), cfg, u.device, u.dtype)
     _launch(grad_kernel, (n_cb,),
             (v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv, dscale[n_rb:],
              N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1)),
-            dict(flags, TRANSPOSED=True), cfg, u.device, u.dtype, backward=True)
+            dict(flags, TRANSPOSED=True), cfg, u.device, u.dtype)
     return du, dv, dscale.sum()

@@ -518,17 +518,17 @@ def test_triton_launch_steps_down_to_a_config_that_fits(monkeypatch):
     kernel = Kernel()
     cfg = dict(BM=64, BN=64, BK=64, BD=512, ONE_SLAB=True, SAME_CHUNKS=False, num_warps=8, num_stages=3)
     dev = torch.device("cuda", 0)
-    used = K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16, backward=True)
+    used = K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16)
     assert launches == [(False, 3), (True, 3), (True, 2), (True, 1)]
     assert used == dict(cfg, SAME_CHUNKS=True, num_stages=1)
     launches.clear()
-    K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16, backward=True)
+    K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16)
     assert launches == [(True, 1)]  # remembered: straight to the config that loads
     kernel.limit = 0  # nothing fits: the error surfaces
     monkeypatch.setattr(K, "_FITS", {})
     with pytest.raises(OutOfResources):
-        K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16, backward=True)
-    assert K._ladder(dict(num_stages=3), backward=False) == [dict(num_stages=s) for s in (3, 2, 1)]
+        K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16)
+    assert K._ladder(dict(num_stages=3)) == [dict(num_stages=s) for s in (3, 2, 1)]
 
 
 def test_autocast_does_not_reach_inside_the_op():
