@@ -83,8 +83,7 @@ class ClipLoss(nn.Module):
                 # fp64 features get an fp64 multiplier: its log and exp in fp32 would cost ~1e-7.
                 logit_scale = torch.tensor(_validation.positive_number(logit_scale, "logit_scale"),
                                            device=image_features.device,
-                                           dtype=torch.float64 if image_features.dtype == torch.float64
-                                           else torch.float32)
+                                           dtype=compute_dtype(image_features.dtype))
             if logit_scale.numel() != 1:
                 raise ValueError(f"logit_scale (the multiplier) must have one element, got shape "
                                  f"{tuple(logit_scale.shape)}")
