@@ -8,6 +8,7 @@ O(B*D) torch code shared by all backends: normalisation, positive logits, reduct
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _dispatch, _validation, chunked, reference
@@ -108,12 +109,26 @@ def prepare(scale: Tensor, normalize: bool, *xs: Tensor):
     return (*xs, scale.to(chunked.compute_dtype(xs[0].dtype)))
 
 
+def _refuse_forward_ad(*xs: Tensor) -> None:
+    """Forward-mode AD (torch.func.jvp/jacfwd, torch.autograd.forward_ad) must fail loudly: the
+    custom op has no jvp rule, and torch then runs it as if no input had a tangent, giving a
+    silent zero tangent."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace unpack_dual; AOT autograd is reverse mode
+        return
+    if any(fwAD.unpack_dual(x).tangent is not None for x in xs):
+        raise NotImplementedError(
+            "fastcl's fused log-sum-exp op has no forward-mode AD rule (torch.func.jvp, jacfwd, "
+            "torch.autograd.forward_ad): its tangent would silently be zero. Use backend='reference' "
+            "for forward-mode derivatives")
+
+
 def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=None, col_cls=None,
               exclude_diag=False, exclude_pos=False, with_counts=False):
     """(row_loss [B], col_loss [N] or [0]) from the fused op; see info_nce_rows. with_counts
     adds each row's number of positives [B], which the op counted in the tiles."""
     if symmetric and (exclude_diag or exclude_pos or row_cls is not None or labels is not None):
         raise ValueError("the column (symmetric) term is defined without labels, exclusions or class ids")
+    _refuse_forward_ad(u, v, scale)
     if labels is not None:
         labels = labels.long().contiguous()
     if row_cls is not None:

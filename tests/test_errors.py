@@ -149,3 +149,39 @@ def test_column_term_needs_the_diagonal_positive():
     g = torch.ones(4)
     with pytest.raises(ValueError, match="positive of row i is column i"):
         K.lse_backward(q, k, s, torch.zeros(4, 4), torch.zeros(2, 4), g, g, torch.arange(4), True)
+
+
+@pytest.mark.parametrize("loss", [
+    lambda a, b, ls: FCL.info_nce(a, b, logit_scale=ls, symmetric=True, backend="torch"),
+    lambda a, b, ls: FCL.nt_xent(a, b, temperature=0.2, backend="torch"),
+    lambda a, b, ls: FCL.supcon(torch.stack([a, b], 1), torch.tensor([0, 1, 0, 1]), backend="torch"),
+])
+def test_forward_mode_ad_is_refused_not_zero(loss):
+    """The custom op has no jvp rule; torch would run it as if no input had a tangent and
+    return a zero tangent. Every way in (jvp, jacfwd, forward_ad, a tangent on the scale only)
+    must raise instead."""
+    import torch.autograd.forward_ad as fwAD
+    a, b, ls = q.double(), k.double(), torch.tensor(2.0, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda a: loss(a, b, ls), (a,), (torch.randn_like(a),))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jacfwd(lambda b: loss(a, b, ls))(b)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        loss(fwAD.make_dual(a, torch.ones_like(a)), b, ls)
+
+
+def test_forward_mode_ad_on_the_scale_alone_is_refused():
+    import torch.autograd.forward_ad as fwAD
+    ls = torch.tensor(2.0, dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        FCL.info_nce(q.double(), k.double(), logit_scale=fwAD.make_dual(ls, torch.ones_like(ls)),
+                     backend="torch")
+
+
+def test_forward_mode_ad_through_the_reference():
+    """The escape hatch the error names gives the directional derivative backward gives."""
+    a, t = q.double().requires_grad_(), torch.randn_like(q.double())
+    _, tangent = torch.func.jvp(lambda x: FCL.info_nce(x, k.double(), backend="reference"),
+                                (a.detach(),), (t,))
+    FCL.info_nce(a, k.double(), backend="torch").backward()
+    torch.testing.assert_close(tangent, (a.grad * t).sum())
