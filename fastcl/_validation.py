@@ -3,6 +3,7 @@ import math
 import numbers
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -10,6 +11,13 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """False for tensors that carry shapes only: meta tensors, and fake tensors while tracing
+    under FakeTensorMode outside torch.compile (dynamo sees fake tensors too, but a value check
+    there must still run or become a device-side assert)."""
+    return t.device.type != "meta" and (_compiling() or not is_fake(t))
 
 
 def check_embeddings(q, k, name_q="q", name_k="k"):
@@ -53,7 +61,7 @@ def check_class_ids(labels, batch: int, device, name="labels"):
 def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
     """Column indices: integer [batch] on `device`, each in [0, num_classes)."""
     check_class_ids(labels, batch, device, name)
-    if labels.device.type == "meta":  # shapes only, no values to check
+    if not has_values(labels):  # shapes only, no values to check
         return
     if _compiling():  # no host sync inside a graph: a device-side assert still refuses bad labels
         # A fixed message: formatting the symbolic num_classes into it would pin it to a constant

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _dispatch, _validation
 from .chunked import compute_dtype as _cdt
 
 METHODS = ("zca", "cholesky", "newton_schulz")
@@ -81,7 +81,7 @@ def _check_not_singular(S: Tensor, eps: float, lam: Optional[Tensor] = None):
     lambda_min <= g * (S's dtype's machine epsilon) * lambda_max, NumPy's matrix_rank
     tolerance: eigh puts a singular S's smallest eigenvalue at a few machine epsilons of the
     largest (~1e-7 in fp32, ~1e-16 in fp64), not at 0."""
-    if eps == 0:
+    if eps == 0 and _validation.has_values(S):
         lam = torch.linalg.eigvalsh(S) if lam is None else lam
         tol = S.shape[-1] * torch.finfo(S.dtype).eps
         if bool((lam[..., 0] <= tol * lam[..., -1].abs()).any()):
@@ -168,7 +168,7 @@ def _check(x, num_groups, eps, ddof, method, iters, perm):
     if perm is not None:
         if not isinstance(perm, Tensor) or perm.shape != (D,) or perm.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"perm must be an integer tensor of shape [{D}]")
-        if not torch.equal(torch.sort(perm.cpu()).values, torch.arange(D)):
+        if _validation.has_values(perm) and not torch.equal(torch.sort(perm.cpu()).values, torch.arange(D)):
             raise ValueError("perm must be a permutation of range(D)")
 
 

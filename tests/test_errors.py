@@ -185,3 +185,32 @@ def test_forward_mode_ad_through_the_reference():
                                 (a.detach(),), (t,))
     FCL.info_nce(a, k.double(), backend="torch").backward()
     torch.testing.assert_close(tangent, (a.grad * t).sum())
+
+
+SHAPE_ONLY_CASES = {
+    "info_nce_labels": lambda: FCL.info_nce(torch.randn(4, 8), torch.randn(6, 8),
+                                            labels=torch.tensor([0, 1, 2, 5]), reduction="none"),
+    "clip": lambda: FCL.info_nce(torch.randn(4, 8), torch.randn(4, 8), symmetric=True,
+                                 logit_scale=torch.tensor(2.0), label_smoothing=0.1),
+    "supcon": lambda: FCL.supcon(torch.randn(4, 2, 8), torch.tensor([0, 1, 0, 1])),
+    "dclw": lambda: FCL.dcl(torch.randn(4, 8), torch.randn(4, 8), weight="vmf"),
+    "mnrl": lambda: FCL.multiple_negatives_ranking(torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)),
+    "whiten_eps0": lambda: FCL.group_whiten(torch.randn(32, 8), 2, eps=0.0),
+    "whiten_ns": lambda: FCL.group_whiten(torch.randn(32, 8), 2, method="newton_schulz"),
+    "shuffled": lambda: FCL.shuffled_group_whiten(torch.randn(32, 8), 2,
+                                                  generator=torch.Generator().manual_seed(0)),
+}
+
+
+@pytest.mark.parametrize("mode", ["meta", "fake"])
+@pytest.mark.parametrize("name", sorted(SHAPE_ONLY_CASES))
+def test_shape_only_tensors_trace_every_op(name, mode):
+    """Meta tensors and FakeTensorMode (what export and shape propagation use) have no values:
+    the value checks (label range, permutation, singular covariance) are skipped, the output
+    shapes still come out."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    torch.manual_seed(0)
+    expected = SHAPE_ONLY_CASES[name]().shape
+    with (torch.device("meta") if mode == "meta" else FakeTensorMode()):
+        out = SHAPE_ONLY_CASES[name]()
+    assert out.shape == expected
