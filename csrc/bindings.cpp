@@ -69,7 +69,7 @@ void check_forward_inputs(const at::Tensor& u, const at::Tensor& v, const at::Te
 
 void check_backward_inputs(const at::Tensor& u, const at::Tensor& v, const at::Tensor& row_stats,
                            const at::Tensor& col_stats, const at::Tensor& g_row,
-                           const at::Tensor& g_col, bool symmetric) {
+                           const at::Tensor& g_col, const at::Tensor& amp, bool symmetric) {
   const int64_t B = u.size(0), N = v.size(0);
   check_stats(row_stats, "row_stats", 4, B, u);
   check_stats(col_stats, "col_stats", 2, symmetric ? N : 0, u);
@@ -77,6 +77,9 @@ void check_backward_inputs(const at::Tensor& u, const at::Tensor& v, const at::T
               "fastcl_cuda: g_row must be [", B, "] on ", u.device(), ", got ", g_row.sizes());
   FASTCL_CHECK(!symmetric || (g_col.dim() == 1 && g_col.size(0) == N && g_col.device() == u.device()),
               "fastcl_cuda: g_col must be [", N, "] on ", u.device(), ", got ", g_col.sizes());
+  FASTCL_CHECK(amp.numel() == 1 && amp.scalar_type() == at::kFloat && amp.device() == u.device(),
+              "fastcl_cuda: amp must be one float32 on ", u.device(), " (fastcl._common.grad_amp), got ",
+              amp.sizes(), " ", amp.scalar_type(), " on ", amp.device());
 }
 
 }  // namespace fastcl
@@ -85,7 +88,7 @@ TORCH_LIBRARY(fastcl_cuda, m) {
   m.def("lse_forward(Tensor u, Tensor v, Tensor scale, Tensor? labels, Tensor? row_cls, Tensor? col_cls, "
         "bool symmetric, bool exclude_diag, bool exclude_pos) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lse_backward(Tensor u, Tensor v, Tensor scale, Tensor row_stats, Tensor col_stats, Tensor g_row, "
-        "Tensor g_col, Tensor? labels, Tensor? row_cls, Tensor? col_cls, bool symmetric, bool exclude_diag, "
+        "Tensor g_col, Tensor amp, Tensor? labels, Tensor? row_cls, Tensor? col_cls, bool symmetric, bool exclude_diag, "
         "bool exclude_pos) -> (Tensor, Tensor, Tensor)");
   m.def("newton_schulz(Tensor S, int iters) -> Tensor");
 }

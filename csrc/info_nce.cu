@@ -176,16 +176,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
     const at::Tensor& u, const at::Tensor& v, const at::Tensor& scale, const at::Tensor& row_stats,
     const at::Tensor& col_stats, const at::Tensor& g_row_in, const at::Tensor& g_col_in,
-    const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& row_cls,
+    const at::Tensor& amp_in, const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& row_cls,
     const c10::optional<at::Tensor>& col_cls, bool symmetric, bool exclude_diag, bool exclude_pos) {
   check_forward_inputs(u, v, scale, labels, row_cls, col_cls, symmetric, exclude_diag, exclude_pos);
-  check_backward_inputs(u, v, row_stats, col_stats, g_row_in, g_col_in, symmetric);
+  check_backward_inputs(u, v, row_stats, col_stats, g_row_in, g_col_in, amp_in, symmetric);
   const c10::cuda::CUDAGuard guard(u.device());
   const int64_t B = u.size(0), D = u.size(1), N = v.size(0);
   at::Tensor g_row = g_row_in.to(at::kFloat).contiguous();
   at::Tensor g_col = symmetric ? g_col_in.to(at::kFloat).contiguous() : g_row;
   at::Tensor scale32 = scale.to(at::kFloat).reshape({1}).contiguous();
   at::Tensor rs = row_stats.contiguous(), cs = col_stats.contiguous();
+  at::Tensor amp = amp_in.reshape({1}).contiguous();  // the caller's power of two (fastcl._common.grad_amp)
   // Poisoned outputs: every element must be written by the kernels.
   at::Tensor du = at::full_like(u, NAN), dv = at::full_like(v, NAN);
   const int64_t n_rb = (B + BM - 1) / BM, n_cb = (N + BM - 1) / BM;
@@ -195,12 +196,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
   auto stream = at::cuda::getCurrentCUDAStream();
 
   if (launch) {
-    // |G * s| <= s * (max|g_row| + max|g_col|); bring that bound to ~2^14, a power of two.
-    // (Here, where B > 0: max() of an empty tensor throws.)
-    at::Tensor gmax = g_row.abs().max();
-    if (symmetric) gmax = gmax + g_col.abs().max();
-    at::Tensor amp = at::exp2(at::floor(at::log2(16384.0 / (scale32 * gmax).clamp_min(1e-30))))
-                         .clamp(std::pow(2.0, -60), std::pow(2.0, 60)).reshape({1}).contiguous();
     FASTCL_DISPATCH(u.scalar_type(), [&] {
       with_wg<T>([&](auto wg) {
         constexpr bool WG = decltype(wg)::value;

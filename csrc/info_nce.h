@@ -16,7 +16,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_forward_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
     const at::Tensor& u, const at::Tensor& v, const at::Tensor& scale, const at::Tensor& row_stats,
-    const at::Tensor& col_stats, const at::Tensor& g_row, const at::Tensor& g_col,
+    const at::Tensor& col_stats, const at::Tensor& g_row, const at::Tensor& g_col, const at::Tensor& amp,
     const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& row_cls,
     const c10::optional<at::Tensor>& col_cls, bool symmetric, bool exclude_diag, bool exclude_pos);
 
@@ -28,7 +28,7 @@ void check_forward_inputs(const at::Tensor& u, const at::Tensor& v, const at::Te
                           bool exclude_pos);
 void check_backward_inputs(const at::Tensor& u, const at::Tensor& v, const at::Tensor& row_stats,
                            const at::Tensor& col_stats, const at::Tensor& g_row,
-                           const at::Tensor& g_col, bool symmetric);
+                           const at::Tensor& g_col, const at::Tensor& amp, bool symmetric);
 
 // Group whitening: W ~= S^-1/2 for S [G, g, g] float32 SPD, g <= 128, by the coupled
 // Newton-Schulz iteration (csrc/whitening.cu).

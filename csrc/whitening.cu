@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <limits>
+
 #include "info_nce.h"
 #include "whitening_kernels.cuh"
 #include "check.h"
@@ -17,7 +19,9 @@ at::Tensor newton_schulz_cuda(const at::Tensor& S, int64_t iters) {
               S.sizes());
   const int64_t G = S.size(0), g = S.size(1);
   FASTCL_CHECK(g >= 1 && g <= NS_MAX_G, "fastcl_cuda.newton_schulz: group size ", g, " is outside 1..", NS_MAX_G);
-  FASTCL_CHECK(iters >= 0, "fastcl_cuda.newton_schulz: iters must be >= 0, got ", iters);
+  // The kernel counts in int: a larger count would wrap, not run longer.
+  FASTCL_CHECK(iters >= 0 && iters <= std::numeric_limits<int>::max(),
+              "fastcl_cuda.newton_schulz: iters must be in [0, 2^31), got ", iters);
   const c10::cuda::CUDAGuard guard(S.device());
   const size_t bytes = newton_schulz_smem((int)g);
   const auto* prop = at::cuda::getCurrentDeviceProperties();

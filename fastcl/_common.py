@@ -5,6 +5,19 @@ import torch
 from torch import Tensor
 
 
+def grad_amp(scale: Tensor, g_row: Tensor, g_col: Optional[Tensor] = None) -> Tensor:
+    """The backward kernels' gradient amplification, float32 [1] (Triton and CUDA C++ alike).
+
+    They round G = g * s * (P - targets) to the input dtype for the dG @ V products. Since
+    |G| <= |s| * (max|g_row| + max|g_col|), multiplying by this power of two (undone exactly
+    afterwards) puts that bound near 2^14: within fp16's range, and clear of its subnormals when
+    the upstream gradient is tiny (a 2^-17 loss scale). |s|: a negative raw-op scale must not
+    overflow."""
+    gmax = sum(g.abs().amax() if g.numel() else g.new_zeros(()) for g in (g_row, g_col) if g is not None)
+    amp = torch.exp2(torch.floor(torch.log2(16384.0 / (scale.float().abs() * gmax).clamp_min(1e-30))))
+    return amp.clamp(2.0 ** -60, 2.0 ** 60).reshape(1).to(torch.float32)
+
+
 def reduce(per: Tensor, reduction: str, valid: Optional[Tensor] = None) -> Tensor:
     """mean / sum / none over per-row losses; rows where valid is False count for nothing."""
     if valid is not None:

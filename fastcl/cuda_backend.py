@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from ._common import grad_amp
+
 LOG_UNIT = math.log(2.0)  # the statistics (max, log-sum) are in log2 units
 
 
@@ -69,7 +71,7 @@ def _register_fakes():
         return torch.empty_like(S)
 
     @torch.library.register_fake("fastcl_cuda::lse_backward")
-    def _(u, v, scale, row_stats, col_stats, g_row, g_col, labels, row_cls, col_cls, symmetric,
+    def _(u, v, scale, row_stats, col_stats, g_row, g_col, amp, labels, row_cls, col_cls, symmetric,
           exclude_diag, exclude_pos):
         return torch.empty_like(u), torch.empty_like(v), scale.new_empty((), dtype=torch.float32)
 
@@ -92,7 +94,7 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
         raise RuntimeError(unavailable())
     return torch.ops.fastcl_cuda.lse_backward(
         u.contiguous(), v.contiguous(), scale, row_stats, col_stats, g_row.contiguous(),
-        g_col.contiguous(), labels, row_cls, col_cls, symmetric, exclude_diag, exclude_pos)
+        g_col.contiguous(), grad_amp(scale, g_row, g_col if symmetric else None), labels, row_cls, col_cls, symmetric, exclude_diag, exclude_pos)
 
 
 def newton_schulz_whitening_matrix(S: torch.Tensor, iters: int) -> torch.Tensor:

@@ -281,6 +281,7 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
+from .._common import grad_amp  # noqa: E402
 
 
 def interpreting() -> bool:
@@ -473,10 +474,7 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     lab = g_row if labels is None else labels
     rcls = g_row if row_cls is None else row_cls
     ccls = g_row if col_cls is None else col_cls
-    # |G * s| <= s * (max|g_row| + max|g_col|); bring that bound to ~2^14, a power of two.
-    gmax = g_row.abs().max() + (g_col.abs().max() if symmetric else 0.0)
-    amp = torch.exp2(torch.floor(torch.log2(16384.0 / (scale.float() * gmax).abs().clamp_min(1e-30))))
-    amp = amp.clamp(2.0 ** -60, 2.0 ** 60).reshape(1)
+    amp = grad_amp(scale, g_row, g_col if symmetric else None)
     flags = _flags(symmetric, labels, row_cls, exclude_diag, exclude_pos, u.dtype)
     _launch(grad_kernel, (n_rb,),
             (u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, du, dscale,

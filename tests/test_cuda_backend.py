@@ -10,6 +10,7 @@ import torch
 import fastcl
 import fastcl.functional as FCL
 from fastcl import cuda_backend
+from fastcl._common import grad_amp
 from conftest import HAS_CUDA, why_not_here
 from helpers import FLAG_CASES, rel_err
 
@@ -38,7 +39,7 @@ def test_fake_shapes_on_meta(symmetric):
     assert (row.shape, col.shape, rs.shape, cs.shape) == ((B,), (N if symmetric else 0,), (4, B),
                                                           (2, N if symmetric else 0))
     assert row.dtype == torch.float32
-    du, dv, ds = torch.ops.fastcl_cuda.lse_backward(u, v, s, rs, cs, row, col, None, None, None,
+    du, dv, ds = torch.ops.fastcl_cuda.lse_backward(u, v, s, rs, cs, row, col, s, None, None, None,
                                                      symmetric, False, False)
     assert du.shape == u.shape and dv.shape == v.shape and ds.shape == ()
     S = torch.empty(3, 8, 8, device="meta")
@@ -57,7 +58,8 @@ def test_wgmma_switch_changes_only_summation_order(monkeypatch):
     for flag in ("0", "1"):
         monkeypatch.setenv("FASTCL_CUDA_WGMMA", flag)
         row, col, rs, cs = torch.ops.fastcl_cuda.lse_forward(u, v, s, None, None, None, True, False, False)
-        du, dv, ds = torch.ops.fastcl_cuda.lse_backward(u, v, s, rs, cs, torch.ones_like(row), torch.ones_like(col),
+        ones = torch.ones_like(row)
+        du, dv, ds = torch.ops.fastcl_cuda.lse_backward(u, v, s, rs, cs, ones, ones, grad_amp(s, ones, ones),
                                                          None, None, None, True, False, False)
         out[flag] = (row, col, du.float(), dv.float(), ds)
     for name, a, b in zip(["row", "col", "du", "dv", "dscale"], out["0"], out["1"]):
@@ -162,8 +164,8 @@ def test_cuda_unaligned_inputs(monkeypatch, dtype, path):
 
     def run(u, v):
         row, col, rs, cs = torch.ops.fastcl_cuda.lse_forward(u, v, s, None, None, None, True, False, False)
-        du, dv, ds = torch.ops.fastcl_cuda.lse_backward(u, v, s, rs, cs, g, g, None, None, None, True, False,
-                                                         False)
+        du, dv, ds = torch.ops.fastcl_cuda.lse_backward(u, v, s, rs, cs, g, g, grad_amp(s, g, g), None, None,
+                                                         None, True, False, False)
         return row, col, du, dv, ds
 
     out, aligned = run(u, v), run(u.clone(), v.clone())  # clones: fresh, 16-byte aligned storage

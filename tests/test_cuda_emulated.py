@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastcl import chunked
+from fastcl._common import grad_amp
 from helpers import FLAG_CASES, assert_within_budget
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,8 +85,7 @@ def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_ro
         cm = col_m.max(0).values
         col_stats = torch.stack([cm, torch.log2((col_l * torch.exp2(col_m - cm)).sum(0))])
         col_loss = ((cm - pos) + col_stats[1]) * LN2
-    gmax = g_row.abs().max() + (g_col.abs().max() if sym else 0.0)
-    amp = torch.exp2(torch.floor(torch.log2(16384.0 / (scale * gmax).clamp_min(1e-30)))).clamp(2.0**-60, 2.0**60)
+    amp = grad_amp(scale, g_row, g_col if sym else None)  # what fastcl.cuda_backend passes
     for name, t in (("row_stats.f32", row_stats), ("col_stats.f32", col_stats), ("g_row.f32", g_row),
                     ("g_col.f32", g_col), ("amp.f32", amp.reshape(1))):
         _save(d, name, t)
@@ -113,7 +113,17 @@ PATHS = [(torch.float32, "wmma"), (torch.float16, "wmma"), (torch.bfloat16, "wmm
 @pytest.mark.parametrize("case", list(FLAG_CASES))
 @pytest.mark.parametrize("B,D", SHAPES)
 def test_emulated_kernels_match_float64(binary, tmp_path, case, dtype, path, B, D):
-    cfg = FLAG_CASES[case]
+    _compare_with_float64(binary, tmp_path, FLAG_CASES[case], dtype, path, B, D)
+
+
+@pytest.mark.parametrize("dtype,path", PATHS[1:3], ids=lambda x: str(x).replace("torch.", ""))
+def test_emulated_negative_raw_scale(binary, tmp_path, dtype, path):
+    """The raw op takes any scale. A negative one used to make the backward's gradient
+    amplification 2^60 (log2 of a negative bound), so G overflowed fp16 to inf."""
+    _compare_with_float64(binary, tmp_path, FLAG_CASES["symmetric"], dtype, path, 70, 33, scale=-1 / 0.07)
+
+
+def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.07):
     g = torch.Generator().manual_seed(B * 7 + D)
     N = B + cfg.get("N_extra", 0)
     # Inputs exactly representable in the dtype, so float64 sees what the kernel sees.
@@ -125,7 +135,7 @@ def test_emulated_kernels_match_float64(binary, tmp_path, case, dtype, path, B, 
     cls = torch.randint(0, 4, (B,), generator=g) if cfg.get("multi") else None
     sym = cfg.get("symmetric", False)
     excl_diag, excl_pos = cfg.get("exclude_diag", False), cfg.get("exclude_pos", False)
-    scale = torch.tensor(1.0 / 0.07, dtype=torch.float64)
+    scale = torch.tensor(scale, dtype=torch.float64)
     g_row = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
     g_col = torch.rand(N, generator=g, dtype=torch.float64) + 0.5 if sym else torch.zeros(0, dtype=torch.float64)
     grid = 2  # persistent blocks: with 3 row blocks, one block handles two

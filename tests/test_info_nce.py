@@ -94,6 +94,30 @@ def test_logit_scale_100_with_one_backward_slab(backend, symmetric, B, D):
     _check(backend, B, B, D, torch.float32, 0.01, symmetric=symmetric, seed=7, corr=0.3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_raw_op_takes_a_negative_scale(backend):
+    """The custom op takes any scale (the public API only positive ones). A negative scale once
+    made the kernels' gradient amplification 2^60, which overflowed fp16's G to inf."""
+    dtype = torch.float16
+    q, k = _inputs(45, 45, 20, dtype, seed=3)
+    q, k = (F.normalize(x, dim=1).to(dtype).double() for x in (q, k))
+    w = torch.rand(45, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+
+    def run(backend, dt):
+        u, v = (x.to(device=DEVICE, dtype=dt).clone().requires_grad_() for x in (q, k))
+        s = torch.tensor(-1 / 0.07, device=DEVICE, dtype=torch.float64 if dt == torch.float64 else torch.float32,
+                         requires_grad=True)
+        row, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, s, None, True, None, None, False, False, backend)
+        wd = w.to(device=DEVICE, dtype=row.dtype)
+        ((row + col) * wd).sum().backward()
+        return [t.detach().cpu() for t in (row, col, u.grad, v.grad, s.grad)]
+
+    ref, same, ours = run("torch", torch.float64), run("torch", dtype), run(backend, dtype)
+    for name, a, b, r in zip(["row", "col", "du", "dv", "dscale"], ours, same, ref):
+        assert torch.isfinite(a).all(), name
+        assert_within_budget(name, a, b, r, dtype)
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_triton_one_dot_slab_path(monkeypatch, symmetric):
     """The backward's one-dot S recompute (16-bit inputs on a GPU take it): correct at tau = 0.07."""
