@@ -1,7 +1,7 @@
 """Run the benchmark suite on whatever device is present: ``python -m benchmarks [--quick]``.
 
 Appends to benchmarks/results/*.csv (or $FASTCL_BENCH_DIR) and writes PNG plots beside them.
-``--quick``: small sizes for every part (a minute on a CPU; checks the suite runs, measures
+``--quick``: small sizes for every part (about 20 s on a 2-core CPU; checks the suite runs, measures
 little). Other arguments go to the InfoNCE sweep (see ``python -m benchmarks.bench_info_nce
 --help``); the suite names its own output files, so ``--csv`` and ``--plot`` are refused here.
 """

@@ -71,8 +71,9 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
 # none has one: figures, not guesses. `python -m benchmarks.measured_figures` prints this entry
 # from the benchmark CSVs (scripts/gpu_run.sh runs it); a test holds the two in step.
 #   info_nce 16bit: CLIP loss, B=32768, D=512, bf16.
-#   info_nce fp32:  NT-Xent, 2 x 4096 views, D=256 (the Triton kernels' fp32 path is ~20x slower
-#                   than naive torch there: full-precision dots, not tuned yet).
+#   info_nce fp32:  NT-Xent, 2 x 4096 views, D=256 (the Triton kernels' fp32 path, then IEEE
+#                   FMAs, was ~20x slower than the cuda and torch backends there, ~64x naive
+#                   torch; its 3xTF32 default has not been measured on a GPU yet).
 #   group_whiten fp32: Newton-Schulz, N=8192, D=768, groups of 64; mean of two runs, whose
 #                   spread (10-17 ms) is larger than the differences between backends.
 MEASURED_MS = {

@@ -151,7 +151,8 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
 
     Args:
         q: [B, D] queries (float16, bfloat16, float32 or float64).
-        k: [N, D] keys, N >= B; rows B..N-1 are extra negatives. Same device and dtype as q.
+        k: [N, D] keys, same device and dtype as q. Without labels N >= B and rows B..N-1 are
+            extra negatives; with labels any N >= 1.
         temperature: fixed temperature tau (logits = q.k / tau). Default 0.07 if neither
             temperature nor logit_scale is given.
         logit_scale: 1-element tensor, logits = exp(logit_scale) * q.k (CLIP's learnable

@@ -35,7 +35,7 @@ class ClipLoss(nn.Module):
 
     ``forward(image_features [B, D], text_features [B, D], logit_scale=None, output_dict=False)``.
     As in open_clip, ``logit_scale`` is the logit MULTIPLIER (the model's ``logit_scale.exp()``,
-    so > 0: the loss takes its log, and a tensor <= 0 gives NaN) and the features are used as
+    so > 0: the loss takes its log; a negative tensor gives a NaN loss, 0 a NaN gradient) and the features are used as
     given (open_clip's models normalise them; pass ``normalize=True`` to do it here). ``output_dict=True`` returns
     ``{"contrastive_loss": loss}``.
 

@@ -178,7 +178,8 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     """Whiten x [N, D] in num_groups groups of D/num_groups consecutive channels.
 
     Args:
-        eps: added to the covariance's diagonal (needed when N - ddof < group size).
+        eps: added to the covariance's diagonal (needed when N - 1 < group size: centring
+            leaves N - 1 degrees of freedom).
         method: "zca" | "cholesky" | "newton_schulz" (see the module docstring).
         iters: Newton-Schulz iterations (default 20: within 1e-4 of ZCA in fp32 for
             condition numbers up to ~1e4).
