@@ -87,6 +87,14 @@ def positive_number(value, name: str) -> float:
     return value
 
 
+def float_tensor(value: float, device, dtype) -> torch.Tensor:
+    """A 0-dim tensor holding a Python float (rounded once, from float64, to dtype). Built by
+    arithmetic, not torch.tensor(value): under torch.compile a float that changes between calls
+    is symbolic, and torch.tensor would bake each value into its own graph (recompiling until
+    the recompile limit fails the call). On the CPU, then moved: some devices lack float64."""
+    return (torch.ones((), dtype=torch.float64) * value).to(device=device, dtype=dtype)
+
+
 def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch.Tensor:
     """The logit multiplier s as a 0-dim tensor: exp(logit_scale) (differentiable) or 1/temperature."""
     if temperature is not None and logit_scale is not None:
@@ -107,5 +115,4 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
         raise TypeError("temperature must be a Python float; pass a learnable scale as logit_scale=")
     temperature = positive_number(temperature, "temperature")
     # float64 inputs get a float64 1/temperature: rounding it to fp32 would cost ~1e-8 relative.
-    return torch.tensor(1.0 / temperature, device=device,
-                        dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return float_tensor(1.0 / temperature, device, torch.float64 if dtype == torch.float64 else torch.float32)

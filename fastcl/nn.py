@@ -81,9 +81,8 @@ class ClipLoss(nn.Module):
         else:
             if not isinstance(logit_scale, torch.Tensor):
                 # fp64 features get an fp64 multiplier: its log and exp in fp32 would cost ~1e-7.
-                logit_scale = torch.tensor(_validation.positive_number(logit_scale, "logit_scale"),
-                                           device=image_features.device,
-                                           dtype=compute_dtype(image_features.dtype))
+                logit_scale = _validation.float_tensor(_validation.positive_number(logit_scale, "logit_scale"),
+                                                       image_features.device, compute_dtype(image_features.dtype))
             if logit_scale.numel() != 1:
                 raise ValueError(f"logit_scale (the multiplier) must have one element, got shape "
                                  f"{tuple(logit_scale.shape)}")

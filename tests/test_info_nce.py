@@ -572,20 +572,27 @@ def test_autocast_does_not_reach_inside_the_op():
     assert float(out[1][2].sum(0).norm()) < 1e-4  # sum_i (P_i - onehot_i) q_i-weights: rows sum to 1
 
 
-def test_compile_is_dynamic_in_key_count_and_temperature():
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_compile_is_dynamic_in_key_count_and_temperature(compiler):
     """Labels must not pin N into the graph (one compile per key count until the recompile limit),
-    and a Python-float temperature that changes must not break fullgraph compilation."""
+    and a Python-float temperature that changes must neither break fullgraph compilation nor
+    recompile per value (under aot_eager torch.tensor(1 / t) baked each value in: 9 values hit
+    the recompile limit)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     f = torch.compile(lambda q, k, y, t: FCL.info_nce(q, k, labels=y, temperature=t, backend="torch"),
-                      fullgraph=True, backend="eager")
+                      fullgraph=True, backend=compiler)
+    clip = torch.compile(fastcl.nn.ClipLoss(backend="torch"), fullgraph=True, backend=compiler)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(5, 8, generator=g)
-    for n, t in zip((7, 9, 11, 13), (0.1, 0.2, 0.3, 0.4)):
+    for i in range(10):
+        n, t = 7 + 2 * (i % 4), 0.1 + 0.03 * i
         k = torch.randn(n, 8, generator=g)
         y = torch.randint(0, n, (5,), generator=g)
         assert torch.allclose(f(q, k, y, t), FCL.info_nce(q, k, labels=y, temperature=t, backend="torch"))
-    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+        assert torch.allclose(clip(q, k[:5], 1 / t), FCL.info_nce(q, k[:5], temperature=t, symmetric=True,
+                                                                  normalize=False, backend="torch"))
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
     torch._dynamo.reset()
