@@ -30,6 +30,25 @@ class InfoNCELoss(nn.Module):
         return f"temperature={self.temperature}, symmetric={self.symmetric}, backend={self.backend!r}"
 
 
+def learnable_logit_scale(init_temperature, max_scale):
+    """(nn.Parameter log(1/init_temperature), log(max_scale)) for CLIP's learnable scale."""
+    max_log_scale = math.log(_validation.positive_number(max_scale, "max_scale"))
+    t = _validation.positive_number(init_temperature, "init_temperature")
+    if math.log(1.0 / t) > max_log_scale:
+        raise ValueError(f"init_temperature={t} is below 1/max_scale = {1 / max_scale:g}: "
+                         f"the scale would start clamped")
+    return nn.Parameter(torch.tensor(math.log(1.0 / t))), max_log_scale
+
+
+def clamp_logit_scale_(logit_scale: nn.Parameter, max_log_scale: float) -> nn.Parameter:
+    """Clamps the parameter itself to <= max_log_scale, in place, as open_clip's training loop
+    does after each step, and returns it. A clamp inside the graph instead would zero the
+    gradient at the cap, and a scale an optimiser step pushed past it would stay frozen."""
+    with torch.no_grad():
+        logit_scale.clamp_(max=max_log_scale)
+    return logit_scale
+
+
 class ClipLoss(nn.Module):
     """Symmetric CLIP loss with open_clip's ``ClipLoss`` signature.
 
@@ -46,8 +65,10 @@ class ClipLoss(nn.Module):
     accepted and ignored: no label tensor is built, and horovod is not supported.
 
     fastcl extension: ``init_temperature=t`` gives the module its own learnable
-    ``logit_scale`` parameter (log(1/t), clamped to log(max_scale) in the forward, as in CLIP),
-    used when forward gets no ``logit_scale``. With ``world_size > 1`` its gradient is averaged
+    ``logit_scale`` parameter (log(1/t)), used when forward gets no ``logit_scale``. Each forward
+    first clamps the parameter itself to at most log(max_scale), in place, as open_clip's training
+    loop does after each step: its gradient keeps flowing at the cap (a clamp inside the graph
+    would zero it there, and a scale pushed past the cap would stay frozen). With ``world_size > 1`` its gradient is averaged
     over the ranks in the backward (it is not in the model's DDP), so every rank holds the exact
     gradient and the ranks' scales stay equal.
     """
@@ -61,20 +82,18 @@ class ClipLoss(nn.Module):
             raise NotImplementedError("horovod is not supported; use torch.distributed")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size = rank, world_size
-        self.max_log_scale = math.log(max_scale)
+        self.max_log_scale = math.log(_validation.positive_number(max_scale, "max_scale"))
         self.normalize, self.backend = normalize, backend
+        self.logit_scale = None
         if init_temperature is not None:
-            t = _validation.positive_number(init_temperature, "init_temperature")
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / t)))
-        else:
-            self.logit_scale = None
+            self.logit_scale, _ = learnable_logit_scale(init_temperature, max_scale)
 
     def forward(self, image_features, text_features, logit_scale=None, output_dict: bool = False):
         if logit_scale is None:
             if self.logit_scale is None:
                 raise ValueError("pass logit_scale (the multiplier, as open_clip does) or build "
                                  "ClipLoss(init_temperature=...) for a learnable one")
-            log_scale = self.logit_scale.clamp(max=self.max_log_scale).to(image_features.device)
+            log_scale = clamp_logit_scale_(self.logit_scale, self.max_log_scale).to(image_features.device)
             if self.world_size > 1:  # this parameter is in no DDP: average its gradient here
                 from .distributed import mean_grad_over_ranks
                 log_scale = mean_grad_over_ranks(log_scale)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as FCL
+from .nn import clamp_logit_scale_, learnable_logit_scale
 
 
 def _distributed() -> bool:
@@ -146,15 +147,14 @@ class CLIP(Recipe):
                  max_scale: float = 100.0):
         super().__init__()
         self.encoders = nn.ModuleDict({"image": image_encoder, "text": text_encoder})
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.max_log_scale = math.log(max_scale)
+        self.logit_scale, self.max_log_scale = learnable_logit_scale(init_temperature, max_scale)
 
     def views(self, batch):
         images, texts = batch
         return [("image", images), ("text", texts)]
 
     def loss(self, z):
-        return self._info_nce(z[0], z[1], logit_scale=self.logit_scale.clamp(max=self.max_log_scale),
+        return self._info_nce(z[0], z[1], logit_scale=clamp_logit_scale_(self.logit_scale, self.max_log_scale),
                               symmetric=True)
 
     def temperature(self):

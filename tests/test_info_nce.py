@@ -253,9 +253,19 @@ def test_clip_module_learns_scale():
     assert torch.allclose(loss, ref)
     assert m.logit_scale.grad is not None and m.logit_scale.grad != 0
     with torch.no_grad():
-        m.logit_scale.fill_(10.0)  # clamped to log(100) in the forward
+        m.logit_scale.fill_(10.0)  # as if a step pushed it past the cap: clamped to log(100)
+    m.logit_scale.grad = None
     clamped = fastcl.info_nce_reference(img, txt, temperature=0.01, symmetric=True)
-    assert torch.allclose(m(img, txt), clamped)
+    loss = m(img, txt)
+    assert torch.allclose(loss, clamped)
+    # The parameter itself is clamped (as open_clip's loop does), so the gradient still flows:
+    # a clamp inside the graph gave exactly 0 here and the scale stayed frozen past the cap.
+    loss.backward()
+    assert float(m.logit_scale) == pytest.approx(math.log(100.0)) and float(m.logit_scale.grad) != 0
+    with pytest.raises(ValueError, match="below 1/max_scale"):
+        fastcl.nn.ClipLoss(init_temperature=0.005)
+    with pytest.raises(ValueError, match="max_scale"):
+        fastcl.nn.ClipLoss(max_scale=0)
 
 
 def test_clip_module_open_clip_signature():

@@ -239,6 +239,10 @@ def test_recipes_compute_their_losses():
     assert clip.loss([a, b]).item() == pytest.approx(FCL.info_nce(
         a, b, logit_scale=clip.logit_scale.detach(), symmetric=True).item(), rel=1e-12)
     assert clip.temperature() == pytest.approx(0.1, rel=1e-6)
+    with torch.no_grad():
+        clip.logit_scale.fill_(6.0)  # a step past the cap log(100): clamped in place, still learning
+    clip.loss([a, b]).backward()
+    assert clip.logit_scale.item() == pytest.approx(math.log(100.0)) and clip.logit_scale.grad.item() != 0
     # WhitenedCSE: SupCon over the k whitened views, whose positives are the same sample's views
     w = T.WhitenedCSE(_mlp(), num_groups=2, k=3, temperature=0.2)
     torch.manual_seed(5)
