@@ -20,6 +20,16 @@ def has_values(t: torch.Tensor) -> bool:
     return t.device.type != "meta" and (_compiling() or not is_fake(t))
 
 
+def require(ok: torch.Tensor, message: str) -> None:
+    """ValueError(message) unless the bool tensor ok is True. Under torch.compile a device-side
+    assert instead: a host check there is data-dependent (a graph break, or an error with
+    fullgraph=True)."""
+    if _compiling():
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
+
+
 def check_embeddings(q, k, name_q="q", name_k="k"):
     for name, t in ((name_q, q), (name_k, k)):
         if not isinstance(t, torch.Tensor):

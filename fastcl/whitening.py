@@ -84,9 +84,8 @@ def _check_not_singular(S: Tensor, eps: float, lam: Optional[Tensor] = None):
     if eps == 0 and _validation.has_values(S):
         lam = torch.linalg.eigvalsh(S) if lam is None else lam
         tol = S.shape[-1] * torch.finfo(S.dtype).eps
-        if bool((lam[..., 0] <= tol * lam[..., -1].abs()).any()):
-            raise ValueError("a group's covariance is singular (rank-deficient channels): "
-                             "use eps > 0")
+        _validation.require((lam[..., 0] > tol * lam[..., -1].abs()).all(),
+                            "a group's covariance is singular (rank-deficient channels): use eps > 0")
 
 
 class _GroupWhiten(torch.autograd.Function):
@@ -168,8 +167,9 @@ def _check(x, num_groups, eps, ddof, method, iters, perm):
     if perm is not None:
         if not isinstance(perm, Tensor) or perm.shape != (D,) or perm.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"perm must be an integer tensor of shape [{D}]")
-        if _validation.has_values(perm) and not torch.equal(torch.sort(perm.cpu()).values, torch.arange(D)):
-            raise ValueError("perm must be a permutation of range(D)")
+        if _validation.has_values(perm):
+            _validation.require((torch.sort(perm).values == torch.arange(D, device=perm.device)).all(),
+                                "perm must be a permutation of range(D)")
 
 
 def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str = "zca",

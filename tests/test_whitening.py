@@ -367,3 +367,28 @@ def test_kernel_on_gpu_bf16(backend):
     x = _x(512, 256, seed=18, dtype=torch.bfloat16).cuda()
     y = FCL.group_whiten(x, 4, method="newton_schulz", backend=backend)  # g = 64
     assert torch.allclose(_group_cov(y, 4).cpu(), torch.eye(64, dtype=torch.float64).expand(4, 64, 64), atol=5e-2)
+
+
+def test_compiles_fullgraph_with_value_checks():
+    """perm, shuffled groups and eps=0 compile with fullgraph=True: their value checks (a
+    permutation, a non-singular covariance) become device-side asserts there, which still
+    refuse bad values, instead of host checks on data (which fullgraph cannot trace)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    perm = torch.randperm(8, generator=g)
+    compile = lambda f: torch.compile(f, backend="aot_eager", fullgraph=True)  # noqa: E731
+    torch._dynamo.reset()
+    for f in (lambda x: FCL.group_whiten(x, 2, perm=perm, backend="torch"),
+              lambda x: FCL.group_whiten(x, 2, eps=0.0, backend="torch")):
+        torch.testing.assert_close(compile(f)(x), f(x))
+    m = fastcl.nn.GroupWhitening(8, 2, eps=0.0, backend="torch")
+    assert compile(m)(x).shape == x.shape
+    assert compile(lambda x: FCL.shuffled_group_whiten(x, 2, backend="torch"))(x).shape == (3, 64, 8)
+    with pytest.raises(RuntimeError, match="permutation"):
+        compile(lambda x: FCL.group_whiten(x, 2, perm=torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]),
+                                           backend="torch"))(x)
+    xs = x.clone()
+    xs[:, 1] = xs[:, 0]
+    with pytest.raises(RuntimeError, match="singular"):
+        compile(lambda x: FCL.group_whiten(x, 2, eps=0.0, backend="torch"))(xs)
+    torch._dynamo.reset()
