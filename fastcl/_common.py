@@ -1,8 +1,18 @@
 """Small helpers shared by the fused ops and the references."""
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+def no_autocast(device: torch.device):
+    """Autocast off for device's type (a no-op where autocast does not exist, e.g. meta). The
+    ops choose their own precision from their inputs' dtype: autocast must not lower a matmul
+    that its backward (or a statistic) needs in fp32."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def grad_amp(scale: Tensor, g_row: Tensor, g_col: Optional[Tensor] = None) -> Tensor:

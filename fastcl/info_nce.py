@@ -12,7 +12,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _dispatch, _validation, chunked, reference
-from ._common import reduce
+from ._common import no_autocast, reduce
 
 
 def _impl(backend: str):
@@ -42,7 +42,7 @@ def info_nce_rows(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor],
     # Autocast must not reach the implementation's matmuls: the backward recomputes S and needs
     # it rounded as the forward rounded it (a bf16 forward against an fp32 backward left rows of
     # P summing to 1 +- 1e-2: silently wrong gradients). The inputs' dtype decides the precision.
-    with torch.autocast(u.device.type, enabled=False):
+    with no_autocast(u.device):
         return _impl(backend).lse_forward(u, v, scale, labels, symmetric, row_cls, col_cls,
                                           exclude_diag, exclude_pos)
 
@@ -61,7 +61,7 @@ def info_nce_rows_backward(u: Tensor, v: Tensor, scale: Tensor, labels: Optional
                            symmetric: bool, row_cls: Optional[Tensor], col_cls: Optional[Tensor],
                            exclude_diag: bool, exclude_pos: bool,
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    with torch.autocast(u.device.type, enabled=False):  # as in the forward
+    with no_autocast(u.device):  # as in the forward
         du, dv, dscale = _impl(backend).lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col,
                                                      labels, symmetric, row_cls, col_cls,
                                                      exclude_diag, exclude_pos)

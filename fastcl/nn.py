@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from . import _validation, losses, whitening
+from ._common import no_autocast
 from .chunked import compute_dtype
 from .info_nce import info_nce
 
@@ -249,8 +250,9 @@ class GroupWhitening(nn.Module):
         # In fp32 (fp64 for fp64 input), as training mode computes: x - mean in 16 bits would
         # lose the digits that remain after centring.
         N, G, cd = x.shape[0], self.num_groups, compute_dtype(x.dtype)
-        xc = (x.to(cd) - self.running_mean.to(cd)).reshape(N, G, -1).transpose(0, 1)
-        return (xc @ self.running_whitening.to(cd)).transpose(0, 1).reshape(N, -1).to(x.dtype)
+        with no_autocast(x.device):
+            xc = (x.to(cd) - self.running_mean.to(cd)).reshape(N, G, -1).transpose(0, 1)
+            return (xc @ self.running_whitening.to(cd)).transpose(0, 1).reshape(N, -1).to(x.dtype)
 
     def extra_repr(self):
         return f"{self.num_features}, num_groups={self.num_groups}, method={self.kw['method']!r}"

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _validation
+from ._common import no_autocast
 from .chunked import compute_dtype as _cdt
 
 METHODS = ("zca", "cholesky", "newton_schulz")
@@ -116,6 +117,11 @@ class _GroupWhiten(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: this backward has no graph of its own
             raise RuntimeError("group_whiten's analytic backward cannot be differentiated again "
                                "(create_graph=True); use backend='reference' for higher-order gradients")
+        with no_autocast(gy.device):  # a backward() called inside autocast: still fp32
+            return _GroupWhiten._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         ddof, method, iters, detach_stats = ctx.cfg
         xc, W = ctx.saved_tensors[:2]
         gxc = gy @ W.transpose(-1, -2)
@@ -204,8 +210,15 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     backend = _dispatch.resolve(backend, x.device, x.dtype, {"triton": _kernel_limits(method, g),
                                                             "cuda": _cuda_limits(method, g, x.device)},
                                 op="group_whiten")
+    with no_autocast(x.device):  # fp32 statistics under autocast too (its bf16 Gram was 1e-2 off)
+        y, W = _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend)
+    return (y, W) if return_matrix else y
+
+
+def _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend):
+    N, D = x.shape
+    g = D // num_groups
     xp = x[:, perm] if perm is not None else x
-    W = None
     if backend == "reference":
         y, W = whiten_reference(xp, num_groups, eps=eps, method=method, iters=iters, ddof=ddof,
                                 detach_stats=detach_stats, return_matrix=True)
@@ -216,7 +229,7 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
         y = yg.transpose(0, 1).reshape(N, D).to(x.dtype)
     if perm is not None:
         y = y[:, torch.argsort(perm.to(y.device))]
-    return (y, W) if return_matrix else y
+    return y, W
 
 
 def _cuda_limits(method, g, device):
