@@ -85,6 +85,12 @@ def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
                              f"got values in [{lo}, {hi}]")
 
 
+def check_bool(value, name: str) -> None:
+    """value must be True or False: a string such as "no" would otherwise read as True."""
+    if not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def positive_number(value, name: str) -> float:
     """value as a float, if it is a real number > 0 and finite; else a clear error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

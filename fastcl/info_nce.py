@@ -103,8 +103,7 @@ def _normalize(x: Tensor) -> Tensor:
 def prepare(scale: Tensor, normalize: bool, *xs: Tensor):
     """The embeddings (normalised if asked) and the scale in the compute dtype (float64 stays
     float64, for gradcheck)."""
-    if normalize not in (True, False):  # a string such as "no" would otherwise read as True
-        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    _validation.check_bool(normalize, "normalize")
     xs = tuple(_normalize(x) for x in xs) if normalize else xs
     return (*xs, scale.to(chunked.compute_dtype(xs[0].dtype)))
 
@@ -177,6 +176,7 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
     """
     _validation.check_embeddings(q, k)
     _validation.check_reduction(reduction)
+    _validation.check_bool(symmetric, "symmetric")
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     B, N = q.shape[0], k.shape[0]

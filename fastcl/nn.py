@@ -28,7 +28,8 @@ class InfoNCELoss(nn.Module):
                         normalize=self.normalize, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, symmetric={self.symmetric}, backend={self.backend!r}"
+        return (f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
 def learnable_logit_scale(init_temperature, max_scale):
@@ -82,6 +83,10 @@ class ClipLoss(nn.Module):
         if use_horovod:
             raise NotImplementedError("horovod is not supported; use torch.distributed")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
         self.rank, self.world_size = rank, world_size
         self.max_log_scale = math.log(_validation.positive_number(max_scale, "max_scale"))
         self.normalize, self.backend = normalize, backend
@@ -118,7 +123,8 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self):
-        return f"world_size={self.world_size}, learnable={self.logit_scale is not None}"
+        return (f"world_size={self.world_size}, learnable={self.logit_scale is not None}, "
+                f"max_scale={math.exp(self.max_log_scale):g}, normalize={self.normalize}, backend={self.backend!r}")
 
 
 def _no_gather(gather_distributed):
@@ -146,6 +152,9 @@ class NTXentLoss(nn.Module):
     def forward(self, out0, out1):
         return losses.nt_xent(out0, out1, temperature=self.temperature, backend=self.backend)
 
+    def extra_repr(self):
+        return f"temperature={self.temperature}, backend={self.backend!r}"
+
 
 class DCLLoss(nn.Module):
     """DCL with lightly's signature; ``forward(out0 [N, D], out1 [N, D])``.
@@ -167,6 +176,9 @@ class DCLLoss(nn.Module):
         return losses.dcl(out0, out1, temperature=self.temperature, weight=self.weight_fn,
                           backend=self.backend)
 
+    def extra_repr(self):
+        return f"temperature={self.temperature}, weight_fn={self.weight_fn!r}, backend={self.backend!r}"
+
 
 class DCLWLoss(DCLLoss):
     """DCLW with lightly's signature: DCL weighted by w = 2 - N softmax(<z1_i, z2_i> / sigma)."""
@@ -180,6 +192,9 @@ class DCLWLoss(DCLLoss):
         return losses.dcl(out0, out1, temperature=self.temperature, weight="vmf", sigma=self.sigma,
                           backend=self.backend)
 
+    def extra_repr(self):
+        return f"temperature={self.temperature}, sigma={self.sigma}, backend={self.backend!r}"
+
 
 class SupConLoss(nn.Module):
     """Supervised contrastive loss; ``forward(features [B, D] or [B, V, D], labels [B])``."""
@@ -190,6 +205,9 @@ class SupConLoss(nn.Module):
 
     def forward(self, features, labels=None):
         return losses.supcon(features, labels, temperature=self.temperature, backend=self.backend)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, backend={self.backend!r}"
 
 
 class MultipleNegativesRankingLoss(nn.Module):
@@ -209,6 +227,9 @@ class MultipleNegativesRankingLoss(nn.Module):
         return losses.multiple_negatives_ranking(anchor, positive, neg, scale=self.scale,
                                                  backend=self.backend)
 
+    def extra_repr(self):
+        return f"scale={self.scale}, backend={self.backend!r}"
+
 
 class GroupWhitening(nn.Module):
     """Group whitening layer with running statistics, like BatchNorm.
@@ -227,6 +248,8 @@ class GroupWhitening(nn.Module):
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r} (a cumulative "
                              f"average, BatchNorm's momentum=None, is not supported)")
+        _validation.check_bool(detach_stats, "detach_stats")
+        _validation.check_bool(track_running_stats, "track_running_stats")
         g = num_features // num_groups
         self.num_features, self.num_groups = num_features, num_groups
         self.kw = dict(eps=eps, method=method, iters=iters, ddof=ddof, detach_stats=detach_stats,
@@ -236,6 +259,8 @@ class GroupWhitening(nn.Module):
         self.register_buffer("running_whitening", torch.eye(g).repeat(num_groups, 1, 1))
 
     def forward(self, x):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
         if x.dim() != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"expected [N, {self.num_features}], got {tuple(x.shape)}")
         if self.training or not self.track_running_stats:

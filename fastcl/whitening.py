@@ -13,6 +13,7 @@ unlike autograd through eigh. Cholesky and Newton-Schulz differentiate their sma
 matrix function with autograd (torch's analytic Cholesky backward; NS unrolled).
 """
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -144,10 +145,14 @@ def _is_int(v) -> bool:
 
 def check_options(D, num_groups, eps, ddof, method, iters):
     """The options' own checks (no data needed): also run by the GroupWhitening constructor."""
+    if not _is_int(D) or D < 1:
+        raise ValueError(f"the number of features must be a positive integer, got {D!r}")
     if not _is_int(num_groups) or num_groups < 1 or D % num_groups:
         raise ValueError(f"num_groups must be a positive divisor of D={D}, got {num_groups!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a number >= 0, got {eps!r}")
     if eps < 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if iters is not None and (method != "newton_schulz" or not _is_int(iters) or iters < 1):
@@ -204,6 +209,7 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
         permuted channel order if perm is given).
     """
     _check(x, num_groups, eps, ddof, method, iters, perm)
+    _validation.check_bool(detach_stats, "detach_stats")
     iters = DEFAULT_NS_ITERS if iters is None else iters
     N, D = x.shape
     g = D // num_groups

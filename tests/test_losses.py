@@ -391,6 +391,21 @@ def test_clip_loss_float_multiplier_keeps_float64():
      NotImplementedError, "directions"),
     (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, hardness_mode="hard_negatives"),
      NotImplementedError, "hardness_mode"),
+    # symmetric="no" used to compute the symmetric loss silently on backend='reference'
+    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), symmetric="no", backend="reference"), TypeError,
+     "symmetric must be True or False"),
+    (lambda: fastcl.nn.InfoNCELoss(symmetric="yes")(torch.randn(4, 3), torch.randn(4, 3)), TypeError, "symmetric"),
+    (lambda: fastcl.nn.ClipLoss(max_scale=-1), ValueError, "max_scale"),
+    (lambda: fastcl.nn.ClipLoss(world_size=0), ValueError, "world_size"),
+    (lambda: fastcl.nn.ClipLoss(rank=5, world_size=2), ValueError, "rank"),
+    (lambda: fastcl.nn.GroupWhitening(-4, 2), ValueError, "number of features"),
+    (lambda: fastcl.nn.GroupWhitening(8.0, 2), ValueError, "number of features"),
+    (lambda: fastcl.nn.GroupWhitening(0, 1), ValueError, "number of features"),
+    (lambda: fastcl.nn.GroupWhitening(8, 2, eps=None), TypeError, "eps"),
+    (lambda: fastcl.nn.GroupWhitening(8, 2, detach_stats="no"), TypeError, "detach_stats"),
+    (lambda: FCL.group_whiten(torch.randn(16, 8), 2, detach_stats="no"), TypeError, "detach_stats"),
+    # eval mode used to return truncated integers (train mode refused them)
+    (lambda: fastcl.nn.GroupWhitening(4, 2).eval()(torch.ones(8, 4, dtype=torch.long)), TypeError, "floating"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -485,3 +500,12 @@ def test_mnrl_drop_in_trains_like_the_original_in_sentence_transformer_trainer(t
         weights.append(model[0].embedding.weight.detach().clone())
     assert not torch.allclose(weights[1], start)  # it trained
     assert torch.allclose(weights[0], weights[1], atol=1e-5), float((weights[0] - weights[1]).abs().max())
+
+
+def test_module_reprs_show_their_settings():
+    assert "sigma=0.25" in repr(fastcl.nn.DCLWLoss(temperature=0.2, sigma=0.25))
+    assert "temperature=0.3" in repr(fastcl.nn.NTXentLoss(temperature=0.3))
+    assert "temperature=0.3" in repr(fastcl.nn.SupConLoss(temperature=0.3))
+    assert "scale=10" in repr(fastcl.nn.MultipleNegativesRankingLoss(scale=10))
+    assert "reduction='sum'" in repr(fastcl.nn.InfoNCELoss(reduction="sum"))
+    assert "max_scale=50" in repr(fastcl.nn.ClipLoss(max_scale=50))
