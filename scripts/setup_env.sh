@@ -11,7 +11,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 P="$VENV/bin/python -m pip install -q --disable-pip-version-check"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if [ "$(uname -s)" != Linux ]; then
+    $P "torch==$TORCH" >&2  # macOS: PyPI's build is the CPU (and MPS) one, with no +cpu label
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     $P "torch==$TORCH" >&2  # a GPU: PyPI's default build is the CUDA one
   else
     # No GPU: the CPU build. PyPI's torch==X is a CUDA build of several GB; X+cpu is not on
@@ -27,7 +29,9 @@ STAMP="$VENV/.fastcl-install"
 WANT="$(cat pyproject.toml setup.py | sha256sum | cut -c1-16) $PWD"
 VPY=$(cd "$VENV" && pwd)/bin/python
 # (run from / so that the checkout's own fastcl/ folder cannot stand in for the installed one)
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! (cd / && "$VPY" -c "import fastcl.kernels, triton, pytest") 2>/dev/null; then
+NEED="import fastcl.kernels, pytest"
+[ "$(uname -s)" != Linux ] || NEED="$NEED, triton"  # Triton has Linux wheels only
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! (cd / && "$VPY" -c "$NEED") 2>/dev/null; then
   $P -e ".[triton,test,demo]" >&2
   echo "$WANT" > "$STAMP"
 fi

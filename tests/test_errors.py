@@ -214,3 +214,17 @@ def test_shape_only_tensors_trace_every_op(name, mode):
     with (torch.device("meta") if mode == "meta" else FakeTensorMode()):
         out = SHAPE_ONLY_CASES[name]()
     assert out.shape == expected
+
+
+def test_source_checkout_exposes_only_kernels(tmp_path):
+    """From a plain checkout on sys.path (no install), kernels/ is fastcl.kernels, and no other
+    top-level folder or file becomes a fastcl submodule (`import fastcl.setup` ran setup.py)."""
+    code = ("import fastcl, fastcl.kernels, pkgutil, os\n"
+            "assert os.path.samefile(os.path.dirname(fastcl.kernels.__file__), os.path.join(%r, 'kernels'))\n"
+            "names = {m.name for m in pkgutil.iter_modules(fastcl.__path__)}\n"
+            "assert not names & {'setup', 'benchmarks', 'tests', 'kernels', 'fastcl'}, names\n"
+            "from fastcl.kernels import info_nce\n"
+            "try:\n    import fastcl.setup\nexcept ImportError:\n    print('ok')\n" % str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
