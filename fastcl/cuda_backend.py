@@ -94,7 +94,8 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
         raise RuntimeError(unavailable())
     return torch.ops.fastcl_cuda.lse_backward(
         u.contiguous(), v.contiguous(), scale, row_stats, col_stats, g_row.contiguous(),
-        g_col.contiguous(), grad_amp(scale, g_row, g_col if symmetric else None), labels, row_cls, col_cls, symmetric, exclude_diag, exclude_pos)
+        g_col.contiguous(), grad_amp(scale, g_row, g_col if symmetric else None), labels, row_cls, col_cls,
+        symmetric, exclude_diag, exclude_pos)
 
 
 def newton_schulz_whitening_matrix(S: torch.Tensor, iters: int) -> torch.Tensor:

@@ -56,9 +56,9 @@ class ClipLoss(nn.Module):
 
     ``forward(image_features [B, D], text_features [B, D], logit_scale=None, output_dict=False)``.
     As in open_clip, ``logit_scale`` is the logit MULTIPLIER (the model's ``logit_scale.exp()``,
-    so > 0: the loss takes its log; a negative tensor gives a NaN loss, 0 a NaN gradient) and the features are used as
-    given (open_clip's models normalise them; pass ``normalize=True`` to do it here). ``output_dict=True`` returns
-    ``{"contrastive_loss": loss}``.
+    so > 0: the loss takes its log; a negative tensor gives a NaN loss, 0 a NaN gradient) and
+    the features are used as given (open_clip's models normalise them; pass ``normalize=True``
+    to do it here). ``output_dict=True`` returns ``{"contrastive_loss": loss}``.
 
     With ``world_size > 1`` the loss sees every rank's pairs through
     :func:`fastcl.distributed.info_nce_distributed`, with gradients scaled for DDP (see its
@@ -70,9 +70,9 @@ class ClipLoss(nn.Module):
     ``logit_scale`` parameter (log(1/t)), used when forward gets no ``logit_scale``. Each forward
     first clamps the parameter itself to at most log(max_scale), in place, as open_clip's training
     loop does after each step: its gradient keeps flowing at the cap (a clamp inside the graph
-    would zero it there, and a scale pushed past the cap would stay frozen). With ``world_size > 1`` its gradient is averaged
-    over the ranks in the backward (it is not in the model's DDP), so every rank holds the exact
-    gradient and the ranks' scales stay equal.
+    would zero it there, and a scale pushed past the cap would stay frozen). With
+    ``world_size > 1`` its gradient is averaged over the ranks in the backward (it is not in the
+    model's DDP), so every rank holds the exact gradient and the ranks' scales stay equal.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
@@ -88,11 +88,12 @@ class ClipLoss(nn.Module):
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
         self.rank, self.world_size = rank, world_size
-        self.max_log_scale = math.log(_validation.positive_number(max_scale, "max_scale"))
         self.normalize, self.backend = normalize, backend
-        self.logit_scale = None
         if init_temperature is not None:
-            self.logit_scale, _ = learnable_logit_scale(init_temperature, max_scale)
+            self.logit_scale, self.max_log_scale = learnable_logit_scale(init_temperature, max_scale)
+        else:
+            self.logit_scale = None
+            self.max_log_scale = math.log(_validation.positive_number(max_scale, "max_scale"))
 
     def forward(self, image_features, text_features, logit_scale=None, output_dict: bool = False):
         if logit_scale is None:
@@ -106,8 +107,9 @@ class ClipLoss(nn.Module):
         else:
             if not isinstance(logit_scale, torch.Tensor):
                 # fp64 features get an fp64 multiplier: its log and exp in fp32 would cost ~1e-7.
-                logit_scale = _validation.float_tensor(_validation.positive_number(logit_scale, "logit_scale"),
-                                                       image_features.device, compute_dtype(image_features.dtype))
+                value = _validation.positive_number(logit_scale, "logit_scale")
+                logit_scale = _validation.float_tensor(value, image_features.device,
+                                                       compute_dtype(image_features.dtype))
             if logit_scale.numel() != 1:
                 raise ValueError(f"logit_scale (the multiplier) must have one element, got shape "
                                  f"{tuple(logit_scale.shape)}")
@@ -124,7 +126,8 @@ class ClipLoss(nn.Module):
 
     def extra_repr(self):
         return (f"world_size={self.world_size}, learnable={self.logit_scale is not None}, "
-                f"max_scale={math.exp(self.max_log_scale):g}, normalize={self.normalize}, backend={self.backend!r}")
+                f"max_scale={math.exp(self.max_log_scale):g}, normalize={self.normalize}, "
+                f"backend={self.backend!r}")
 
 
 def _no_gather(gather_distributed):

@@ -154,8 +154,8 @@ class CLIP(Recipe):
         return [("image", images), ("text", texts)]
 
     def loss(self, z):
-        return self._info_nce(z[0], z[1], logit_scale=clamp_logit_scale_(self.logit_scale, self.max_log_scale),
-                              symmetric=True)
+        log_scale = clamp_logit_scale_(self.logit_scale, self.max_log_scale)
+        return self._info_nce(z[0], z[1], logit_scale=log_scale, symmetric=True)
 
     def temperature(self):
         return float(torch.exp(-self.logit_scale.detach().clamp(max=self.max_log_scale)))
