@@ -162,7 +162,8 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
                 TRANSPOSED: tl.constexpr, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
                 EXCL_DIAG: tl.constexpr, EXCL_POS: tl.constexpr, MULTI_POS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                ONE_SLAB: tl.constexpr, SAME_CHUNKS: tl.constexpr, PREC: tl.constexpr):
+                ONE_SLAB: tl.constexpr, SAME_CHUNKS: tl.constexpr, FWD_ORIENT: tl.constexpr,
+                PREC: tl.constexpr):
     """dA[a] = s * sum_b G[a, b] * Bm[b] for a block of BM rows of A.
 
     TRANSPOSED=False: A = U (queries), Bm = V, G[a, b] = G_ab     -> dU, d scale's row term
@@ -229,6 +230,9 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
                          mask=bmask[:, None] & dmask[None, :], other=0.0)
             if ONE_SLAB and not SAME_CHUNKS:
                 acc = tl.dot(at, tl.trans(bt), input_precision=PREC)
+            elif TRANSPOSED and FWD_ORIENT:  # S^T as the forward formed S: U rows by V columns
+                acc = tl.trans(_score_tile(Bm, A, b_idx, a_idx, bmask, amask, D, s_bd, s_bm, s_ad, s_am,
+                                           BN, BM, BK, PREC))
             else:  # the forward's own chunks of BK: S recomputed as the forward rounded it
                 acc = _score_tile(A, Bm, a_idx, b_idx, amask, bmask, D, s_ad, s_am, s_bd, s_bm,
                                   BM, BN, BK, PREC)
@@ -345,6 +349,12 @@ def backward_config(device: torch.device, dtype: torch.dtype, D: int) -> dict:
     # FASTCL_BWD_SAME_CHUNKS=0/1 overrides (the GPU script times both).
     same = dtype == torch.float32 or interpreting() or device.type != "cuda"
     cfg["SAME_CHUNKS"] = os.environ.get("FASTCL_BWD_SAME_CHUNKS", "1" if same else "0") == "1"
+    # The dV launch recomputes S^T = V U^T. The interpreter's numpy matmul does not always round
+    # that as the transpose of U V^T: OpenBLAS's Haswell/Zen sgemm kernels differ in the last
+    # bit (its SkylakeX kernels agree), which gave 6x naive's dV error at scale 100 on AMD CPUs.
+    # So the interpreter forms U V^T, with the forward's tile shapes (BM == BN there), and
+    # transposes it. A GPU's MMA sums each k-step in one fixed order whichever operand is A.
+    cfg["FWD_ORIENT"] = interpreting()
     return cfg
 
 

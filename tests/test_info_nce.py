@@ -45,7 +45,7 @@ def _run(fn, q, k, ls, dtype, device, upstream, **kw):
 
 
 def _check(backend, B, N, D, dtype, temperature, symmetric=False, labels=None, reduction="none",
-           normalize=True, seed=0, corr=2.0):
+           normalize=True, seed=0, corr=2.0, floor=None):
     q, k = _inputs(B, N, D, dtype, seed, corr=corr)
     ls = torch.tensor(math.log(1.0 / temperature), dtype=torch.float64)
     upstream = torch.rand(B, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
@@ -57,7 +57,7 @@ def _check(backend, B, N, D, dtype, temperature, symmetric=False, labels=None, r
     assert ours[0].shape == ref[0].shape
     assert ours[0].dtype == torch.float32  # the loss comes back in fp32 for 16-bit inputs too
     for name, a, b, r in zip(["loss", "dq", "dk", "dlogit_scale"], ours, naive, ref):
-        assert_within_budget(name, a, b, r, dtype)
+        assert_within_budget(name, a, b, r, dtype, floor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,8 +90,10 @@ def test_logit_scale_100_with_one_backward_slab(backend, symmetric, B, D):
     """tau = 0.01 (CLIP's largest logit scale), D inside one backward D-slab (narrower than the
     forward's chunk in the interpreter), rows far from solved: the recompute must round S as
     the forward did, or the rows' probabilities miss summing to 1 and the scale multiplies
-    that. One dot over the slab against the forward's chunk: 6x naive fp32's gradient error."""
-    _check(backend, B, B, D, torch.float32, 0.01, symmetric=symmetric, seed=7, corr=0.3)
+    that. One dot over the slab against the forward's chunk: 6x naive fp32's gradient error,
+    as was the interpreter's dV recompute as V U^T under OpenBLAS's Haswell/Zen kernels (AMD
+    CPUs). Naive's error here (3e-7) is below fp32's floor, so the budget is 4x naive's alone."""
+    _check(backend, B, B, D, torch.float32, 0.01, symmetric=symmetric, seed=7, corr=0.3, floor=0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
