@@ -30,6 +30,8 @@ from torch import Tensor
 from . import _dispatch, _validation
 from .info_nce import _impl, prepare, row_terms
 
+__all__ = ["info_nce_distributed", "mean_grad_over_ranks"]
+
 
 def _all_sizes(n: int, device, group):
     t = torch.tensor([n], device=device, dtype=torch.int64)

@@ -4,6 +4,7 @@ from torch import nn
 
 from . import _validation, losses
 
+__all__ = ["MultipleNegativesRankingLoss"]
 
 class MultipleNegativesRankingLoss(nn.Module):
     """Fused drop-in for ``sentence_transformers.losses.MultipleNegativesRankingLoss``.

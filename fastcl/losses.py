@@ -61,7 +61,9 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
 
 
 def dcl_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
-    """DCLW's weights w_i = 2 - N softmax_i(<u1_i, u2_i> / sigma) on normalised views (mean 1)."""
+    """DCLW's weights [N] (in the views' dtype), w_i = 2 - N softmax_i(<u1_i, u2_i> / sigma),
+    of two views z1, z2 [N, D] of the same batch, normalised here (mean 1)."""
+    _check_views(z1, z2)
     sigma = _validation.positive_number(sigma, "sigma")
     return reference.vmf_weights(F.normalize(z1, dim=-1), F.normalize(z2, dim=-1), sigma)
 

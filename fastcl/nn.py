@@ -9,6 +9,8 @@ from ._common import no_autocast
 from .chunked import compute_dtype
 from .info_nce import info_nce
 
+__all__ = ["InfoNCELoss", "ClipLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "SupConLoss",
+           "MultipleNegativesRankingLoss", "GroupWhitening", "learnable_logit_scale", "clamp_logit_scale_"]
 
 class InfoNCELoss(nn.Module):
     """InfoNCE with a fixed temperature; ``forward(q [B, D], k [N, D], labels=None)``.

@@ -43,8 +43,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional as FCL
+from . import _validation, functional as FCL
 from .nn import clamp_logit_scale_, learnable_logit_scale
+
+__all__ = ["Recipe", "SimCLR", "SimCSE", "WhitenedCSE", "CLIP", "TrainConfig", "Trainer",
+           "alignment", "uniformity"]
 
 
 def _distributed() -> bool:
@@ -86,8 +89,11 @@ class SimCLR(Recipe):
         super().__init__()
         if loss not in ("info_nce", "nt_xent", "dcl", "dclw"):
             raise ValueError(f"loss must be info_nce, nt_xent, dcl or dclw, got {loss!r}")
+        if not callable(augment):
+            raise TypeError(f"augment must be a callable (a batch -> an augmented view), got {augment!r}")
         self.encoders = nn.ModuleDict({"encoder": encoder})
-        self.augment, self.kind, self.tau = augment, loss, temperature
+        self.augment, self.kind = augment, loss
+        self.tau = _validation.positive_number(temperature, "temperature")
 
     def views(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -108,7 +114,7 @@ class SimCSE(Recipe):
     def __init__(self, encoder: nn.Module, temperature: float = 0.05):
         super().__init__()
         self.encoders = nn.ModuleDict({"encoder": encoder})
-        self.tau = temperature
+        self.tau = _validation.positive_number(temperature, "temperature")
 
     def views(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -126,8 +132,12 @@ class WhitenedCSE(Recipe):
     def __init__(self, encoder: nn.Module, num_groups: int, k: int = 3, temperature: float = 0.05,
                  method: str = "zca", detach_stats: bool = True, eps: float = 1e-5):
         super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise ValueError(f"k must be an integer >= 2 (each sample's other views are its "
+                             f"positives), got {k!r}")
         self.encoders = nn.ModuleDict({"encoder": encoder})
-        self.num_groups, self.k, self.tau = num_groups, k, temperature
+        self.num_groups, self.k = num_groups, k
+        self.tau = _validation.positive_number(temperature, "temperature")
         self.whiten_kw = dict(method=method, detach_stats=detach_stats, eps=eps)
 
     def views(self, batch):
@@ -162,15 +172,29 @@ class CLIP(Recipe):
 
 
 # ----------------------------------------------------------------------------- metrics
+def _check_2d(name, t):
+    if not isinstance(t, Tensor) or t.ndim != 2 or not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor [N, D], got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+                         f"{' ' + str(t.dtype) if isinstance(t, Tensor) else ''}")
+
+
 @torch.no_grad()
 def alignment(a: Tensor, b: Tensor) -> float:
-    """E ||u_a - u_b||^2 over positive pairs (lower is better)."""
+    """E ||u_a - u_b||^2 over the positive pairs (rows) of a, b [N, D], normalised here (lower
+    is better; 0 to 4)."""
+    _check_2d("a", a)
+    _check_2d("b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must hold the same pairs (same shape), got {tuple(a.shape)} and {tuple(b.shape)}")
     return float((F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1)).square().sum(1).mean())
 
 
 @torch.no_grad()
 def uniformity(a: Tensor, max_n: int = 1024) -> float:
-    """log E exp(-2 ||u_i - u_j||^2) over distinct pairs (lower is more uniform)."""
+    """log E exp(-2 ||u_i - u_j||^2) over the distinct pairs of the first max_n rows of a [N, D],
+    normalised here (lower is more uniform; NaN for N < 2)."""
+    _check_2d("a", a)
     u = F.normalize(a[:max_n].float(), dim=-1)
     if u.shape[0] < 2:
         return float("nan")
@@ -180,6 +204,7 @@ def uniformity(a: Tensor, max_n: int = 1024) -> float:
 # ----------------------------------------------------------------------------- trainer
 @dataclasses.dataclass
 class TrainConfig:
+    """The Trainer's settings; checked when built and again by the Trainer."""
     steps: int = 100
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -191,6 +216,28 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     device: str = "cpu"
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        def count(name, low):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
+        count("steps", 0)
+        count("log_every", 1)
+        count("checkpoint_every", 0)
+        if self.chunk_size is not None:
+            count("chunk_size", 1)
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"TrainConfig.amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
+        for name in ("resume", "progress"):
+            _validation.check_bool(getattr(self, name), f"TrainConfig.{name}")
+        for name in ("lr", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
 
 
 class _RngReplay:
@@ -213,12 +260,18 @@ class _RngReplay:
 
 
 class Trainer:
+    """Trains ``recipe`` on ``data`` (an iterable of batches, re-iterated for each epoch) for
+    ``config.steps`` steps: ``train()`` returns the per-step log (see the module docstring).
+    ``optimizer`` defaults to AdamW over every parameter of the recipe."""
+
     def __init__(self, recipe: Recipe, data: Iterable, config: TrainConfig,
                  optimizer: Optional[torch.optim.Optimizer] = None):
-        if config.amp not in (None, "bf16", "fp16"):
-            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {config.amp!r}")
-        if config.chunk_size is not None and config.chunk_size < 1:
-            raise ValueError("chunk_size must be a positive number of samples")
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"recipe must be a fastcl.train.Recipe (SimCLR, SimCSE, WhitenedCSE, "
+                            f"CLIP or a subclass), got {type(recipe).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        config.check()  # again: fields may have been set after it was built
         self.config, self.device = config, torch.device(config.device)
         self.recipe = recipe.to(self.device)
         self.encoders = dict(self.recipe.encoders.items())
@@ -330,7 +383,11 @@ class Trainer:
             return next(self._iter)
         except StopIteration:  # a new epoch
             self._iter = iter(self.data)
-            return next(self._iter)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                raise ValueError("the data yielded no batches (empty, or a one-shot iterator that "
+                                 "is used up: pass a re-iterable such as a list or a DataLoader)") from None
 
     def train(self) -> List[dict]:
         cfg = self.config

@@ -364,6 +364,11 @@ def test_clip_loss_float_multiplier_keeps_float64():
     (lambda: fastcl.nn.DCLLoss(gather_distributed=True), NotImplementedError, "gather_distributed"),
     (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight="vmf", sigma=0.0), ValueError, "sigma"),
     (lambda: FCL.dcl_weights(torch.randn(4, 3), torch.randn(4, 3), sigma=-1.0), ValueError, "sigma"),
+    # dcl_weights checked nothing: a 1-D pair gave a number, [4, 3] with [5, 3] torch's broadcast error
+    (lambda: FCL.dcl_weights(torch.randn(3), torch.randn(3)), ValueError, "2-D"),
+    (lambda: FCL.dcl_weights(torch.randn(4, 3), torch.randn(5, 3)), ValueError, "same shape"),
+    (lambda: FCL.dcl_weights(torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long)),
+     TypeError, "float"),
     (lambda: FCL.supcon(torch.randn(4, 0, 3), torch.zeros(4, dtype=torch.long)), ValueError, "V = 0"),
     (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), scale=0.0), ValueError,
      "scale must be a positive"),

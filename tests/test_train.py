@@ -302,13 +302,57 @@ def test_resume_restores_the_grad_scaler(tmp_path):
     assert resumed.scaler.state_dict() == first.scaler.state_dict()
 
 
-def test_bad_config():
-    with pytest.raises(ValueError, match="amp"):
-        T.Trainer(T.SimCSE(_mlp()), [], T.TrainConfig(amp="fp8"))
-    with pytest.raises(ValueError, match="chunk_size"):
-        T.Trainer(T.SimCSE(_mlp()), [], T.TrainConfig(chunk_size=0))
+@pytest.mark.parametrize("field, value", [
+    ("amp", "fp8"), ("chunk_size", 0), ("chunk_size", 2.5), ("steps", -1), ("steps", 2.5),
+    ("steps", True), ("log_every", 0), ("checkpoint_every", -1), ("lr", -1.0),
+    ("lr", float("nan")), ("weight_decay", float("inf")), ("resume", "no"), ("progress", None)])
+def test_bad_config(field, value):
+    # steps=-1 trained 0 steps and 2.5 trained 3, both silently; chunk_size=2.5 was a TypeError
+    # deep in the step
+    with pytest.raises((ValueError, TypeError), match=field):
+        T.TrainConfig(**{field: value})
+    cfg = T.TrainConfig()
+    setattr(cfg, field, value)  # set after it was built: the Trainer checks it again
+    with pytest.raises((ValueError, TypeError), match=field):
+        T.Trainer(T.SimCSE(_mlp()), _batches(1), cfg)
+
+
+def test_bad_recipe_and_trainer_arguments():
     with pytest.raises(ValueError, match="loss must be"):
         T.SimCLR(_mlp(), _noise, loss="triplet")
+    for make in (lambda t: T.SimCLR(_mlp(), _noise, temperature=t), lambda t: T.SimCSE(_mlp(), temperature=t),
+                 lambda t: T.WhitenedCSE(_mlp(), num_groups=1, temperature=t)):
+        for t in (0, -0.1, None, float("nan")):  # SimCLR's -0.1 was accepted until the first step
+            with pytest.raises((ValueError, TypeError), match="temperature"):
+                make(t)
+    with pytest.raises(TypeError, match="augment"):
+        T.SimCLR(_mlp(), "flip")
+    with pytest.raises(ValueError, match="k must be"):
+        T.WhitenedCSE(_mlp(), num_groups=1, k=1)  # one view has no positives
+    with pytest.raises(TypeError, match="recipe"):
+        T.Trainer(_mlp(), _batches(1), _cfg())
+    with pytest.raises(TypeError, match="config"):
+        T.Trainer(T.SimCSE(_mlp()), _batches(1), dict(steps=1))
+
+
+def test_empty_data_is_a_clear_error():
+    with pytest.raises(ValueError, match="no batches"):  # was a bare StopIteration
+        T.Trainer(T.SimCSE(_mlp()), [], _cfg()).train()
+    one_shot = iter(_batches(2))
+    with pytest.raises(ValueError, match="no batches"):
+        T.Trainer(T.SimCSE(_mlp()), one_shot, _cfg(steps=3)).train()
+
+
+def test_metrics_check_their_inputs():
+    a, b = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="same shape"):
+        T.alignment(a, b)  # broadcasting error from inside torch before
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        T.uniformity(a[0])
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        T.alignment(a.long(), a.long())
+    assert T.alignment(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(T.uniformity(a[:1]))
 
 
 # --- DDP on gloo: two ranks with half the batch each equal one process on the whole batch ---
