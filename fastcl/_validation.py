@@ -85,6 +85,11 @@ def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
                              f"got values in [{lo}, {hi}]")
 
 
+def is_int(value) -> bool:
+    """An integer, Python's or NumPy's, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_bool(value, name: str) -> None:
     """value must be True or False: a string such as "no" would otherwise read as True."""
     if not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))):

@@ -190,7 +190,9 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
 
     labels: int64 [B_r], GLOBAL column indices (rows of the concatenated k); default: the global
     row index of each local query. symmetric: the CLIP loss (each rank needs N_r == B_r).
-    reduction: "mean" (over the global batch), "sum", or "none" (this rank's rows).
+    reduction: "mean" (over the global batch), "sum", or "none" (this rank's rows; with
+    grad_mode="ddp" these per-row values come multiplied by the world size, like their
+    gradients, so that DDP's averaging over the ranks gives the exact gradient).
     gather: "all_gather" or "ring"; grad_mode: "exact" or "ddp" (see the module docstring).
     Every rank must call this collectively with the same arguments except the tensors.
     """

@@ -1,5 +1,6 @@
 """Drop-in loss modules."""
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -47,9 +48,13 @@ def learnable_logit_scale(init_temperature, max_scale):
 def clamp_logit_scale_(logit_scale: nn.Parameter, max_log_scale: float) -> nn.Parameter:
     """Clamps the parameter itself to <= max_log_scale, in place, as open_clip's training loop
     does after each step, and returns it. A clamp inside the graph instead would zero the
-    gradient at the cap, and a scale an optimiser step pushed past it would stay frozen."""
-    with torch.no_grad():
-        logit_scale.clamp_(max=max_log_scale)
+    gradient at the cap, and a scale an optimiser step pushed past it would stay frozen.
+
+    Through ``.data``, so that the parameter's version counter is left alone: a graph that saved
+    the parameter earlier in the step (a regulariser on it, a second loss) still runs its
+    backward, where ``clamp_`` on the parameter made autograd refuse it. The value changes only
+    above the cap, as open_clip's loop would have changed it right after the optimiser step."""
+    logit_scale.data.clamp_(max=max_log_scale)
     return logit_scale
 
 
@@ -65,8 +70,14 @@ class ClipLoss(nn.Module):
     With ``world_size > 1`` the loss sees every rank's pairs through
     :func:`fastcl.distributed.info_nce_distributed`, with gradients scaled for DDP (see its
     docstring; the ``local_loss`` / ``gather_with_grad`` flags are accepted for compatibility,
-    the result is the exact global loss either way). ``cache_labels`` and ``use_horovod`` are
-    accepted and ignored: no label tensor is built, and horovod is not supported.
+    the result is the exact global loss either way). After DDP averages them, the gradients are
+    those of the global loss. open_clip's gradients equal those with ``local_loss=True,
+    gather_with_grad=True`` (for equal local batches) or ``local_loss=False,
+    gather_with_grad=True``; its defaults (both
+    False) give 1/world_size of them, and ``local_loss=True, gather_with_grad=False`` only an
+    approximation. So a learning rate tuned with open_clip's defaults under plain SGD is
+    world_size times too large here. ``cache_labels`` and ``use_horovod`` are accepted and
+    ignored: no label tensor is built, and horovod is not supported.
 
     fastcl extension: ``init_temperature=t`` gives the module its own learnable
     ``logit_scale`` parameter (log(1/t)), used when forward gets no ``logit_scale``. Each forward
@@ -85,11 +96,11 @@ class ClipLoss(nn.Module):
         if use_horovod:
             raise NotImplementedError("horovod is not supported; use torch.distributed")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        if not _validation.is_int(world_size) or world_size < 1:
             raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        if not _validation.is_int(rank) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = int(rank), int(world_size)
         self.normalize, self.backend = normalize, backend
         if init_temperature is not None:
             self.logit_scale, self.max_log_scale = learnable_logit_scale(init_temperature, max_scale)
@@ -98,6 +109,8 @@ class ClipLoss(nn.Module):
             self.max_log_scale = math.log(_validation.positive_number(max_scale, "max_scale"))
 
     def forward(self, image_features, text_features, logit_scale=None, output_dict: bool = False):
+        # Checked first: before the features' device is read, and before the scale is clamped.
+        _validation.check_embeddings(image_features, text_features, "image_features", "text_features")
         if logit_scale is None:
             if self.logit_scale is None:
                 raise ValueError("pass logit_scale (the multiplier, as open_clip does) or build "
@@ -167,8 +180,9 @@ class DCLLoss(nn.Module):
     One log-sum-exp over all 2N-2 negatives, as in the paper and in ``lightly.loss.DCLLoss``
     1.6 (checked equal); older lightly releases added separate same-view and cross-view
     log-sum-exps, which :func:`fastcl.losses.dcl` offers as ``negatives="split"``.
-    ``weight_fn(out0n, out1n) -> [N]`` is called on the normalised views; its output is
-    detached, as in lightly.
+    ``weight_fn(out0n, out1n) -> [N]`` is called on the normalised views and multiplies the
+    positive term as is, gradient included, as in lightly (whose DCLW weight function detaches
+    its own inputs; so does :class:`DCLWLoss`).
     """
 
     def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False,
@@ -179,7 +193,7 @@ class DCLLoss(nn.Module):
 
     def forward(self, out0, out1):
         return losses.dcl(out0, out1, temperature=self.temperature, weight=self.weight_fn,
-                          backend=self.backend)
+                          detach_weight=False, backend=self.backend)
 
     def extra_repr(self):
         return f"temperature={self.temperature}, weight_fn={self.weight_fn!r}, backend={self.backend!r}"
@@ -250,16 +264,18 @@ class GroupWhitening(nn.Module):
                  track_running_stats: bool = True, backend: str = "auto"):
         super().__init__()
         whitening.check_options(num_features, num_groups, eps, ddof, method, iters)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r} (a cumulative "
                              f"average, BatchNorm's momentum=None, is not supported)")
         _validation.check_bool(detach_stats, "detach_stats")
         _validation.check_bool(track_running_stats, "track_running_stats")
+        num_features, num_groups = int(num_features), int(num_groups)
         g = num_features // num_groups
+        whitening.check_backend(method, backend, g)
         self.num_features, self.num_groups = num_features, num_groups
         self.kw = dict(eps=eps, method=method, iters=iters, ddof=ddof, detach_stats=detach_stats,
                        backend=backend)
-        self.momentum, self.track_running_stats = momentum, track_running_stats
+        self.momentum, self.track_running_stats = float(momentum), track_running_stats
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_whitening", torch.eye(g).repeat(num_groups, 1, 1))
 
@@ -268,6 +284,15 @@ class GroupWhitening(nn.Module):
             raise TypeError(f"x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
         if x.dim() != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"expected [N, {self.num_features}], got {tuple(x.shape)}")
+        g = self.num_features // self.num_groups
+        if self.training and self.track_running_stats and x.shape[0] <= g:
+            # BatchNorm refuses N = 1 in training. Here N - 1 < g centred samples leave the
+            # covariance singular: W has entries ~ eps^-1/2, and blending it into the running
+            # matrix spoils eval mode (its output variance 1e4 after one 1-sample batch).
+            raise ValueError(f"GroupWhitening in training mode needs more samples than channels "
+                             f"per group to update its running whitening matrix: N = {x.shape[0]} <= "
+                             f"g = {g}. Use larger batches (or drop_last=True), fewer channels per "
+                             f"group, or track_running_stats=False (batch statistics in eval too)")
         if self.training or not self.track_running_stats:
             y, W = whitening.group_whiten(x, self.num_groups, return_matrix=True, **self.kw)
             if self.training and self.track_running_stats:
@@ -281,8 +306,10 @@ class GroupWhitening(nn.Module):
         # lose the digits that remain after centring.
         N, G, cd = x.shape[0], self.num_groups, compute_dtype(x.dtype)
         with no_autocast(x.device):
-            xc = (x.to(cd) - self.running_mean.to(cd)).reshape(N, G, -1).transpose(0, 1)
-            return (xc @ self.running_whitening.to(cd)).transpose(0, 1).reshape(N, -1).to(x.dtype)
+            xc = (x.to(cd) - self.running_mean.to(cd)).reshape(N, G, g).transpose(0, 1)
+            return (xc @ self.running_whitening.to(cd)).transpose(0, 1).reshape(N, G * g).to(x.dtype)
 
     def extra_repr(self):
-        return f"{self.num_features}, num_groups={self.num_groups}, method={self.kw['method']!r}"
+        kw = ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+        return (f"{self.num_features}, num_groups={self.num_groups}, {kw}, momentum={self.momentum}, "
+                f"track_running_stats={self.track_running_stats}")

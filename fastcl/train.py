@@ -132,11 +132,11 @@ class WhitenedCSE(Recipe):
     def __init__(self, encoder: nn.Module, num_groups: int, k: int = 3, temperature: float = 0.05,
                  method: str = "zca", detach_stats: bool = True, eps: float = 1e-5):
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        if not _validation.is_int(k) or k < 2:
             raise ValueError(f"k must be an integer >= 2 (each sample's other views are its "
                              f"positives), got {k!r}")
         self.encoders = nn.ModuleDict({"encoder": encoder})
-        self.num_groups, self.k = num_groups, k
+        self.num_groups, self.k = num_groups, int(k)
         self.tau = _validation.positive_number(temperature, "temperature")
         self.whiten_kw = dict(method=method, detach_stats=detach_stats, eps=eps)
 
@@ -223,7 +223,7 @@ class TrainConfig:
     def check(self):
         def count(name, low):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            if not _validation.is_int(v) or v < low:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
         count("steps", 0)
         count("log_every", 1)

@@ -139,8 +139,7 @@ class _GroupWhiten(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public API
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_is_int = _validation.is_int
 
 
 def check_options(D, num_groups, eps, ddof, method, iters):
@@ -249,6 +248,16 @@ def _cuda_limits(method, g, device):
             reason = (f"group size {g} needs {need} bytes of shared memory per block, this GPU "
                       f"has {have}")
     return reason
+
+
+def check_backend(method, backend, g):
+    """The backend's checks that need no data (the GroupWhitening constructor runs them; where
+    the backend can run is known only from the input's device)."""
+    if backend not in _dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+    reason = _kernel_limits(method, g) if backend in ("triton", "cuda") else None
+    if reason is not None:
+        raise _dispatch.BackendUnavailable(f"backend={backend!r} is not usable: {reason}")
 
 
 def _kernel_limits(method, g):

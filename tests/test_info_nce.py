@@ -270,6 +270,25 @@ def test_clip_module_learns_scale():
         fastcl.nn.ClipLoss(max_scale=0)
 
 
+def test_clip_module_scale_clamp_leaves_autograd_and_errors_alone():
+    """The clamp bumped the parameter's version: a graph that saved it earlier in the step (a
+    regulariser) could not run its backward. A call that failed its checks clamped it anyway."""
+    m = fastcl.nn.ClipLoss(init_temperature=0.07, backend="torch")
+    img, txt = torch.randn(6, 4), torch.randn(6, 4)
+    reg = 1e-3 * m.logit_scale ** 2
+    (m(img, txt) + reg).backward()  # RuntimeError: ... modified by an inplace operation
+    assert m.logit_scale.grad is not None
+    with torch.no_grad():
+        m.logit_scale.fill_(7.0)
+    with pytest.raises(ValueError, match="same feature dimension"):
+        m(img, torch.randn(6, 5))
+    assert float(m.logit_scale) == 7.0  # untouched by the refused call
+    with pytest.raises(TypeError, match="image_features must be a torch.Tensor"):
+        m([[1.0, 2.0]] * 4, txt)  # AttributeError: 'list' object has no attribute 'device'
+    m(img, txt)
+    assert float(m.logit_scale) == pytest.approx(math.log(100.0))  # clamped by the next call
+
+
 def test_clip_module_open_clip_signature():
     """open_clip's call: normalised features and the multiplier exp(logit_scale)."""
     img = torch.nn.functional.normalize(torch.randn(12, 8, dtype=torch.float64), dim=-1)

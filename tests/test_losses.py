@@ -162,6 +162,37 @@ def test_dcl_callable_and_tensor_weights():
         expected.mean().item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dcl_module_weight_fn_gets_a_gradient(backend):
+    """lightly's DCLLoss multiplies the positive term by weight_fn(out0, out1) as is; the
+    module detached it (loss equal, gradient up to 0.7 off with lightly's docstring example)."""
+    if fastcl.available_backends(DEVICE, torch.float32)[backend] is not None:
+        pytest.skip(fastcl.available_backends(DEVICE, torch.float32)[backend])
+    z1, z2 = _views(6, 4, torch.float64)
+
+    def wfn(a, b):
+        return ((a - b) ** 2).sum(1)
+
+    def grads(loss_fn, dtype):
+        a = z1.detach().to(DEVICE, dtype).clone().requires_grad_()
+        b = z2.detach().to(DEVICE, dtype).clone().requires_grad_()
+        loss_fn(a, b).backward()
+        return a.grad.double().cpu(), b.grad.double().cpu()
+
+    def naive(a, b):
+        n1, n2 = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        return R.dcl_reference(a, b, weight=torch.cat([wfn(n1, n2), wfn(n2, n1)]))
+
+    got = grads(fastcl.nn.DCLLoss(weight_fn=wfn, backend=backend), torch.float32)
+    want = grads(naive, torch.float64)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5), float((g - w).abs().max())
+    # DCLW's own weights stay detached, as lightly's negative_mises_fisher_weights detaches
+    w = grads(lambda a, b: R.dcl_reference(a, b, weight=FCL.dcl_weights(a, b).detach()), torch.float64)
+    g = grads(fastcl.nn.DCLWLoss(backend=backend), torch.float32)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(g, w))
+
+
 def test_modules_forward_their_arguments():
     """Each module passes its constructor's arguments on (not just the defaults)."""
     g = torch.Generator().manual_seed(13)
@@ -514,3 +545,5 @@ def test_module_reprs_show_their_settings():
     assert "scale=10" in repr(fastcl.nn.MultipleNegativesRankingLoss(scale=10))
     assert "reduction='sum'" in repr(fastcl.nn.InfoNCELoss(reduction="sum"))
     assert "max_scale=50" in repr(fastcl.nn.ClipLoss(max_scale=50))
+    r = repr(fastcl.nn.GroupWhitening(8, 2, eps=1e-3, momentum=0.2, ddof=1, track_running_stats=False))
+    assert all(s in r for s in ("eps=0.001", "momentum=0.2", "ddof=1", "track_running_stats=False")), r

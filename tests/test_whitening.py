@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -414,3 +415,34 @@ def test_autocast_does_not_lower_the_statistics(method):
         out.append((y.detach(), xx.grad, y_eval))
     for name, a, b in zip(["y", "dx", "eval y"], *out):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_module_refuses_batches_too_small_for_its_running_matrix():
+    """N <= g centred samples give a singular covariance; its W (entries ~ eps^-1/2) blended
+    into the running matrix made eval's output variance ~1e4 after one 1-sample batch."""
+    m = fastcl.nn.GroupWhitening(8, 2)
+    x = _x(64, 8, seed=3, offset=1.0, dtype=torch.float32)
+    m(x)
+    before = (m.running_mean.clone(), m.running_whitening.clone())
+    for n in (1, 4):
+        with pytest.raises(ValueError, match="more samples than channels per group"):
+            m(x[:n])
+    assert torch.equal(m.running_mean, before[0]) and torch.equal(m.running_whitening, before[1])
+    assert m(x[:5]).shape == (5, 8)  # N = g + 1 is full rank
+    free = fastcl.nn.GroupWhitening(8, 2, track_running_stats=False)
+    assert free(x[:2]).shape == (2, 8)  # no running matrix to spoil: batch statistics, eps
+
+
+def test_module_eval_on_an_empty_batch_and_numpy_sizes():
+    m = fastcl.nn.GroupWhitening(np.int64(8), np.int64(2), momentum=np.float32(0.5)).eval()
+    assert m.num_features == 8 and type(m.num_features) is int  # BatchNorm1d takes np.int64 too
+    out = m(torch.empty(0, 8))  # a reshape error before; BatchNorm returns [0, D] in eval
+    assert out.shape == (0, 8)
+
+
+def test_module_checks_its_backend_when_built():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastcl.nn.GroupWhitening(8, 2, backend="gpu")
+    with pytest.raises(fastcl.BackendUnavailable, match="newton_schulz"):
+        fastcl.nn.GroupWhitening(8, 2, method="zca", backend="triton")  # failed at the first forward
+    fastcl.nn.GroupWhitening(8, 2, method="newton_schulz", backend="triton")
