@@ -257,10 +257,14 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
           float p, ind;
           if (multi) {
             ind = (C.ccls == R.rcls && i != j) ? R.icnt : 0.f;
-            // No single stored positive to reuse: snap a logit the recompute put within
-            // rounding (2^-20 relative) of the forward's row max back onto it.
+            // No single stored positive to reuse. fp32 recomputes S with the forward's own FMA
+            // sequence: nothing to mend. 16-bit snaps a logit within rounding (2^-20 relative)
+            // of the forward's row max back onto it, in case the forward's tensor-core path
+            // (wgmma on Hopper) rounds differently. The snap also erases real gaps that small
+            // (near-duplicate positives: 20x naive fp32's gradient error in emulation), which
+            // 16-bit inputs' budget absorbs and fp32's does not.
             float dz = z - R.rm;
-            if (dz > -9.5367431640625e-07f * fmaxf(fabsf(R.rm), 1.f)) dz = 0.f;
+            if (sizeof(T) == 2 && dz > -9.5367431640625e-07f * fmaxf(fabsf(R.rm), 1.f)) dz = 0.f;
             p = keep ? exp2f(dz - R.rl) : 0.f;
           } else {
             ind = is_pos ? 1.f : 0.f;

@@ -242,11 +242,15 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
             keep = _keep(valid, R_IDX, C_IDX, is_pos, EXCL_DIAG, EXCL_POS)
             if MULTI_POS:
                 ind = tl.where((CCLS == RCLS) & (R_IDX != C_IDX), ICNT, 0.0)
-                # No single stored positive to reuse: snap a logit that the recompute put
-                # within rounding (2^-20 relative) of the forward's row max back onto it, so that
-                # P - 1/|P(i)| keeps its digits when a positive is the maximum.
+                # No single stored positive to reuse. A recompute that rounds S as the forward
+                # did (SAME_CHUNKS) needs nothing. The one-dot recompute (16-bit on a GPU) snaps
+                # a logit within its rounding (2^-20 relative) of the forward's row max back onto
+                # it, so that P - 1/|P(i)| keeps its digits when a positive is the maximum. That
+                # snap also erases real gaps that small (near-duplicate positives: 7-15x naive
+                # fp32's gradient error), within 16-bit inputs' budget but not fp32's.
                 dz = z - RM
-                dz = tl.where(dz > -9.5367431640625e-07 * tl.maximum(tl.abs(RM), 1.0), 0.0, dz)
+                if not SAME_CHUNKS:
+                    dz = tl.where(dz > -9.5367431640625e-07 * tl.maximum(tl.abs(RM), 1.0), 0.0, dz)
                 p = tl.where(keep, tl.exp2(dz - RL), 0.0)
             else:
                 ind = is_pos.to(tl.float32)

@@ -123,7 +123,16 @@ def test_emulated_negative_raw_scale(binary, tmp_path, dtype, path):
     _compare_with_float64(binary, tmp_path, FLAG_CASES["symmetric"], dtype, path, 70, 33, scale=-1 / 0.07)
 
 
-def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.07):
+@pytest.mark.parametrize("B", [24, 70])
+def test_emulated_supcon_near_duplicate_positives(binary, tmp_path, B):
+    """SupCon with tight classes (features = class centre + 1e-3 noise, k = q) at tau = 0.05:
+    positives within a few fp32 ulps of the row max. The Triton backward's snap onto the row
+    max erased those gaps (7-15x naive's gradient error); this holds the CUDA kernel to it."""
+    _compare_with_float64(binary, tmp_path, FLAG_CASES["supcon"], torch.float32, "wmma", B, 8,
+                          scale=1 / 0.05, tight=True)
+
+
+def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.07, tight=False):
     g = torch.Generator().manual_seed(B * 7 + D)
     N = B + cfg.get("N_extra", 0)
     # Inputs exactly representable in the dtype, so float64 sees what the kernel sees.
@@ -133,6 +142,11 @@ def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.
     v = v.to(dtype).double()
     labels = torch.randint(0, N, (B,), generator=g) if cfg.get("labels") else None
     cls = torch.randint(0, 4, (B,), generator=g) if cfg.get("multi") else None
+    if tight:  # SupCon's own layout (k = q), each row its class centre plus a little noise
+        centers = torch.randn(4, D, generator=g, dtype=torch.float64)
+        u = torch.nn.functional.normalize(centers[cls] + 1e-3 * torch.randn(B, D, generator=g,
+                                                                            dtype=torch.float64), dim=1)
+        u = v = u.to(dtype).double()
     sym = cfg.get("symmetric", False)
     excl_diag, excl_pos = cfg.get("exclude_diag", False), cfg.get("exclude_pos", False)
     scale = torch.tensor(scale, dtype=torch.float64)

@@ -163,6 +163,28 @@ def test_dcl_callable_and_tensor_weights():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.05, 0.02])
+def test_supcon_gradient_with_near_duplicate_positives(backend, temperature):
+    """Tight classes: a row's positives sit within a few fp32 ulps of its maximum logit. The
+    Triton backward snapped every logit within 2^-20 of the row max onto it (meant for a
+    recompute that rounds differently from the forward), which erased those real gaps: 7-15x
+    naive fp32's gradient error. Where the recompute repeats the forward's rounding, no snap."""
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (24,), generator=g)
+    x = (centers[labels] + 1e-3 * torch.randn(24, 8, generator=g, dtype=torch.float64)).float().double()
+
+    def grad(fn, dtype, device):
+        xx = x.to(device, dtype).requires_grad_()
+        fn(xx, labels.to(device), temperature=temperature).backward()
+        return xx.grad.double().cpu()
+
+    ours = grad(lambda *a, **k: FCL.supcon(*a, backend=backend, **k), torch.float32, DEVICE)
+    naive = grad(R.supcon_reference, torch.float32, DEVICE)
+    assert_within_budget("dx", ours, naive, grad(R.supcon_reference, torch.float64, "cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dcl_module_weight_fn_gets_a_gradient(backend):
     """lightly's DCLLoss multiplies the positive term by weight_fn(out0, out1) as is; the
     module detached it (loss equal, gradient up to 0.7 off with lightly's docstring example)."""
