@@ -125,15 +125,21 @@ class _GroupWhiten(torch.autograd.Function):
     def _backward(ctx, gy):
         ddof, method, iters, detach_stats = ctx.cfg
         xc, W = ctx.saved_tensors[:2]
-        gxc = gy @ W.transpose(-1, -2)
-        if not detach_stats:
+        if detach_stats:
+            gxc = gy @ W.transpose(-1, -2)
+        else:
             G_W = xc.transpose(-1, -2) @ gy
             if method == "zca":
                 G_S = zca_grad_cov(G_W, *ctx.saved_tensors[2:])
             else:  # differentiate the [G, g, g] matrix function itself (NS: unrolled)
                 S = ctx.saved_tensors[2].detach().requires_grad_()
                 with torch.enable_grad():
-                    G_S, = torch.autograd.grad(_matrix(S, method, iters), S, G_W)
+                    W = _matrix(S, method, iters)
+                    G_S, = torch.autograd.grad(W, S, G_W)
+                # gy W^T and the G_S term nearly cancel on ill-conditioned groups: both from the
+                # same W. The kernels' W (Triton, CUDA) differs from this one by rounding, which
+                # the cancellation made 10-130x naive's gradient error.
+            gxc = gy @ W.detach().transpose(-1, -2)
             gxc = gxc + xc @ (G_S + G_S.transpose(-1, -2)) / (xc.shape[1] - ddof)
         return gxc - gxc.mean(dim=1, keepdim=True), None, None, None, None, None, None
 
