@@ -129,7 +129,8 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
                              f"got shape {tuple(logit_scale.shape)} dtype {logit_scale.dtype}")
         if logit_scale.device != device:
             raise ValueError(f"logit_scale must be on {device}, got {logit_scale.device}")
-        return logit_scale.reshape(()).exp()
+        # exp in fp32 at least: a bf16 exp of log(100) is 99.0 (1% off the scale)
+        return logit_scale.reshape(()).to(torch.promote_types(logit_scale.dtype, torch.float32)).exp()
     if temperature is None:
         temperature = 0.07
     if isinstance(temperature, torch.Tensor):

@@ -130,7 +130,9 @@ class ClipLoss(nn.Module):
                                  f"{tuple(logit_scale.shape)}")
             # open_clip passes exp(logit_scale) (> 0); a tensor multiplier <= 0 gives NaN here
             # (no host sync to check it).
-            log_scale = logit_scale.reshape(()).log()
+            # log in fp32 at least: a 16-bit round trip through log and exp turned a bf16
+            # multiplier of 100 into 99.0 (1% off the loss)
+            log_scale = logit_scale.reshape(()).to(torch.promote_types(logit_scale.dtype, torch.float32)).log()
         kw = dict(logit_scale=log_scale, symmetric=True, normalize=self.normalize, backend=self.backend)
         if self.world_size > 1:
             from .distributed import info_nce_distributed

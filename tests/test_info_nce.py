@@ -289,6 +289,24 @@ def test_clip_module_scale_clamp_leaves_autograd_and_errors_alone():
     assert float(m.logit_scale) == pytest.approx(math.log(100.0))  # clamped by the next call
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_scale_tensors_are_taken_at_their_value(dtype):
+    """A bf16 model's logit_scale (or open_clip's multiplier logit_scale.exp()) is a 16-bit
+    tensor. Its log and exp ran in 16 bits: a bf16 multiplier of 100 acted as 99.0 (loss 1e-2
+    off, against fp32's 1e-7)."""
+    g = torch.Generator().manual_seed(0)
+    img, txt = (F.normalize(torch.randn(16, 8, generator=g), dim=1).to(DEVICE) for _ in range(2))
+    kw = dict(symmetric=True, normalize=False)
+    mult = torch.tensor(100.0 if dtype == torch.bfloat16 else 1 / 0.07, dtype=dtype)
+    got = fastcl.nn.ClipLoss(backend="torch")(img, txt, mult.to(DEVICE))
+    want = fastcl.info_nce_reference(img.double().cpu(), txt.double().cpu(), logit_scale=mult.double().log(), **kw)
+    assert abs(float(got) / float(want) - 1) < 1e-6
+    log_scale = torch.tensor(math.log(100.0), dtype=dtype)
+    got = FCL.info_nce(img, txt, logit_scale=log_scale.to(DEVICE), backend="torch", **kw)
+    want = fastcl.info_nce_reference(img.double().cpu(), txt.double().cpu(), logit_scale=log_scale.double(), **kw)
+    assert abs(float(got) / float(want) - 1) < 1e-6
+
+
 def test_clip_module_open_clip_signature():
     """open_clip's call: normalised features and the multiplier exp(logit_scale)."""
     img = torch.nn.functional.normalize(torch.randn(12, 8, dtype=torch.float64), dim=-1)
