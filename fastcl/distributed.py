@@ -33,11 +33,12 @@ from .info_nce import _impl, prepare, row_terms
 __all__ = ["info_nce_distributed", "mean_grad_over_ranks"]
 
 
-def _all_sizes(n: int, device, group):
-    t = torch.tensor([n], device=device, dtype=torch.int64)
+def _all_ints(values, device, group):
+    """Every rank's list of ints (the same length on every rank), in one all_gather."""
+    t = torch.tensor(values, device=device, dtype=torch.int64)
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, t, group=group)
-    return [int(x) for x in out]
+    return [x.tolist() for x in out]
 
 
 def _padded(x: Tensor, rows: int) -> Tensor:
@@ -94,6 +95,8 @@ def _ring_exchange(tensors, rank, world, group):
     """Start sending `tensors` to rank+1 and receiving same-shaped ones from rank-1."""
     recv = [torch.empty_like(t) for t in tensors]
     nxt, prv = (rank + 1) % world, (rank - 1) % world
+    if group is not None:  # P2POp's peer is a global rank; rank and world are the group's
+        nxt, prv = dist.get_global_rank(group, nxt), dist.get_global_rank(group, prv)
     ops = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, r, prv, group) for r in recv]
     return dist.batch_isend_irecv(ops), recv
@@ -204,21 +207,33 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
         raise ValueError(f"grad_mode must be 'exact' or 'ddp', got {grad_mode!r}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Validate collectively: a rank that raised alone would leave its peers blocked in the
-    # next collective. Every rank learns whether any rank's inputs are bad, and all raise.
-    local_error = None
+    # next collective. In one all_gather, every rank learns whether any rank's inputs are bad,
+    # and whether the ranks agree on what the collectives exchange: the dtype and D (gloo
+    # aborted the process on a size mismatch; two 16-bit dtypes were silently read as one)
+    # and whether labels are given (their range check is a collective).
+    local_error, meta = None, [1, -1, -1, 0, 0, -1]
     try:
         _validation.check_embeddings(q, k)
         _validation.check_reduction(reduction)
+        _validation.check_bool(symmetric, "symmetric")
+        _validation.check_bool(normalize, "normalize")
         if labels is not None:
             _validation.check_class_ids(labels, q.shape[0], q.device)
+        scale = _validation.scale_tensor(temperature, logit_scale, q.device, q.dtype)
+        meta = [0, _validation.FLOAT_DTYPES.index(q.dtype), q.shape[1], q.shape[0], k.shape[0],
+                int(labels is not None)]
     except (ValueError, TypeError) as e:
         local_error = e
-    bad = _all_sizes(int(local_error is not None), q.device if isinstance(q, Tensor) else "cpu", group)
+    metas = _all_ints(meta, q.device if isinstance(q, Tensor) else "cpu", group)
     if local_error is not None:
         raise local_error
-    if any(bad):
-        raise ValueError(f"invalid inputs on rank(s) {[r for r, b in enumerate(bad) if b]} (see their error)")
-    sizes_q, sizes_k = _all_sizes(q.shape[0], q.device, group), _all_sizes(k.shape[0], k.device, group)
+    if any(m[0] for m in metas):
+        raise ValueError(f"invalid inputs on rank(s) {[r for r, m in enumerate(metas) if m[0]]} (see their error)")
+    for i, what in ((1, "dtype"), (2, "feature dimension D"), (5, "labels (given on all ranks or none)")):
+        if len({m[i] for m in metas}) > 1:
+            got = [_validation.FLOAT_DTYPES[m[i]] if i == 1 else bool(m[i]) if i == 5 else m[i] for m in metas]
+            raise (TypeError if i == 1 else ValueError)(f"every rank must pass the same {what}; per rank: {got}")
+    sizes_q, sizes_k = [m[3] for m in metas], [m[4] for m in metas]
     B, N = sum(sizes_q), sum(sizes_k)
     off_q, off_k = sum(sizes_q[:rank]), sum(sizes_k[:rank])
     if symmetric:
@@ -239,7 +254,6 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
             raise ValueError(f"labels must lie in [0, {N}) (the global rows of k), "
                              f"got values in [{-int(lo_hi[0])}, {int(lo_hi[1])}] across ranks")
         labels = labels.long()
-    scale = _validation.scale_tensor(temperature, logit_scale, q.device, q.dtype)
     if logit_scale is not None and grad_mode == "exact":
         scale = _SumGradOverRanks.apply(scale, group)
     backend = _dispatch.resolve(backend, q.device, q.dtype)

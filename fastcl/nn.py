@@ -109,13 +109,17 @@ class ClipLoss(nn.Module):
             self.max_log_scale = math.log(_validation.positive_number(max_scale, "max_scale"))
 
     def forward(self, image_features, text_features, logit_scale=None, output_dict: bool = False):
-        # Checked first: before the features' device is read, and before the scale is clamped.
-        _validation.check_embeddings(image_features, text_features, "image_features", "text_features")
+        if self.world_size == 1:
+            # Checked first: before the features' device is read, and before the scale is
+            # clamped. Across ranks info_nce_distributed checks them on every rank together:
+            # a rank that raised here alone would leave the others waiting in a collective.
+            _validation.check_embeddings(image_features, text_features, "image_features", "text_features")
+        device = getattr(image_features, "device", torch.device("cpu"))
         if logit_scale is None:
             if self.logit_scale is None:
                 raise ValueError("pass logit_scale (the multiplier, as open_clip does) or build "
                                  "ClipLoss(init_temperature=...) for a learnable one")
-            log_scale = clamp_logit_scale_(self.logit_scale, self.max_log_scale).to(image_features.device)
+            log_scale = clamp_logit_scale_(self.logit_scale, self.max_log_scale).to(device)
             if self.world_size > 1:  # this parameter is in no DDP: average its gradient here
                 from .distributed import mean_grad_over_ranks
                 log_scale = mean_grad_over_ranks(log_scale)
@@ -123,8 +127,8 @@ class ClipLoss(nn.Module):
             if not isinstance(logit_scale, torch.Tensor):
                 # fp64 features get an fp64 multiplier: its log and exp in fp32 would cost ~1e-7.
                 value = _validation.positive_number(logit_scale, "logit_scale")
-                logit_scale = _validation.float_tensor(value, image_features.device,
-                                                       compute_dtype(image_features.dtype))
+                logit_scale = _validation.float_tensor(
+                    value, device, compute_dtype(getattr(image_features, "dtype", torch.float32)))
             if logit_scale.numel() != 1:
                 raise ValueError(f"logit_scale (the multiplier) must have one element, got shape "
                                  f"{tuple(logit_scale.shape)}")

@@ -408,15 +408,18 @@ class Trainer:
 
     def save(self, path: str):
         """Write a checkpoint. Under torch.distributed every rank must call it (each rank's RNG
-        states are gathered); rank 0 writes the file."""
-        rng = [_rng_state(self.device)]
+        states and log are gathered: alignment and uniformity are of its own embeddings); rank 0
+        writes the file."""
+        mine = (_rng_state(self.device), self.history)
+        per_rank = [mine]
         if _distributed():
-            rng = [None] * dist.get_world_size()
-            dist.all_gather_object(rng, _rng_state(self.device))
+            per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, mine)
             if dist.get_rank() != 0:
                 return
         state = {"step": self.step, "recipe": self.recipe.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "history": self.history, "rng_per_rank": rng,
+                 "scaler": self.scaler.state_dict(), "history": self.history,
+                 "rng_per_rank": [r for r, _ in per_rank], "history_per_rank": [h for _, h in per_rank],
                  "config": dataclasses.asdict(self.config)}
         tmp = path + ".tmp"
         torch.save(state, tmp)
@@ -432,6 +435,8 @@ class Trainer:
         rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
         if len(rng) == world:
             _set_rng_state(rng[rank], self.device)
+            if "history_per_rank" in state:  # each rank's own metrics (rank 0's on every rank before)
+                self.history = state["history_per_rank"][rank]
         else:  # one rank's stream on every rank would make their augmentations alike
             warnings.warn(f"checkpoint written by {len(rng)} processes, resumed on {world}: the RNG "
                           f"states are not restored, so the run does not continue exactly", stacklevel=2)

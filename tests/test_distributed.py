@@ -216,5 +216,69 @@ def test_distributed_bad_input(tmp_path):
         assert errors[8] is True and errors[9] is True
 
 
+def _agreement_worker(rank, world, init_file, out_prefix):
+    """Ranks that disagree on what the collectives exchange, or whose non-data arguments are
+    bad: every rank raises, none hangs or aborts. Then the ring inside a subgroup."""
+    import datetime
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    out = []
+    one = rank == 1
+    f16 = torch.float16
+    cases = [
+        # fp64 on one rank: gloo aborted the process (C++ terminate) on the size mismatch
+        lambda: info_nce_distributed(torch.randn(4, 3, dtype=torch.float64 if one else torch.float32),
+                                     torch.randn(4, 3, dtype=torch.float64 if one else torch.float32)),
+        # fp16 and bf16 have the same size: the loss was silently wrong (bf16 read as fp16)
+        lambda: info_nce_distributed(torch.randn(4, 3, dtype=torch.bfloat16 if one else f16),
+                                     torch.randn(4, 3, dtype=torch.bfloat16 if one else f16), backend="torch"),
+        lambda: info_nce_distributed(torch.randn(4, 4 if one else 3), torch.randn(4, 4 if one else 3)),
+        # labels on one rank only: its range check (a collective) ran on that rank alone
+        lambda: info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3), labels=None if one else torch.arange(4)),
+        # a bad scale on one rank was checked after the shared check: the others hung
+        lambda: info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3),
+                                     logit_scale=torch.ones(2 if one else 1)),
+        lambda: info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3), symmetric="no"),  # was the CLIP loss
+        # ClipLoss checked its features locally, before the collective check: the others hung
+        lambda: fastcl.nn.ClipLoss(rank=rank, world_size=world)(torch.randn(0 if one else 4, 3),
+                                                                torch.randn(0 if one else 4, 3), 10.0),
+    ]
+    for case in cases:
+        try:
+            case()
+            out.append("no error")
+        except (ValueError, TypeError) as e:
+            out.append(f"{type(e).__name__}: {e}")
+    # The ring inside a subgroup whose ranks are not the global ones: P2POp took the group's
+    # ranks as global ranks ("Global rank 0 is not part of group").
+    sub = dist.new_group([1, 2])
+    if rank in (1, 2):
+        g = torch.Generator().manual_seed(5)
+        Q, K = (torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(2))
+        rows = slice(3 * (rank - 1), 3 * rank)
+        for gather in ("ring", "all_gather"):
+            loss = info_nce_distributed(Q[rows], K[rows], temperature=0.3, symmetric=True, gather=gather,
+                                        group=sub, backend="torch")
+            ref = fastcl.info_nce_reference(Q, K, temperature=0.3, symmetric=True)
+            out.append(bool(torch.allclose(loss, ref)))
+    torch.save(out, f"{out_prefix}{rank}.pt")
+    dist.barrier()
+    os._exit(0)  # as in _errors_worker: no process-group teardown
+
+
+def test_distributed_ranks_must_agree(tmp_path):
+    mp.spawn(_agreement_worker, args=(3, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=3, join=True)
+    for rank in range(3):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert "TypeError" in out[0] and "same dtype" in out[0], out[0]
+        assert "TypeError" in out[1] and "bfloat16" in out[1], out[1]
+        assert "same feature dimension D" in out[2], out[2]
+        assert "labels" in out[3], out[3]
+        assert ("one element" if rank == 1 else "rank(s) [1]") in out[4], out[4]
+        assert "symmetric must be True or False" in out[5], out[5]
+        assert ("empty batch" if rank == 1 else "rank(s) [1]") in out[6], out[6]
+        assert out[7:] == ([True, True] if rank else []), out[7:]
+
+
 if os.name != "posix":  # pragma: no cover - gloo over file:// init is tested on Linux
     pytestmark = pytest.mark.skip("distributed tests run on POSIX")

@@ -400,7 +400,9 @@ def _ddp_resume_worker(rank, world, init_file, out, ckpt):
         recipe = T.SimCLR(_mlp(), _noise, loss="info_nce")
         torch.manual_seed(100 + rank)  # each rank its own augmentation stream
         trainer = T.Trainer(recipe, local, _cfg(steps=steps, **kw), torch.optim.SGD(recipe.parameters(), lr=0.1))
-        losses[phase] = [h["loss"] for h in trainer.train()]
+        # alignment and uniformity are of this rank's embeddings: resumed, the steps before the
+        # checkpoint showed rank 0's on every rank
+        losses[phase] = [v for h in trainer.train() for v in (h["loss"], h["alignment"], h["uniformity"])]
         dist.barrier()  # the checkpoint is written before anyone reads it
     torch.save(losses, f"{out}{rank}.pt")
     dist.barrier()
@@ -408,7 +410,7 @@ def _ddp_resume_worker(rank, world, init_file, out, ckpt):
 
 
 def test_ddp_resume_restores_each_ranks_rng(tmp_path):
-    """Each rank resumes its own RNG stream, not rank 0's."""
+    """Each rank resumes its own RNG stream and log, not rank 0's."""
     mp.spawn(_ddp_resume_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), str(tmp_path / "c.pt")),
              nprocs=2, join=True)
     for r in range(2):
