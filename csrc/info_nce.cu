@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -31,7 +32,9 @@ template <typename F> void set_smem(F* kernel, size_t bytes) {
               " bytes of shared memory per block, ", prop->name, " has ", prop->sharedMemPerBlockOptin,
               "; use backend='triton' or 'torch'");
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-  if (err == cudaErrorInvalidDeviceFunction) {
+  // A build without code for this GPU: usually "no kernel image" (209), on some drivers
+  // "invalid device function".
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
     (void)cudaGetLastError();  // clear it: the caller gets a clear message instead
     FASTCL_CHECK(false, "fastcl_cuda: this build has no kernels for this GPU (built for sm ", compiled_archs(),
                 "); rebuild with TORCH_CUDA_ARCH_LIST naming its compute capability");
@@ -116,8 +119,14 @@ bool wgmma_available() {
 }
 
 bool wgmma_enabled() {
+  // Off with 0, false, off or no (any case), as FASTCL_BUILD_CUDA reads them.
   const char* env = std::getenv("FASTCL_CUDA_WGMMA");
-  return !(env && std::string(env) == "0") && wgmma_available();
+  if (env) {
+    std::string v(env);
+    for (auto& c : v) c = (char)std::tolower((unsigned char)c);
+    if (v == "0" || v == "false" || v == "off" || v == "no") return false;
+  }
+  return wgmma_available();
 }
 
 const char* compiled_archs() {
