@@ -26,7 +26,8 @@ _NO_CUDA = "torch sees no CUDA device here (torch.cuda.is_available() is False)"
 def why_not(backend: str, device: torch.device, dtype: torch.dtype):
     """None if `backend` can run on tensors of this device/dtype, else the reason it cannot."""
     if backend in ("torch", "reference"):
-        return None
+        # any device torch runs on; a CUDA device only where there is one
+        return _NO_CUDA if device.type == "cuda" and not torch.cuda.is_available() else None
     if backend == "cuda":
         from . import cuda_backend
         err = cuda_backend.unavailable()

@@ -59,9 +59,9 @@ def check_reduction(reduction):
 def check_class_ids(labels, batch: int, device, name="labels"):
     """Integer ids, one per row (any values: class ids of multi-positive losses)."""
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of int64, got {type(labels).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of int64 (or int32), got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an integer tensor (int64), got {labels.dtype}")
+        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {labels.dtype}")
     if labels.shape != (batch,):
         raise ValueError(f"{name} must have shape [{batch}] (one per row), got {tuple(labels.shape)}")
     if labels.device != device:

@@ -21,18 +21,19 @@ class InfoNCELoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.07, symmetric: bool = False, normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto"):
+                 reduction: str = "mean", backend: str = "auto", label_smoothing: float = 0.0):
         super().__init__()
         self.temperature, self.symmetric, self.normalize = temperature, symmetric, normalize
-        self.reduction, self.backend = reduction, backend
+        self.reduction, self.backend, self.label_smoothing = reduction, backend, label_smoothing
 
     def forward(self, q, k, labels=None):
         return info_nce(q, k, temperature=self.temperature, labels=labels, symmetric=self.symmetric,
-                        normalize=self.normalize, reduction=self.reduction, backend=self.backend)
+                        normalize=self.normalize, reduction=self.reduction,
+                        label_smoothing=self.label_smoothing, backend=self.backend)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, backend={self.backend!r}")
 
 
 def learnable_logit_scale(init_temperature, max_scale):

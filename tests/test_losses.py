@@ -223,6 +223,8 @@ def test_modules_forward_their_arguments():
     assert torch.allclose(got, R.info_nce_reference(q, k, temperature=0.2, symmetric=True, reduction="none"))
     got = fastcl.nn.InfoNCELoss(temperature=0.2, normalize=False, reduction="sum", backend="torch")(q, k)
     assert torch.allclose(got, R.info_nce_reference(q, k, temperature=0.2, normalize=False, reduction="sum"))
+    got = fastcl.nn.InfoNCELoss(temperature=0.2, label_smoothing=0.3, backend="torch")(q, k)
+    assert torch.allclose(got, R.info_nce_reference(q, k, temperature=0.2, label_smoothing=0.3))
     x, labels = _supcon_inputs(12, 5, torch.float64)
     assert torch.allclose(fastcl.nn.SupConLoss(temperature=0.3, backend="torch")(x, labels),
                           R.supcon_reference(x, labels, temperature=0.3))
