@@ -1,6 +1,6 @@
 """Input checks shared by every fastcl op: clear errors instead of silent wrong numbers."""
-import math
 import numbers
+import sys
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -102,8 +102,10 @@ def positive_number(value, name: str) -> float:
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
     value = float(value)
     # Comparisons, not math.isfinite: under torch.compile a float that changed between calls
-    # becomes symbolic, and math.isfinite cannot trace it (NaN fails both comparisons).
-    if not (value > 0 and value < math.inf):
+    # becomes symbolic, and math.isfinite cannot trace it (NaN fails both comparisons). The
+    # largest finite float, not inf: "value < inf" installed no guard, so a compiled graph then
+    # took an infinite temperature (the loss came out log N).
+    if not (value > 0 and value <= sys.float_info.max):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value
 

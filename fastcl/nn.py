@@ -54,8 +54,14 @@ def clamp_logit_scale_(logit_scale: nn.Parameter, max_log_scale: float) -> nn.Pa
     Through ``.data``, so that the parameter's version counter is left alone: a graph that saved
     the parameter earlier in the step (a regulariser on it, a second loss) still runs its
     backward, where ``clamp_`` on the parameter made autograd refuse it. The value changes only
-    above the cap, as open_clip's loop would have changed it right after the optimiser step."""
-    logit_scale.data.clamp_(max=max_log_scale)
+    above the cap, as open_clip's loop would have changed it right after the optimiser step.
+    While torch.compile or torch.export traces it, a plain in-place clamp (export refuses the
+    ``.data`` tensor; the traced graph handles the mutation itself)."""
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            logit_scale.clamp_(max=max_log_scale)
+    else:
+        logit_scale.data.clamp_(max=max_log_scale)
     return logit_scale
 
 

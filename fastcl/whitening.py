@@ -12,8 +12,8 @@ K_ij = -1/(s_i s_j (s_i + s_j)), s = sqrt(lambda). It stays finite for repeated 
 unlike autograd through eigh. Cholesky and Newton-Schulz differentiate their small [G, g, g]
 matrix function with autograd (torch's analytic Cholesky backward; NS unrolled).
 """
-import math
 import numbers
+import sys
 from typing import Optional
 
 import torch
@@ -158,7 +158,8 @@ def check_options(D, num_groups, eps, ddof, method, iters):
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a number >= 0, got {eps!r}")
-    if eps < 0 or not math.isfinite(eps):
+    # comparisons that torch.compile can guard on a symbolic eps (math.isfinite cannot trace it)
+    if not (eps >= 0 and eps <= sys.float_info.max):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if iters is not None and (method != "newton_schulz" or not _is_int(iters) or iters < 1):
         raise ValueError("iters is the number of Newton-Schulz iterations (>= 1, method='newton_schulz')")
@@ -230,13 +231,26 @@ def _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend
     N, D = x.shape
     g = D // num_groups
     xp = x[:, perm] if perm is not None else x
+    xg = xp.to(_cdt(x.dtype)).reshape(N, num_groups, g).transpose(0, 1)
     if backend == "reference":
+        if eps == 0:  # refused as the other backends refuse it (the reference gave NaN)
+            _check_not_singular(group_stats(xg.detach(), eps, ddof)[1], eps)
         y, W = whiten_reference(xp, num_groups, eps=eps, method=method, iters=iters, ddof=ddof,
                                 detach_stats=detach_stats, return_matrix=True)
         W = W.detach()
     else:
-        xg = xp.to(_cdt(x.dtype)).reshape(N, num_groups, g).transpose(0, 1)
-        yg, W = _GroupWhiten.apply(xg, eps, ddof, method, iters, detach_stats, backend)
+        if (method != "zca" and not detach_stats and _validation._compiling() and torch.is_grad_enabled()
+                and xg.requires_grad):
+            # Dynamo traces the Function's backward when it compiles the forward, and cannot
+            # trace its torch.autograd.grad (a graph break, an error with fullgraph=True). The
+            # same math by plain autograd, W from the torch iteration: the kernels' W serves
+            # eager calls, and the gradient came from this iteration anyway.
+            xc, S = group_stats(xg, eps, ddof)
+            _check_not_singular(S.detach(), eps)
+            W = _matrix(S, method, iters)
+            yg, W = xc @ W, W.detach()
+        else:
+            yg, W = _GroupWhiten.apply(xg, eps, ddof, method, iters, detach_stats, backend)
         y = yg.transpose(0, 1).reshape(N, D).to(x.dtype)
     if perm is not None:
         y = y[:, torch.argsort(perm.to(y.device))]

@@ -621,6 +621,36 @@ def test_autocast_does_not_reach_inside_the_op():
     assert float(out[1][2].sum(0).norm()) < 1e-4  # sum_i (P_i - onehot_i) q_i-weights: rows sum to 1
 
 
+def test_compiled_checks_hold_once_the_floats_are_symbolic():
+    """After two values a float argument is symbolic in the graph. "t < inf" installed no
+    guard, so an infinite temperature ran the cached graph (the loss came out log N); a bad
+    label_smoothing's message formatted the symbolic value, which Dynamo cannot trace."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    q, k = torch.randn(6, 4), torch.randn(6, 4)
+    f = torch.compile(lambda q, k, t: FCL.info_nce(q, k, temperature=t, backend="torch"), backend="aot_eager")
+    f(q, k, 0.1), f(q, k, 0.2)
+    with pytest.raises(ValueError, match="positive finite"):
+        f(q, k, math.inf)
+    h = torch.compile(lambda q, k, e: FCL.info_nce(q, k, label_smoothing=e, backend="torch"), backend="aot_eager")
+    h(q, k, 0.1), h(q, k, 0.2)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+        h(q, k, 1.0)
+    torch._dynamo.reset()
+
+
+def test_clip_module_exports_with_its_own_scale():
+    """torch.export (non-strict) refused the .data clamp; while tracing, the clamp is a plain
+    in-place one, and the exported program clamps as eager does."""
+    q, k = torch.randn(6, 4), torch.randn(6, 4)
+    m = fastcl.nn.ClipLoss(init_temperature=0.07, backend="torch")
+    with torch.no_grad():
+        m.logit_scale.fill_(6.0)  # above the cap
+    ep = torch.export.export(m, (q, k), strict=False)
+    want = fastcl.nn.ClipLoss(init_temperature=0.01, backend="torch")(q, k)  # the cap, 1/100
+    assert torch.allclose(ep.module()(q, k), want)
+
+
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 def test_compile_is_dynamic_in_key_count_and_temperature(compiler):
     """Labels must not pin N into the graph (one compile per key count until the recompile limit),

@@ -467,3 +467,43 @@ def test_module_checks_its_backend_when_built():
     with pytest.raises(fastcl.BackendUnavailable, match="newton_schulz"):
         fastcl.nn.GroupWhitening(8, 2, method="zca", backend="triton")  # failed at the first forward
     fastcl.nn.GroupWhitening(8, 2, method="newton_schulz", backend="triton")
+
+
+@pytest.mark.parametrize("method", ["cholesky", "newton_schulz"])
+def test_compiles_fullgraph_with_gradients(method):
+    """Dynamo traced the Function's backward, whose torch.autograd.grad it cannot trace: with an
+    input that needs a gradient, cholesky and Newton-Schulz did not compile with fullgraph."""
+    torch._dynamo.reset()
+    x = _x(24, 8, seed=4)
+    gy = torch.randn(24, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = []
+    for compiled in (True, False):
+        xx = x.clone().requires_grad_()
+        f = lambda v: FCL.group_whiten(v, 2, method=method, backend="torch")  # noqa: E731
+        f = torch.compile(f, backend="aot_eager", fullgraph=True) if compiled else f
+        (f(xx) * gy).sum().backward()
+        grads.append(xx.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    m = torch.compile(fastcl.nn.GroupWhitening(8, 2, method=method, backend="torch"), backend="aot_eager",
+                      fullgraph=True)
+    assert m(x.clone().requires_grad_()).shape == x.shape
+    torch._dynamo.reset()
+
+
+def test_compiles_with_dynamic_shapes_and_a_changing_eps():
+    """math.isfinite(eps) could not be traced once eps (or the shapes) became symbolic."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, e: FCL.group_whiten(x, 2, eps=e, backend="torch"), backend="aot_eager",
+                      fullgraph=True, dynamic=True)
+    for n, e in ((12, 1e-5), (17, 2e-5), (30, 3e-5)):
+        x = _x(n, 8, seed=n)
+        torch.testing.assert_close(f(x, e), FCL.group_whiten(x, 2, eps=e, backend="torch"))
+    torch._dynamo.reset()
+
+
+def test_reference_backend_refuses_a_singular_group_with_eps_0():
+    """As the other backends do; the reference returned NaN."""
+    x = _x(64, 8, seed=2)
+    x[:, 1] = x[:, 0]  # N > g, but two equal channels: singular
+    with pytest.raises(ValueError, match="singular"):
+        FCL.group_whiten(x, 1, eps=0.0, backend="reference")
