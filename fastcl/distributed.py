@@ -228,11 +228,14 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
     if local_error is not None:
         raise local_error
     if any(m[0] for m in metas):
-        raise ValueError(f"invalid inputs on rank(s) {[r for r, m in enumerate(metas) if m[0]]} (see their error)")
+        bad = [r for r, m in enumerate(metas) if m[0]]
+        raise ValueError(f"invalid inputs on rank(s) {bad} (see their error)")
     for i, what in ((1, "dtype"), (2, "feature dimension D"), (5, "labels (given on all ranks or none)")):
         if len({m[i] for m in metas}) > 1:
-            got = [_validation.FLOAT_DTYPES[m[i]] if i == 1 else bool(m[i]) if i == 5 else m[i] for m in metas]
-            raise (TypeError if i == 1 else ValueError)(f"every rank must pass the same {what}; per rank: {got}")
+            got = [_validation.FLOAT_DTYPES[m[i]] if i == 1 else bool(m[i]) if i == 5 else m[i]
+                   for m in metas]
+            raise (TypeError if i == 1 else ValueError)(
+                f"every rank must pass the same {what}; per rank: {got}")
     sizes_q, sizes_k = [m[3] for m in metas], [m[4] for m in metas]
     B, N = sum(sizes_q), sum(sizes_k)
     off_q, off_k = sum(sizes_q[:rank]), sum(sizes_k[:rank])

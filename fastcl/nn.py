@@ -33,7 +33,8 @@ class InfoNCELoss(nn.Module):
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}, "
-                f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+                f"backend={self.backend!r}")
 
 
 def learnable_logit_scale(init_temperature, max_scale):
@@ -143,7 +144,8 @@ class ClipLoss(nn.Module):
             # (no host sync to check it).
             # log in fp32 at least: a 16-bit round trip through log and exp turned a bf16
             # multiplier of 100 into 99.0 (1% off the loss)
-            log_scale = logit_scale.reshape(()).to(torch.promote_types(logit_scale.dtype, torch.float32)).log()
+            wide = torch.promote_types(logit_scale.dtype, torch.float32)
+            log_scale = logit_scale.reshape(()).to(wide).log()
         kw = dict(logit_scale=log_scale, symmetric=True, normalize=self.normalize, backend=self.backend)
         if self.world_size > 1:
             from .distributed import info_nce_distributed

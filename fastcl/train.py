@@ -186,7 +186,8 @@ def alignment(a: Tensor, b: Tensor) -> float:
     _check_2d("a", a)
     _check_2d("b", b)
     if a.shape != b.shape:
-        raise ValueError(f"a and b must hold the same pairs (same shape), got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"a and b must hold the same pairs (same shape), got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
     return float((F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1)).square().sum(1).mean())
 
 
@@ -417,8 +418,9 @@ class Trainer:
             dist.all_gather_object(per_rank, mine)
             if dist.get_rank() != 0:
                 return
-        state = {"step": self.step, "recipe": self.recipe.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "history": self.history,
+        state = {"step": self.step, "recipe": self.recipe.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "history": self.history,
                  "rng_per_rank": [r for r, _ in per_rank], "history_per_rank": [h for _, h in per_rank],
                  "config": dataclasses.asdict(self.config)}
         tmp = path + ".tmp"
