@@ -92,8 +92,11 @@ def test_logit_scale_100_with_one_backward_slab(backend, symmetric, B, D):
     the forward did, or the rows' probabilities miss summing to 1 and the scale multiplies
     that. One dot over the slab against the forward's chunk: 6x naive fp32's gradient error,
     as was the interpreter's dV recompute as V U^T under OpenBLAS's Haswell/Zen kernels (AMD
-    CPUs). Naive's error here (3e-7) is below fp32's floor, so the budget is 4x naive's alone."""
-    _check(backend, B, B, D, torch.float32, 0.01, symmetric=symmetric, seed=7, corr=0.3, floor=0.0)
+    CPUs). Naive's error here (3e-7) is below fp32's floor, so on the CPU the budget is 4x
+    naive's alone. On a GPU the usual floor stays: Triton's fp32 is 3xTF32 there, whose
+    rounding differs from naive's IEEE fp32 and has not been measured on a GPU yet."""
+    _check(backend, B, B, D, torch.float32, 0.01, symmetric=symmetric, seed=7, corr=0.3,
+           floor=None if HAS_CUDA else 0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
