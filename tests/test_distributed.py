@@ -251,24 +251,28 @@ def _agreement_worker(rank, world, init_file, out_prefix):
             out.append(f"{type(e).__name__}: {e}")
     # The ring inside a subgroup whose ranks are not the global ones: P2POp took the group's
     # ranks as global ranks ("Global rank 0 is not part of group").
-    sub = dist.new_group([1, 2])
-    if rank in (1, 2):
+    # Three members, so that the ring's next and previous ranks differ, and global labels, so
+    # that the loss depends on which block comes from which rank.
+    sub = dist.new_group([1, 2, 3])
+    if rank in (1, 2, 3):
         g = torch.Generator().manual_seed(5)
-        Q, K = (torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(2))
+        Q, K = (torch.randn(9, 3, generator=g, dtype=torch.float64) for _ in range(2))
+        labels = torch.randint(0, 9, (9,), generator=g)
         rows = slice(3 * (rank - 1), 3 * rank)
         for gather in ("ring", "all_gather"):
-            loss = info_nce_distributed(Q[rows], K[rows], temperature=0.3, symmetric=True, gather=gather,
-                                        group=sub, backend="torch")
-            ref = fastcl.info_nce_reference(Q, K, temperature=0.3, symmetric=True)
-            out.append(bool(torch.allclose(loss, ref)))
+            for kw in (dict(symmetric=True), dict(labels=labels)):
+                loc = dict(kw, labels=labels[rows]) if "labels" in kw else kw
+                loss = info_nce_distributed(Q[rows], K[rows], temperature=0.3, gather=gather, group=sub,
+                                            backend="torch", **loc)
+                out.append(bool(torch.allclose(loss, fastcl.info_nce_reference(Q, K, temperature=0.3, **kw))))
     torch.save(out, f"{out_prefix}{rank}.pt")
     dist.barrier()
     os._exit(0)  # as in _errors_worker: no process-group teardown
 
 
 def test_distributed_ranks_must_agree(tmp_path):
-    mp.spawn(_agreement_worker, args=(3, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=3, join=True)
-    for rank in range(3):
+    mp.spawn(_agreement_worker, args=(4, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=4, join=True)
+    for rank in range(4):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         assert "TypeError" in out[0] and "same dtype" in out[0], out[0]
         assert "TypeError" in out[1] and "bfloat16" in out[1], out[1]
@@ -277,7 +281,7 @@ def test_distributed_ranks_must_agree(tmp_path):
         assert ("one element" if rank == 1 else "rank(s) [1]") in out[4], out[4]
         assert "symmetric must be True or False" in out[5], out[5]
         assert ("empty batch" if rank == 1 else "rank(s) [1]") in out[6], out[6]
-        assert out[7:] == ([True, True] if rank else []), out[7:]
+        assert out[7:] == ([True] * 4 if rank else []), out[7:]
 
 
 if os.name != "posix":  # pragma: no cover - gloo over file:// init is tested on Linux

@@ -568,6 +568,7 @@ def test_module_reprs_show_their_settings():
     assert "temperature=0.3" in repr(fastcl.nn.SupConLoss(temperature=0.3))
     assert "scale=10" in repr(fastcl.nn.MultipleNegativesRankingLoss(scale=10))
     assert "reduction='sum'" in repr(fastcl.nn.InfoNCELoss(reduction="sum"))
+    assert "label_smoothing=0.1" in repr(fastcl.nn.InfoNCELoss(label_smoothing=0.1))
     assert "max_scale=50" in repr(fastcl.nn.ClipLoss(max_scale=50))
     r = repr(fastcl.nn.GroupWhitening(8, 2, eps=1e-3, momentum=0.2, ddof=1, track_running_stats=False))
     assert all(s in r for s in ("eps=0.001", "momentum=0.2", "ddof=1", "track_running_stats=False")), r

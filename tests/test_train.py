@@ -304,7 +304,8 @@ def test_resume_restores_the_grad_scaler(tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("amp", "fp8"), ("chunk_size", 0), ("chunk_size", 2.5), ("steps", -1), ("steps", 2.5),
-    ("steps", True), ("log_every", 0), ("checkpoint_every", -1), ("lr", -1.0),
+    ("steps", True), ("log_every", 0), ("checkpoint_every", -1), ("lr", -1.0), ("lr", True),
+    ("weight_decay", False),
     ("lr", float("nan")), ("weight_decay", float("inf")), ("resume", "no"), ("progress", None)])
 def test_bad_config(field, value):
     # steps=-1 trained 0 steps and 2.5 trained 3, both silently; chunk_size=2.5 was a TypeError
@@ -333,6 +334,10 @@ def test_bad_recipe_and_trainer_arguments():
         T.Trainer(_mlp(), _batches(1), _cfg())
     with pytest.raises(TypeError, match="config"):
         T.Trainer(T.SimCSE(_mlp()), _batches(1), dict(steps=1))
+
+
+def test_zero_steps_trains_nothing():
+    assert T.Trainer(T.SimCSE(_mlp()), _batches(1), _cfg(steps=0)).train() == []
 
 
 def test_empty_data_is_a_clear_error():

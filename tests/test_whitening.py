@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 import torch
@@ -466,6 +467,8 @@ def test_module_checks_its_backend_when_built():
         fastcl.nn.GroupWhitening(8, 2, backend="gpu")
     with pytest.raises(fastcl.BackendUnavailable, match="newton_schulz"):
         fastcl.nn.GroupWhitening(8, 2, method="zca", backend="triton")  # failed at the first forward
+    with pytest.raises(fastcl.BackendUnavailable, match="newton_schulz"):
+        fastcl.nn.GroupWhitening(8, 2, method="cholesky", backend="cuda")
     fastcl.nn.GroupWhitening(8, 2, method="newton_schulz", backend="triton")
 
 
@@ -487,6 +490,17 @@ def test_compiles_fullgraph_with_gradients(method):
     m = torch.compile(fastcl.nn.GroupWhitening(8, 2, method=method, backend="torch"), backend="aot_eager",
                       fullgraph=True)
     assert m(x.clone().requires_grad_()).shape == x.shape
+    # the matrix comes back detached, as in eager mode
+    fw = torch.compile(lambda v: FCL.group_whiten(v, 2, method=method, backend="torch", return_matrix=True),
+                       backend="aot_eager", fullgraph=True)
+    assert not fw(x.clone().requires_grad_())[1].requires_grad
+    # and a singular group with eps=0 is still refused on this path
+    xs = x.clone()
+    xs[:, 1] = xs[:, 0]
+    f0 = torch.compile(lambda v: FCL.group_whiten(v, 1, eps=0.0, method=method, backend="torch"),
+                       backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match="singular"):
+        f0(xs.requires_grad_())
     torch._dynamo.reset()
 
 
@@ -498,6 +512,11 @@ def test_compiles_with_dynamic_shapes_and_a_changing_eps():
     for n, e in ((12, 1e-5), (17, 2e-5), (30, 3e-5)):
         x = _x(n, 8, seed=n)
         torch.testing.assert_close(f(x, e), FCL.group_whiten(x, 2, eps=e, backend="torch"))
+    ns = torch.compile(lambda x, e: FCL.group_whiten(x, 2, eps=e, method="newton_schulz", backend="torch"),
+                       backend="aot_eager", dynamic=True)
+    ns(_x(12, 8), 1e-5), ns(_x(12, 8), 2e-5)
+    with pytest.raises(ValueError, match="finite"):  # "eps < inf" would guard nothing: NaN out
+        ns(_x(12, 8), math.inf)
     torch._dynamo.reset()
 
 
