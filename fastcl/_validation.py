@@ -5,6 +5,8 @@ import sys
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from .chunked import compute_dtype
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -132,7 +134,7 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
         if logit_scale.device != device:
             raise ValueError(f"logit_scale must be on {device}, got {logit_scale.device}")
         # exp in fp32 at least: a bf16 exp of log(100) is 99.0 (1% off the scale)
-        return logit_scale.reshape(()).to(torch.promote_types(logit_scale.dtype, torch.float32)).exp()
+        return logit_scale.reshape(()).to(compute_dtype(logit_scale.dtype)).exp()
     if temperature is None:
         temperature = 0.07
     if isinstance(temperature, torch.Tensor):

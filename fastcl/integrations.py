@@ -6,6 +6,7 @@ from . import _validation, losses
 
 __all__ = ["MultipleNegativesRankingLoss"]
 
+
 class MultipleNegativesRankingLoss(nn.Module):
     """Fused drop-in for ``sentence_transformers.losses.MultipleNegativesRankingLoss``.
 

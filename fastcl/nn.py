@@ -13,6 +13,7 @@ from .info_nce import info_nce
 __all__ = ["InfoNCELoss", "ClipLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "SupConLoss",
            "MultipleNegativesRankingLoss", "GroupWhitening", "learnable_logit_scale", "clamp_logit_scale_"]
 
+
 class InfoNCELoss(nn.Module):
     """InfoNCE with a fixed temperature; ``forward(q [B, D], k [N, D], labels=None)``.
 
@@ -79,12 +80,11 @@ class ClipLoss(nn.Module):
     :func:`fastcl.distributed.info_nce_distributed`, with gradients scaled for DDP (see its
     docstring; the ``local_loss`` / ``gather_with_grad`` flags are accepted for compatibility,
     the result is the exact global loss either way). After DDP averages them, the gradients are
-    those of the global loss. open_clip's gradients equal those with ``local_loss=True,
-    gather_with_grad=True`` (for equal local batches) or ``local_loss=False,
-    gather_with_grad=True``; its defaults (both
-    False) give 1/world_size of them, and ``local_loss=True, gather_with_grad=False`` only an
-    approximation. So a learning rate tuned with open_clip's defaults under plain SGD is
-    world_size times too large here. ``cache_labels`` and ``use_horovod`` are accepted and
+    those of the global loss. open_clip's gradients equal those with ``gather_with_grad=True``
+    (and ``local_loss=True`` only for equal local batches); its defaults (both False) give
+    1/world_size of them, and ``local_loss=True, gather_with_grad=False`` an approximation. So
+    a learning rate tuned with open_clip's defaults under plain SGD is world_size times too
+    large here. ``cache_labels`` and ``use_horovod`` are accepted and
     ignored: no label tensor is built, and horovod is not supported.
 
     fastcl extension: ``init_temperature=t`` gives the module its own learnable
@@ -144,8 +144,7 @@ class ClipLoss(nn.Module):
             # (no host sync to check it).
             # log in fp32 at least: a 16-bit round trip through log and exp turned a bf16
             # multiplier of 100 into 99.0 (1% off the loss)
-            wide = torch.promote_types(logit_scale.dtype, torch.float32)
-            log_scale = logit_scale.reshape(()).to(wide).log()
+            log_scale = logit_scale.reshape(()).to(compute_dtype(logit_scale.dtype)).log()
         kw = dict(logit_scale=log_scale, symmetric=True, normalize=self.normalize, backend=self.backend)
         if self.world_size > 1:
             from .distributed import info_nce_distributed
