@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fastcl.functional as FCL
 from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finish, fmt_ms, header, measure, names,
-                               picked, progress)
+                               picked, progress, stop_on_sigterm)
 from fastcl import reference as R
 
 
@@ -74,38 +74,41 @@ def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=200
     provs = picked(providers(op, device), only)
     bar = progress(len(sizes) * len(provs), op)
     rows, guard = [], SlowGuard(slow_ms)
-    for B in sizes:
-        g = torch.Generator(device=device).manual_seed(0)
-        a = torch.randn(B, dim, device=device, generator=g)
-        b = a + 0.5 * torch.randn(B, dim, device=device, generator=g)
-        lab = torch.randint(0, max(2, B // 8), (B,), device=device, generator=g)
-        naive_ms = float("nan")
-        for name, fn in provs.items():
-            bar.update()
-            aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    try:
+        for B in sizes:
+            g = torch.Generator(device=device).manual_seed(0)
+            a = torch.randn(B, dim, device=device, generator=g)
+            b = a + 0.5 * torch.randn(B, dim, device=device, generator=g)
+            lab = torch.randint(0, max(2, B // 8), (B,), device=device, generator=g)
+            naive_ms = float("nan")
+            for name, fn in provs.items():
+                bar.update()
+                aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
 
-            def step():
-                aa.grad = bb.grad = None
-                loss = fn(aa, bb, lab)
-                loss.backward()
+                def step():
+                    aa.grad = bb.grad = None
+                    loss = fn(aa, bb, lab)
+                    loss.backward()
 
-            if guard.skip(name, B):  # predicted from a smaller B to take > slow_ms per step
-                nan = float("nan")
-                med, p20, p80, mem, status = nan, nan, nan, nan, "slow"
-            else:
-                med, p20, p80, mem, status = measure(step, device, reps, leaves=(aa, bb))
-                guard.record(name, B, med)
-            if name == "naive-torch":
-                naive_ms = med
-            row = dict(op=op, mode="fwd+bwd", provider=name, B=B, D=dim, dtype="fp32", status=status,
-                       ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, speedup_vs_naive=naive_ms / med,
-                       device=str(device))
-            rows.append(row)
-            append_csv(csv_path, [row], device)
-            ms = fmt_ms(status, med)
-            print(f"{name:<22}{B:>8}{ms:>10}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>10.1f}"
-                  f"{naive_ms / med:>9.2f}", flush=True)
-    return finish(rows, bar, plot_path, f"{op} fwd+bwd, D={dim}")
+                if guard.skip(name, B):  # predicted from a smaller B to take > slow_ms per step
+                    nan = float("nan")
+                    med, p20, p80, mem, status = nan, nan, nan, nan, "slow"
+                else:
+                    med, p20, p80, mem, status = measure(step, device, reps, leaves=(aa, bb))
+                    guard.record(name, B, med)
+                if name == "naive-torch":
+                    naive_ms = med
+                row = dict(op=op, mode="fwd+bwd", provider=name, B=B, D=dim, dtype="fp32", status=status,
+                           ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, speedup_vs_naive=naive_ms / med,
+                           device=str(device))
+                rows.append(row)
+                append_csv(csv_path, [row], device)
+                ms = fmt_ms(status, med)
+                print(f"{name:<22}{B:>8}{ms:>10}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>10.1f}"
+                      f"{naive_ms / med:>9.2f}", flush=True)
+    finally:  # a sweep cut short (SIGTERM: stop_on_sigterm) still plots what it measured
+        finish(rows, bar, plot_path, f"{op} fwd+bwd, D={dim}")
+    return rows
 
 
 def main(argv=None):
@@ -121,6 +124,7 @@ def main(argv=None):
                    help="a provider predicted to be slower than this per step is skipped at that B")
     p.add_argument("--only", type=names, default=None, help="comma-separated providers")
     a = p.parse_args(argv)
+    stop_on_sigterm()
     device = torch.device("cuda" if cuda else "cpu")
     for op in a.ops.split(","):
         run(op, [int(s) for s in a.sizes.split(",")], a.dim, a.reps, device, a.csv,

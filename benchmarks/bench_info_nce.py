@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fastcl.functional as FCL
 from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finish, fmt_ms, header, is_oom, measure,
-                               names, picked, progress)
+                               names, picked, progress, stop_on_sigterm)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -140,35 +140,38 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
     if mode == "bwd":
         provs.pop("torch-compile", None)  # its compiled backward cannot run twice on one graph
     bar = progress(len(sizes) * len(provs), "info_nce")
-    for B in sizes:
-        g = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn(B, dim, device=device, generator=g).to(DTYPES[dtype])
-        k = (q.float() + 0.5 * torch.randn(B, dim, device=device, generator=g)).to(DTYPES[dtype])
-        for name, fn in provs.items():
-            bar.update()
-            if guard.skip(name, B):  # predicted from a smaller B to take > slow_ms per step
-                print(f"  ({name} at B={B}: predicted {guard.predicted_ms(name, B):.0f} ms > --slow-ms "
-                      f"{slow_ms:.0f})", flush=True)
-                nan = float("nan")
-                med, p20, p80, mem, status = nan, nan, nan, nan, "slow"
-            else:
-                med, p20, p80, mem, status = _time_provider(fn, q, k, symmetric, mode, device, reps)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                guard.record(name, B, med)
-            if name == "naive-torch":
-                naive_ms[B] = med
-            tflops = flop_factor * B * B * dim / (med * 1e-3) / 1e12
-            speedup = naive_ms.get(B, float("nan")) / med
-            row = dict(op="info_nce", mode=mode, provider=name, B=B, D=dim, dtype=dtype, symmetric=symmetric,
-                       status=status, ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, tflops=tflops,
-                       speedup_vs_naive=speedup, device=str(device))
-            rows.append(row)
-            append_csv(csv_path, [row], device)
-            ms = fmt_ms(status, med)
-            print(f"{name:<16}{B:>9}{ms:>11}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>11.1f}"
-                  f"{tflops:>9.1f}{speedup:>9.2f}", flush=True)
-    return finish(rows, bar, plot_path, f"info_nce {mode}, D={dim}, {dtype}")
+    try:
+        for B in sizes:
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(B, dim, device=device, generator=g).to(DTYPES[dtype])
+            k = (q.float() + 0.5 * torch.randn(B, dim, device=device, generator=g)).to(DTYPES[dtype])
+            for name, fn in provs.items():
+                bar.update()
+                if guard.skip(name, B):  # predicted from a smaller B to take > slow_ms per step
+                    print(f"  ({name} at B={B}: predicted {guard.predicted_ms(name, B):.0f} ms > --slow-ms "
+                          f"{slow_ms:.0f})", flush=True)
+                    nan = float("nan")
+                    med, p20, p80, mem, status = nan, nan, nan, nan, "slow"
+                else:
+                    med, p20, p80, mem, status = _time_provider(fn, q, k, symmetric, mode, device, reps)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    guard.record(name, B, med)
+                if name == "naive-torch":
+                    naive_ms[B] = med
+                tflops = flop_factor * B * B * dim / (med * 1e-3) / 1e12
+                speedup = naive_ms.get(B, float("nan")) / med
+                row = dict(op="info_nce", mode=mode, provider=name, B=B, D=dim, dtype=dtype, symmetric=symmetric,
+                           status=status, ms=med, p20=p20, p80=p80, peak_mib=mem / 2**20, tflops=tflops,
+                           speedup_vs_naive=speedup, device=str(device))
+                rows.append(row)
+                append_csv(csv_path, [row], device)
+                ms = fmt_ms(status, med)
+                print(f"{name:<16}{B:>9}{ms:>11}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>11.1f}"
+                      f"{tflops:>9.1f}{speedup:>9.2f}", flush=True)
+    finally:  # a sweep cut short (SIGTERM: stop_on_sigterm) still plots what it measured
+        finish(rows, bar, plot_path, f"info_nce {mode}, D={dim}, {dtype}")
+    return rows
 
 
 def main(argv=None):
@@ -189,6 +192,7 @@ def main(argv=None):
                    help="a provider predicted (~B^2 from its last size) to be slower than this per step "
                         "is skipped at that B and recorded as 'slow'")
     a = p.parse_args(argv)
+    stop_on_sigterm()
     device = torch.device("cuda" if cuda else "cpu")
     run([int(s) for s in a.sizes.split(",")], a.dim, a.dtype, not a.one_direction, a.reps, device,
         a.csv, a.only, a.mode,

@@ -3,7 +3,9 @@ import csv
 import os
 import platform
 import statistics
+import signal
 import subprocess
+import sys
 import time
 
 import torch
@@ -219,6 +221,12 @@ def plot(rows, path, x="B", title=""):
 def fmt_ms(status: str, ms: float) -> str:
     """The table's time cell: the median, or why there is none (OOM, slow)."""
     return f"{ms:.3f}" if status == "ok" else status
+
+
+def stop_on_sigterm():
+    """Turn a timeout's SIGTERM into SystemExit, so that a sweep cut short (gpu_run.sh bounds
+    each step) still runs its `finally`: the plot of what it measured. Call it from main()."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
 
 
 def finish(rows, bar, plot_path=None, title=""):

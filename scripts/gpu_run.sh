@@ -15,6 +15,9 @@
 # On the H100 (2026-11-23) the steps took ~9.5 minutes together (build ~1, tests ~4.5 in two
 # pytest runs, benchmarks ~4). Since then: one pytest run (pytest reports its 25 slowest tests,
 # to see where the time goes) and this deadline.
+# The test suite has grown since (829 tests collected, 2026-11-23): if the tests take their
+# whole share, two calls, PARTS="build tests" TEST_TIMEOUT=400, then PARTS="build bench" (the
+# in-place build is incremental on a warm machine), give each part its time.
 # PARTS (default "build tests bench") picks steps for a follow-up call: "build tests" alone,
 # "build cuda-tests" (only the tests of the cuda backend), or "build max-batch" (the probe up to
 # B = 1M for fastcl-triton, fastcl-cuda and inf-cl; deadline 560 s when neither tests nor bench
@@ -41,7 +44,12 @@ within() {
     return 124
   fi
   ((t > max)) && t=$max
-  timeout "$t" "$@"
+  # -k: a process that ignores SIGTERM is killed 10 s later; a step cut short says so (its
+  # partial output alone would not: a sweep's missing rows, a test run's missing summary)
+  timeout -k 10 "$t" "$@"
+  local rc=$?
+  ((rc == 124 || rc == 137)) && echo "[gpu_run] TIMED OUT after ${t} s (rc $rc): ${*:1:4} ..." | tee -a "$OUT/env.txt"
+  return $rc
 }
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -64,6 +72,8 @@ if has build; then
     > /tmp/build.log 2>&1
   build_rc=$?  # a failed build would only make the cuda tests skip: it fails the run instead
   tail -5 /tmp/build.log >> "$OUT/env.txt"
+  # the compiler's own errors: the log's tail is only setup.py's traceback, and /tmp is lost
+  [ "$build_rc" -ne 0 ] && grep -E -B2 -A3 "error|FAILED" /tmp/build.log | head -80 >> "$OUT/env.txt"
   echo "extension build rc=$build_rc (arch $BUILD_ARCH)" | tee -a "$OUT/env.txt"
 fi
 $PY -c "import fastcl; print('backends:', fastcl.available_backends('cuda'))" 2>&1 | tee -a "$OUT/env.txt"
@@ -93,6 +103,7 @@ if has tests || has cuda-tests; then
   PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 100")
   SELECT=$(has tests || echo "-k cuda")
   export FASTCL_FAILURE_LOG=/tmp/failures.txt
+  rm -f "$FASTCL_FAILURE_LOG"  # a warm machine keeps /tmp: not an earlier call's failures
   TEST_MAX=${TEST_TIMEOUT:-230}
   has bench && ((TEST_MAX > $(left) - 140)) && TEST_MAX=$(($(left) - 140))  # the CLIP sweep's time
   ((TEST_MAX < 30)) && TEST_MAX=30
@@ -104,7 +115,7 @@ if has tests || has cuda-tests; then
   [ -f /tmp/failures.txt ] && { echo "=== failures, as they happened"; cat /tmp/failures.txt; } >> "$OUT/tests.log"
 fi
 
-mkdir -p /tmp/plots
+rm -rf /tmp/plots && mkdir -p /tmp/plots  # nor its plots
 B="$PY -m benchmarks.bench_info_nce --csv $OUT/info_nce.csv"
 has bench && {
   stamp "bench"

@@ -40,6 +40,25 @@ def test_info_nce_sweep_rows_csv_and_plot(tmp_path):
         assert png.stat().st_size > 0
 
 
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+def test_a_sweep_cut_short_still_plots(tmp_path, monkeypatch):
+    """gpu_run.sh bounds each step with timeout: its SIGTERM (SystemExit through
+    stop_on_sigterm) stopped the CLIP sweep before its plot, which it drew only at the end."""
+    calls = []
+
+    def timed(fn, *a):
+        calls.append(fn)
+        if len(calls) == 5:  # the third size's first provider: the timeout strikes
+            raise SystemExit(124)
+        return 1.0, 1.0, 1.0, 0.0, "ok"
+    monkeypatch.setattr(bench_info_nce, "_time_provider", timed)
+    png = tmp_path / "cut.png"
+    with pytest.raises(SystemExit):
+        bench_info_nce.run([32, 48, 64], 8, "fp32", True, 2, CPU, str(tmp_path / "cut.csv"),
+                           only=["naive-torch", "fastcl-torch"], plot_path=str(png))
+    assert png.stat().st_size > 0 and len(_rows(tmp_path / "cut.csv")) == 4
+
+
 def test_derived_columns(monkeypatch):
     """speed-up = naive ms / provider ms; TFLOP/s = 8 B^2 D / s (fwd+bwd); peak bytes -> MiB: from
     timings fixed here, so the formulas are checked, not the machine."""
