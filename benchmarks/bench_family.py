@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finish, fmt_ms, header, measure, names,
-                               picked, progress, stop_on_sigterm)
+from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finishing, fmt_ms, header, measure,
+                               names, picked, progress, stop_on_sigterm)
 from fastcl import reference as R
 
 
@@ -74,7 +74,7 @@ def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=200
     provs = picked(providers(op, device), only)
     bar = progress(len(sizes) * len(provs), op)
     rows, guard = [], SlowGuard(slow_ms)
-    try:
+    with finishing(rows, bar, plot_path, f"{op} fwd+bwd, D={dim}"):
         for B in sizes:
             g = torch.Generator(device=device).manual_seed(0)
             a = torch.randn(B, dim, device=device, generator=g)
@@ -106,8 +106,6 @@ def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=200
                 ms = fmt_ms(status, med)
                 print(f"{name:<22}{B:>8}{ms:>10}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>10.1f}"
                       f"{naive_ms / med:>9.2f}", flush=True)
-    finally:  # a sweep cut short (SIGTERM: stop_on_sigterm) still plots what it measured
-        finish(rows, bar, plot_path, f"{op} fwd+bwd, D={dim}")
     return rows
 
 

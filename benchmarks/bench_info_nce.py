@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.functional as FCL
-from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finish, fmt_ms, header, is_oom, measure,
-                               names, picked, progress, stop_on_sigterm)
+from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finishing, fmt_ms, header, is_oom,
+                               measure, names, picked, progress, stop_on_sigterm)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -140,7 +140,7 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
     if mode == "bwd":
         provs.pop("torch-compile", None)  # its compiled backward cannot run twice on one graph
     bar = progress(len(sizes) * len(provs), "info_nce")
-    try:
+    with finishing(rows, bar, plot_path, f"info_nce {mode}, D={dim}, {dtype}"):
         for B in sizes:
             g = torch.Generator(device=device).manual_seed(0)
             q = torch.randn(B, dim, device=device, generator=g).to(DTYPES[dtype])
@@ -169,8 +169,6 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
                 ms = fmt_ms(status, med)
                 print(f"{name:<16}{B:>9}{ms:>11}{f'{p20:.2f}-{p80:.2f}':>17}{row['peak_mib']:>11.1f}"
                       f"{tflops:>9.1f}{speedup:>9.2f}", flush=True)
-    finally:  # a sweep cut short (SIGTERM: stop_on_sigterm) still plots what it measured
-        finish(rows, bar, plot_path, f"info_nce {mode}, D={dim}, {dtype}")
     return rows
 
 

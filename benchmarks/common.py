@@ -1,9 +1,10 @@
 """Timing and memory helpers shared by the benchmarks."""
+import contextlib
 import csv
 import os
 import platform
-import statistics
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -225,14 +226,17 @@ def fmt_ms(status: str, ms: float) -> str:
 
 def stop_on_sigterm():
     """Turn a timeout's SIGTERM into SystemExit, so that a sweep cut short (gpu_run.sh bounds
-    each step) still runs its `finally`: the plot of what it measured. Call it from main()."""
+    each step) still leaves `finishing`: the plot of what it measured. Call it from main()."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
 
 
-def finish(rows, bar, plot_path=None, title=""):
-    """Close the sweep's progress bar and plot its rows (each row went to the CSV when measured,
-    so a sweep cut short by a timeout keeps what it measured)."""
-    bar.close()
-    if plot_path and len({r["B"] for r in rows}) > 1:
-        plot(rows, plot_path, "B", title)
-    return rows
+@contextlib.contextmanager
+def finishing(rows, bar, plot_path=None, title=""):
+    """Around a sweep's loop: then close its progress bar and plot its rows, also when a timeout
+    cuts it short (stop_on_sigterm). Each row went to the CSV when measured."""
+    try:
+        yield
+    finally:
+        bar.close()
+        if plot_path and len({r["B"] for r in rows}) > 1:
+            plot(rows, plot_path, "B", title)

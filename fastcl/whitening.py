@@ -145,14 +145,11 @@ class _GroupWhiten(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public API
-_is_int = _validation.is_int
-
-
 def check_options(D, num_groups, eps, ddof, method, iters):
     """The options' own checks (no data needed): also run by the GroupWhitening constructor."""
-    if not _is_int(D) or D < 1:
+    if not _validation.is_int(D) or D < 1:
         raise ValueError(f"the number of features must be a positive integer, got {D!r}")
-    if not _is_int(num_groups) or num_groups < 1 or D % num_groups:
+    if not _validation.is_int(num_groups) or num_groups < 1 or D % num_groups:
         raise ValueError(f"num_groups must be a positive divisor of D={D}, got {num_groups!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -161,9 +158,9 @@ def check_options(D, num_groups, eps, ddof, method, iters):
     # comparisons that torch.compile can guard on a symbolic eps (math.isfinite cannot trace it)
     if not (eps >= 0 and eps <= sys.float_info.max):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    if iters is not None and (method != "newton_schulz" or not _is_int(iters) or iters < 1):
+    if iters is not None and (method != "newton_schulz" or not _validation.is_int(iters) or iters < 1):
         raise ValueError("iters is the number of Newton-Schulz iterations (>= 1, method='newton_schulz')")
-    if not _is_int(ddof) or ddof < 0:
+    if not _validation.is_int(ddof) or ddof < 0:
         raise ValueError(f"ddof must be an integer >= 0, got {ddof!r}")
 
 
@@ -316,7 +313,7 @@ def shuffled_group_whiten(x: Tensor, num_groups: int, k: int = 3, *, generator=N
     x: [N, D] (the same batch for every view) or [k, N, D] (one batch per view).
     Returns [k, N, D]. kwargs go to :func:`group_whiten`.
     """
-    if not _is_int(k) or k < 1:
+    if not _validation.is_int(k) or k < 1:
         raise ValueError(f"k is the number of views (an integer >= 1), got {k!r}")
     if x.dim() == 3:
         if x.shape[0] != k:
