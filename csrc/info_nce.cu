@@ -25,8 +25,8 @@ namespace {
 constexpr double LN2 = 0.6931471805599453;
 
 template <typename F> void set_smem(F* kernel, size_t bytes) {
-  // sm_86/sm_89 allow 99 KiB per block (sm_80 163, sm_90 227): the fp32 backward and the 16-bit
-  // backward for D > 256 need more there.
+  // sm_86/sm_89 allow 99 KiB per block (sm_80 163, sm_90 227): the fp32 backward needs more
+  // there (the 16-bit one takes thinner slabs, with_slab).
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   FASTCL_CHECK(bytes <= prop->sharedMemPerBlockOptin, "fastcl_cuda: this kernel needs ", bytes,
               " bytes of shared memory per block, ", prop->name, " has ", prop->sharedMemPerBlockOptin,
@@ -208,9 +208,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
     FASTCL_DISPATCH(u.scalar_type(), [&] {
       with_wg<T>([&](auto wg) {
         constexpr bool WG = decltype(wg)::value;
-        with_slab<T>(D, [&](auto bd) {
+        with_slab<T>(D, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin, [&](auto bd) {
           constexpr int BD = decltype(bd)::value;
-          const size_t sm = bwd_smem<T, BD>();
+          const size_t sm = bwd_smem<T>(BD);
           set_smem(grad_kernel<T, BD, WG>, sm);
           grad_kernel<T, BD, WG><<<(unsigned)n_rb, THREADS, sm, stream>>>(
               cptr<T, AT>(u), cptr<T, AT>(v), scale32.data_ptr<float>(), amp.data_ptr<float>(),

@@ -210,7 +210,7 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
   T* Bs = As + 2 * BM * LDK;  // two chunk buffers per operand (score_tile)
   T* Gs = Bs + 2 * BN * LDK;
   T* Vs = Gs + BM * LDG;
-  constexpr int LDV = ldv<BD>();
+  constexpr int LDV = ldv(BD);
   float* red = reinterpret_cast<float*>(Vs + BN * LDV);  // THREADS / 32 block-reduction slots
 
   const bool trans = flags & TRANSPOSED, has_col = flags & HAS_COL, multi = flags & MULTI_POS;
@@ -312,20 +312,25 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
 template <typename T> inline size_t fwd_smem() {
   return 2 * (BM + BN) * LDK * sizeof(T) + BM * LDS * sizeof(float) + BN * sizeof(int64_t);
 }
-template <typename T, int BD> inline size_t bwd_smem() {
+template <typename T> constexpr size_t bwd_smem(int bd) {
   return (BM + BN) * sizeof(Side) + (BM * LDS + 8 * 256) * sizeof(float) +
-         (2 * (BM + BN) * LDK + BM * LDG + BN * ldv<BD>()) * sizeof(T) + (THREADS / 32) * sizeof(float);
+         (2 * (BM + BN) * LDK + BM * LDG + BN * ldv(bd)) * sizeof(T) + (THREADS / 32) * sizeof(float);
 }
 
 // The backward's D-slab: the whole of D in one slab up to 512 (256 for fp32, whose slab takes
 // twice the shared memory), so that S is recomputed once per tile, as in the Triton backward
-// (benchmarks/RESULTS.md: two slabs cost 1.6x there). f(std::integral_constant<int, BD>{}).
-template <typename T, typename F> inline void with_slab(int64_t D, F&& f) {
-  if (D <= 128) return f(std::integral_constant<int, 128>{});
+// (benchmarks/RESULTS.md: two slabs cost 1.6x there). Where that slab's shared memory is over the
+// GPU's per-block limit (smem_limit), a thinner one that fits: 16-bit D > 256 on sm_86/89 (99 KB)
+// then takes 256-wide slabs (95 KB) instead of failing. The fp32 backward needs 125 KB even at
+// 128 wide; the launcher's check says so. f(std::integral_constant<int, BD>{}).
+template <typename T, typename F> inline void with_slab(int64_t D, size_t smem_limit, F&& f) {
+  int bd = D <= 128 ? 128 : (sizeof(T) == 4 || D <= 256) ? 256 : 512;
+  while (bd > 128 && bwd_smem<T>(bd) > smem_limit) bd /= 2;
+  if (bd == 128) return f(std::integral_constant<int, 128>{});
   if constexpr (sizeof(T) == 4) {
     return f(std::integral_constant<int, 256>{});
   } else {
-    if (D <= 256) return f(std::integral_constant<int, 256>{});
+    if (bd == 256) return f(std::integral_constant<int, 256>{});
     return f(std::integral_constant<int, 512>{});
   }
 }

@@ -414,10 +414,10 @@ __device__ void score_tile(float* S, T* As, T* Bs, const T* A, int64_t a0, int64
 // Slab: a BM x BD fp32 gradient accumulator, acc += G[BM][BN] @ Bslab[BN][BD], kept in
 // registers across all column tiles; stored once per slab. BD (a multiple of 32) is the D-slab:
 // when D <= BD the scores are computed once per tile for the whole gradient.
-template <int BD> constexpr int ldv() { return BD + 8; }  // pitch of the B slab in shared memory
+constexpr int ldv(int bd) { return bd + 8; }  // pitch of the B slab in shared memory
 // ---------------------------------------------------------------------------------------------
 template <typename T, int BD> struct Slab {  // 16-bit: warp w owns rows 16*(w%4).., columns BD/2*(w/4)..
-  static constexpr int LDV = ldv<BD>();
+  static constexpr int LDV = ldv(BD);
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[BD / 32];
   __device__ void zero() {
 #pragma unroll
@@ -459,7 +459,7 @@ template <typename T, int BD> struct Slab {  // 16-bit: warp w owns rows 16*(w%4
 };
 
 template <int BD> struct Slab<float, BD> {  // thread t owns rows 4*(t/16)+i, columns (t%16)+16*j
-  static constexpr int LDV = ldv<BD>();
+  static constexpr int LDV = ldv(BD);
   float c[4][BD / 16];
   __device__ void zero() {
 #pragma unroll

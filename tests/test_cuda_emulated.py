@@ -54,17 +54,21 @@ def _load(d, name, shape):
     return torch.from_numpy(np.fromfile(os.path.join(d, name), dtype=np.float32).reshape(shape))
 
 
-def _run(binary, d, mode, dtype, B, N, D, flags, grid, path):
+def _run(binary, d, mode, dtype, B, N, D, flags, grid, path, smem=None):
     extra = ["wg"] if path == "wgmma" else []
+    env = dict(os.environ, **({"FASTCL_EMU_SMEM": str(smem)} if smem else {}))
     r = subprocess.run([binary, mode, DT[dtype], str(B), str(N), str(D), str(flags), str(grid), d] + extra,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=env)
+    if r.returncode == 4:
+        raise MemoryError(f"needs more shared memory per block than {smem} bytes")
     assert r.returncode == 0, r.stderr
 
 
 def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_row, g_col, dtype, grid,
-             path="wmma"):
+             path="wmma", smem=None):
     """What lse_forward_cuda / lse_backward_cuda do around their kernels (csrc/info_nce.cu).
-    path: "wmma", or "wgmma", the kernels' Hopper variant (16-bit dtypes)."""
+    path: "wmma", or "wgmma", the kernels' Hopper variant (16-bit dtypes). smem: the emulated
+    GPU's shared memory per block in bytes (default: as much as any GPU has)."""
     B, D = u.shape
     N = v.shape[0]
     flags = ((FLAGS["HAS_COL"] if sym else 0) | (FLAGS["HAS_LABELS"] if labels is not None else 0)
@@ -89,7 +93,7 @@ def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_ro
     for name, t in (("row_stats.f32", row_stats), ("col_stats.f32", col_stats), ("g_row.f32", g_row),
                     ("g_col.f32", g_col), ("amp.f32", amp.reshape(1))):
         _save(d, name, t)
-    _run(binary, d, "bwd", dtype, B, N, D, flags, grid, path)
+    _run(binary, d, "bwd", dtype, B, N, D, flags, grid, path, smem)
     du, dv = _load(d, "du.out", (B, D)), _load(d, "dv.out", (N, D))
     dscale = _load(d, "dscale.out", (-1,)).sum()
     return row_loss, col_loss, du, dv, dscale
@@ -132,7 +136,32 @@ def test_emulated_supcon_near_duplicate_positives(binary, tmp_path, B):
                           scale=1 / 0.05, tight=True)
 
 
-def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.07, tight=False):
+# Shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): sm_86/89, sm_80, sm_90.
+SMEM_99K, SMEM_A100, SMEM_H100 = 101376, 166912, 232448
+
+
+@pytest.mark.parametrize("dtype,D,smem,slab", [
+    (torch.bfloat16, 300, SMEM_99K, 256),   # 127 KB for one 512-wide slab: two 256-wide ones
+    (torch.float16, 520, SMEM_99K, 256),    # three slabs, the last 8 wide
+    (torch.bfloat16, 300, SMEM_A100, 512),
+    (torch.bfloat16, 300, SMEM_H100, 512),
+    (torch.float32, 300, SMEM_A100, 256),   # 157 KB
+])
+def test_emulated_backward_slab_fits_the_gpus_shared_memory(binary, tmp_path, dtype, D, smem, slab):
+    """The launcher's D-slab steps down to one that fits the GPU's shared memory per block, so
+    the 16-bit backward for D > 256 runs on sm_86/89 cards (99 KB), with the same results."""
+    _compare_with_float64(binary, tmp_path, FLAG_CASES["symmetric"], dtype, "wmma", 65, D, smem=smem)
+    assert _load(str(tmp_path), "slab.out", (1,)).item() == slab
+
+
+def test_emulated_fp32_backward_does_not_fit_99kb(binary, tmp_path):
+    """No fp32 slab fits 99 KB (125 KB at 128 wide): the launcher raises, as set_smem does."""
+    with pytest.raises(MemoryError):
+        _compare_with_float64(binary, tmp_path, FLAG_CASES["symmetric"], torch.float32, "wmma", 65, 100,
+                              smem=SMEM_99K)
+
+
+def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.07, tight=False, smem=None):
     g = torch.Generator().manual_seed(B * 7 + D)
     N = B + cfg.get("N_extra", 0)
     # Inputs exactly representable in the dtype, so float64 sees what the kernel sees.
@@ -155,7 +184,7 @@ def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.
     grid = 2  # persistent blocks: with 3 row blocks, one block handles two
 
     ours = emulated(binary, str(tmp_path), u.float(), v.float(), scale.float(), labels, sym, cls, excl_diag,
-                    excl_pos, g_row.float(), g_col.float(), dtype, grid, path)
+                    excl_pos, g_row.float(), g_col.float(), dtype, grid, path, smem)
 
     def torch_backend(dt):  # the chunked torch backend: float64 is the oracle, dt the comparator
         uu, vv, ss = u.to(dt), v.to(dt), scale.to(torch.float64 if dt == torch.float64 else torch.float32)

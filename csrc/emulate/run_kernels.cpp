@@ -9,9 +9,12 @@
 // here), scale.f32 [1], and, when present, labels.i64, row_cls.i64, col_cls.i64; bwd also
 // row_stats.f32 [4,B], col_stats.f32 [2,N], g_row.f32, g_col.f32, amp.f32 [1].
 // wg: the kernels' wgmma variant (the Hopper score tile; 16-bit dtypes only).
+// FASTCL_EMU_SMEM (env, bytes): the emulated GPU's shared memory per block (default: all of
+// `smem`, as much as any GPU has); bwd exits with 4 where the launcher's check would raise.
 // Writes the kernels' raw outputs to DIR, poisoned first as the host launchers do:
 //   fwd: row_stats.out [4,B], col_m.out [grid,N], col_l.out [grid,N]
-//   bwd: du.out [B,D], dv.out [N,D], dscale.out [ceil(B/BM)] (float32)
+//   bwd: du.out [B,D], dv.out [N,D], dscale.out [ceil(B/BM)] (float32), slab.out [1]: the
+//        D-slab width the launcher chose
 #include "cuda_emu.h"
 #include "../info_nce_kernels.cuh"
 #include "../whitening_kernels.cuh"
@@ -68,7 +71,7 @@ template <typename T, bool WG> int run(bool fwd, int64_t B, int64_t N, int64_t D
   const auto labels = read<int64_t>("labels.i64", B, true);
   const auto row_cls = read<int64_t>("row_cls.i64", B, true);
   const auto col_cls = read<int64_t>("col_cls.i64", N, true);
-  if (fwd_smem<T>() > sizeof(smem) || bwd_smem<T, 512>() > sizeof(smem)) return 3;
+  if (fwd_smem<T>() > sizeof(smem) || bwd_smem<T>(512) > sizeof(smem)) return 3;
   if (fwd) {
     std::vector<float> row_stats(4 * B, nan), col_m(grid * N, NEG), col_l(grid * N, 0.f);
     const bool has_col = flags & HAS_COL;
@@ -91,8 +94,13 @@ template <typename T, bool WG> int run(bool fwd, int64_t B, int64_t N, int64_t D
   const int64_t n_rb = (B + BM - 1) / BM, n_cb = (N + BM - 1) / BM;
   std::vector<T> du(B * D, from_f<T>(nan)), dv(N * D, from_f<T>(nan));
   std::vector<float> dscale(n_rb, nan);
-  with_slab<T>(D, [&](auto bd) {  // the launcher's choice of D-slab
+  const char* limit_env = std::getenv("FASTCL_EMU_SMEM");
+  const size_t limit = limit_env ? std::strtoull(limit_env, nullptr, 10) : sizeof(smem);
+  int slab = 0;
+  with_slab<T>(D, limit, [&](auto bd) {  // the launcher's choice of D-slab
     constexpr int BD = decltype(bd)::value;
+    slab = BD;
+    if (bwd_smem<T>(BD) > limit) return;  // the launcher's set_smem raises
     emu::launch(n_rb, THREADS, [&] {
       grad_kernel<T, BD, WG>(u.data(), v.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
                          g_row.data(), g_col.data(), ptr_or_null(labels), ptr_or_null(row_cls), ptr_or_null(col_cls),
@@ -104,12 +112,14 @@ template <typename T, bool WG> int run(bool fwd, int64_t B, int64_t N, int64_t D
                          dv.data(), dscale.data(), N, B, D, B, N, flags | TRANSPOSED);
     });
   });
+  if (bwd_smem<T>(slab) > limit) return 4;
   std::vector<float> duf(du.size()), dvf(dv.size());
   for (size_t i = 0; i < du.size(); ++i) duf[i] = emu::to_float(du[i]);
   for (size_t i = 0; i < dv.size(); ++i) dvf[i] = emu::to_float(dv[i]);
   write("du.out", duf);
   write("dv.out", dvf);
   write("dscale.out", dscale);
+  write("slab.out", {(float)slab});
   return 0;
 }
 
