@@ -2,12 +2,17 @@
 nothing from fastcl) and by nothing at run time.
 
 FASTCL_BUILD_CUDA=1 forces the extension (and fails loudly if it cannot be built), 0 skips it;
-unset, it is built when the build environment has a CUDA build of torch and nvcc.
+unset, it is built when the build environment has a CUDA build of torch and an nvcc of the same
+CUDA major version, and a failed build then leaves a pure-Python install with a warning (an
+optional accelerator should not make `pip install` fail; backend="cuda" then says it is not built).
 TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0a" (the kernels need sm_80+: bf16 tensor cores; 9.0a, not
 9.0, so that H100/H200s get the kernels that use wgmma, which exists only in sm_90a code).
 MAX_JOBS defaults to what the machine's memory allows (an nvcc job can take ~3 GiB).
 """
 import os
+import re
+import subprocess
+import sys
 
 SOURCES = ["csrc/bindings.cpp", "csrc/info_nce.cu", "csrc/whitening.cu"]
 DEFAULT_ARCHS = "8.0;9.0a"
@@ -66,6 +71,17 @@ def pip_cuda_include_dirs():
     return out
 
 
+def nvcc_version(cuda_home):
+    """(major, minor) of the CUDA toolkit's nvcc, or None if it cannot be asked."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def why_not_buildable():
     """None if a CUDA extension can be built here, else the reason."""
     _default_cuda_home()
@@ -79,7 +95,29 @@ def why_not_buildable():
         return f"torch {torch.__version__} is a CPU build"
     if cpp_extension.CUDA_HOME is None:
         return "nvcc was not found (set CUDA_HOME)"
+    nvcc = nvcc_version(cpp_extension.CUDA_HOME)
+    if nvcc is not None and str(nvcc[0]) != torch.version.cuda.split(".")[0]:
+        # torch.utils.cpp_extension refuses this pair itself, with a traceback mid-build
+        return (f"nvcc in {cpp_extension.CUDA_HOME} is CUDA {nvcc[0]}.{nvcc[1]} and torch {torch.__version__} "
+                f"was built with CUDA {torch.version.cuda}: extensions need the same major version "
+                f"(set CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]}.x toolkit)")
     return None
+
+
+def best_effort(build_ext_cls):
+    """build_ext_cls, made to leave the extension out with a warning where its build fails."""
+    class BestEffortBuildExt(build_ext_cls):
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as e:  # a compiler error, or torch's own checks
+                print(f"fastcl: WARNING: the CUDA extension fastcl._C failed to build ({type(e).__name__}: "
+                      f"{e}); installing fastcl without it. FASTCL_BUILD_CUDA=1 makes this an error, "
+                      f"0 skips the attempt.", file=sys.stderr)
+                self.extensions = []  # nothing to copy or list as an output
+                self.distribution.ext_modules = []
+
+    return BestEffortBuildExt
 
 
 def ext_modules():
@@ -101,4 +139,4 @@ def ext_modules():
           f"with MAX_JOBS={os.environ['MAX_JOBS']}")
     ext = CUDAExtension("fastcl._C", SOURCES, include_dirs=pip_cuda_include_dirs(),
                         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": BuildExtension if m == "force" else best_effort(BuildExtension)}

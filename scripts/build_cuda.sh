@@ -7,7 +7,8 @@
 #  3. Checks that the wheel's sm_90a code holds the wgmma kernels (cuobjdump: HGMMA in SASS).
 #  4. Installs that wheel and, from outside the checkout (so the wheel is what gets imported),
 #     runs the tests that need it: the extension loads, registers its ops and shape functions,
-#     refuses CPU tensors with its reason; and equality with open_clip and lightly.
+#     refuses CPU tensors with its reason; the build logic with a CUDA torch (tests/test_build.py);
+#     and equality with open_clip and lightly.
 # The kernels themselves are tested on a GPU by scripts/gpu_run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,5 +53,5 @@ fi
 "$VENV/bin/python" -c "import fastcl, fastcl.cuda_backend as c; assert c.unavailable() is None, c.unavailable(); \
 print('fastcl._C loads; kernels for sm', c.compiled_archs(), 'from', fastcl.__file__)"
 "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider --rootdir "$ROOT" \
-  "$ROOT/tests/test_cuda_backend.py" "$ROOT/tests/test_errors.py" \
+  "$ROOT/tests/test_cuda_backend.py" "$ROOT/tests/test_errors.py" "$ROOT/tests/test_build.py" \
   "$ROOT/tests/test_losses.py::test_equals_lightly" "$ROOT/tests/test_info_nce.py::test_clip_module_equals_open_clip"
