@@ -10,9 +10,14 @@ def no_autocast(device: torch.device):
     """Autocast off for device's type (a no-op where autocast does not exist, e.g. meta). The
     ops choose their own precision from their inputs' dtype: autocast must not lower a matmul
     that its backward (or a statistic) needs in fp32."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    available = _AUTOCAST.get(device.type)
+    if available is None:  # another device type: asked eagerly (torch 2.4's Dynamo cannot)
+        available = torch.amp.is_autocast_available(device.type)
+    return torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext()
+
+
+# Asked once, at import: a plain dict is what torch.compile reads inside a traced function.
+_AUTOCAST = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta")}
 
 
 def grad_amp(scale: Tensor, g_row: Tensor, g_col: Optional[Tensor] = None) -> Tensor:

@@ -7,6 +7,10 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .chunked import compute_dtype
 
+# The largest finite float, as a plain module constant: torch 2.4's Dynamo cannot read
+# sys.float_info inside a compiled function (it failed every compile that took a temperature).
+FLOAT_MAX = sys.float_info.max
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -107,7 +111,7 @@ def positive_number(value, name: str) -> float:
     # becomes symbolic, and math.isfinite cannot trace it (NaN fails both comparisons). The
     # largest finite float, not inf: "value < inf" installed no guard, so a compiled graph then
     # took an infinite temperature (the loss came out log N).
-    if not (value > 0 and value <= sys.float_info.max):
+    if not (value > 0 and value <= FLOAT_MAX):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value
 

@@ -122,7 +122,9 @@ class ClipLoss(nn.Module):
             # clamped. Across ranks info_nce_distributed checks them on every rank together:
             # a rank that raised here alone would leave the others waiting in a collective.
             _validation.check_embeddings(image_features, text_features, "image_features", "text_features")
-        device = getattr(image_features, "device", torch.device("cpu"))
+        # not getattr(x, "device", default): torch 2.4's Dynamo cannot trace hasattr on a tensor
+        is_tensor = isinstance(image_features, torch.Tensor)  # a list only across ranks (checked there)
+        device = image_features.device if is_tensor else torch.device("cpu")
         if logit_scale is None:
             if self.logit_scale is None:
                 raise ValueError("pass logit_scale (the multiplier, as open_clip does) or build "
@@ -136,7 +138,7 @@ class ClipLoss(nn.Module):
                 # fp64 features get an fp64 multiplier: its log and exp in fp32 would cost ~1e-7.
                 value = _validation.positive_number(logit_scale, "logit_scale")
                 logit_scale = _validation.float_tensor(
-                    value, device, compute_dtype(getattr(image_features, "dtype", torch.float32)))
+                    value, device, compute_dtype(image_features.dtype if is_tensor else torch.float32))
             if logit_scale.numel() != 1:
                 raise ValueError(f"logit_scale (the multiplier) must have one element, got shape "
                                  f"{tuple(logit_scale.shape)}")

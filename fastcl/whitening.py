@@ -13,7 +13,6 @@ unlike autograd through eigh. Cholesky and Newton-Schulz differentiate their sma
 matrix function with autograd (torch's analytic Cholesky backward; NS unrolled).
 """
 import numbers
-import sys
 from typing import Optional
 
 import torch
@@ -156,7 +155,7 @@ def check_options(D, num_groups, eps, ddof, method, iters):
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a number >= 0, got {eps!r}")
     # comparisons that torch.compile can guard on a symbolic eps (math.isfinite cannot trace it)
-    if not (eps >= 0 and eps <= sys.float_info.max):
+    if not (eps >= 0 and eps <= _validation.FLOAT_MAX):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if iters is not None and (method != "newton_schulz" or not _validation.is_int(iters) or iters < 1):
         raise ValueError("iters is the number of Newton-Schulz iterations (>= 1, method='newton_schulz')")

