@@ -27,6 +27,28 @@ def _impl(backend: str):
     raise ValueError(f"no log-sum-exp implementation for backend {backend!r}")
 
 
+def _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls):
+    """The raw op's own checks, which need no host sync: shapes, dtypes and devices that the
+    kernels would otherwise read past (a D mismatch) or misread. The public losses check more,
+    label ranges included; the raw op takes labels outside [0, N) as rows without a positive."""
+    if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[1]:
+        raise ValueError(f"fastcl::info_nce_rows: u [B, D] and v [N, D] with one D, got {tuple(u.shape)} "
+                         f"and {tuple(v.shape)}")
+    if v.dtype != u.dtype or v.device != u.device or scale.device != u.device or scale.numel() != 1:
+        raise ValueError(f"fastcl::info_nce_rows: u, v ({u.dtype}, {v.dtype} on {u.device}, {v.device}) "
+                         f"need one dtype and device, and scale ({scale.numel()} elements on "
+                         f"{scale.device}) one element on it")
+    if symmetric and u.shape[0] != v.shape[0]:
+        raise ValueError(f"fastcl::info_nce_rows: symmetric needs B == N, got {u.shape[0]} and {v.shape[0]}")
+    for name, t, n in (("labels", labels, u.shape[0]), ("row_cls", row_cls, u.shape[0]),
+                       ("col_cls", col_cls, v.shape[0])):
+        if t is not None and (t.dtype != torch.int64 or t.shape != (n,) or t.device != u.device):
+            raise ValueError(f"fastcl::info_nce_rows: {name} must be int64 [{n}] on {u.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if (row_cls is None) != (col_cls is None):
+        raise ValueError("fastcl::info_nce_rows: give both row_cls and col_cls, or neither")
+
+
 @torch.library.custom_op("fastcl::info_nce_rows", mutates_args=())
 def info_nce_rows(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor], symmetric: bool,
                   row_cls: Optional[Tensor], col_cls: Optional[Tensor], exclude_diag: bool,
@@ -39,6 +61,7 @@ def info_nce_rows(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor],
     other columns j with col_cls[j] == row_cls[i]. col_loss_j = logsumexp_i S_ij - S_jj
     (symmetric). The stats are the backend's O(B + N) statistics for the backward; no gradient.
     """
+    _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls)
     # Autocast must not reach the implementation's matmuls: the backward recomputes S and needs
     # it rounded as the forward rounded it (a bf16 forward against an fp32 backward left rows of
     # P summing to 1 +- 1e-2: silently wrong gradients). The inputs' dtype decides the precision.
@@ -61,6 +84,12 @@ def info_nce_rows_backward(u: Tensor, v: Tensor, scale: Tensor, labels: Optional
                            symmetric: bool, row_cls: Optional[Tensor], col_cls: Optional[Tensor],
                            exclude_diag: bool, exclude_pos: bool,
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls)
+    B, N = u.shape[0], v.shape[0] if symmetric else 0
+    if row_stats.shape != (4, B) or col_stats.shape != (2, N) or g_row.shape != (B,) or g_col.shape != (N,):
+        raise ValueError(f"fastcl::info_nce_rows_backward: row_stats [4, {B}], col_stats [2, {N}], g_row "
+                         f"[{B}] and g_col [{N}] as the forward gave them, got {tuple(row_stats.shape)}, "
+                         f"{tuple(col_stats.shape)}, {tuple(g_row.shape)}, {tuple(g_col.shape)}")
     with no_autocast(u.device):  # as in the forward
         du, dv, dscale = _impl(backend).lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col,
                                                      labels, symmetric, row_cls, col_cls,

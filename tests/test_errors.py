@@ -119,6 +119,28 @@ def test_symmetric_term_refuses_exclusions():
         row_terms(q, k, torch.tensor(1.0), "torch", symmetric=True, exclude_diag=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_raw_op_checks_what_the_kernels_would_misread(backend):
+    """torch.ops.fastcl.info_nce_rows, called directly: a D mismatch made the Triton kernels
+    read past v's rows (numbers here, out-of-bounds reads on a GPU)."""
+    op, s = torch.ops.fastcl.info_nce_rows, torch.tensor(2.0)
+    u, v = torch.randn(5, 3), torch.randn(7, 3)
+    with pytest.raises(ValueError, match="one D"):
+        op(u, torch.randn(7, 2), s, None, False, None, None, False, False, backend)
+    with pytest.raises(ValueError, match="one dtype"):
+        op(u, v.half(), s, None, False, None, None, False, False, backend)
+    with pytest.raises(ValueError, match="int64"):
+        op(u, v, s, torch.arange(5, dtype=torch.int32), False, None, None, False, False, backend)
+    with pytest.raises(ValueError, match="B == N"):
+        op(u, v, s, None, True, None, None, False, False, backend)
+    with pytest.raises(ValueError, match="both row_cls and col_cls"):
+        op(u, v, s, None, False, torch.zeros(5, dtype=torch.long), None, False, False, backend)
+    row, col, rs, cs = op(u, v, s, None, False, None, None, False, False, backend)
+    with pytest.raises(ValueError, match="as the forward gave them"):
+        torch.ops.fastcl.info_nce_rows_backward(u, v, s, None, rs[:, :4], cs, torch.ones(5), torch.ones(0),
+                                                False, None, None, False, False, backend)
+
+
 def test_meta_tensors_give_shapes_with_labels():
     # Meta tensors carry no values: the label range cannot be checked, the shapes still can.
     qm, km = q.to("meta"), torch.randn(6, 8, device="meta")
