@@ -116,6 +116,18 @@ def positive_number(value, name: str) -> float:
     return value
 
 
+def smoothing(value) -> float:
+    """label_smoothing as a float in [0, 1), else a clear error (a string or a tensor that
+    needs a gradient would otherwise pass float() on some backends and not others)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"label_smoothing must be a number in [0, 1), got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        # no value in the message while compiling: formatting a symbolic float cannot be traced
+        raise ValueError("label_smoothing must be in [0, 1)" + ("" if _compiling() else f", got {value}"))
+    return value
+
+
 def float_tensor(value: float, device, dtype) -> torch.Tensor:
     """A 0-dim tensor holding a Python float (rounded once, from float64, to dtype). Built by
     arithmetic, not torch.tensor(value): under torch.compile a float that changes between calls
@@ -145,4 +157,8 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
         raise TypeError("temperature must be a Python float; pass a learnable scale as logit_scale=")
     temperature = positive_number(temperature, "temperature")
     # float64 inputs get a float64 1/temperature: rounding it to fp32 would cost ~1e-8 relative.
-    return float_tensor(1.0 / temperature, device, torch.float64 if dtype == torch.float64 else torch.float32)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    if not temperature * torch.finfo(sdt).max >= 1.0:  # 1/temperature would be inf: a NaN loss
+        raise ValueError(f"temperature is too small: 1/temperature overflows {sdt}"
+                         + ("" if _compiling() else f" (got {temperature})"))
+    return float_tensor(1.0 / temperature, device, sdt)

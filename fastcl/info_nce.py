@@ -206,10 +206,7 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
     _validation.check_embeddings(q, k)
     _validation.check_reduction(reduction)
     _validation.check_bool(symmetric, "symmetric")
-    if not 0.0 <= float(label_smoothing) < 1.0:
-        # no value in the message while compiling: formatting a symbolic float cannot be traced
-        raise ValueError("label_smoothing must be in [0, 1)"
-                         + ("" if _validation._compiling() else f", got {label_smoothing}"))
+    label_smoothing = _validation.smoothing(label_smoothing)
     B, N = q.shape[0], k.shape[0]
     if symmetric:
         if N != B:

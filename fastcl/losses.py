@@ -129,6 +129,7 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
 
 def _dcl_weights(n1, n2, weight, sigma, detach):
     """Per-anchor weights (view 1's, view 2's) from the views as the loss sees them."""
+    _validation.check_bool(detach, "detach_weight")
     if weight is None:
         return None, None
     if isinstance(weight, str):

@@ -5,13 +5,26 @@ import numbers
 import torch
 from torch import nn
 
-from . import _validation, losses, whitening
+from . import _dispatch, _validation, losses, whitening
 from ._common import no_autocast
 from .chunked import compute_dtype
 from .info_nce import info_nce
 
 __all__ = ["InfoNCELoss", "ClipLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "SupConLoss",
            "MultipleNegativesRankingLoss", "GroupWhitening", "learnable_logit_scale", "clamp_logit_scale_"]
+
+
+def _check_settings(backend, *bools, reduction="mean", label_smoothing=0.0, **positive):
+    """A loss module's settings, checked when it is built (as GroupWhitening's and ClipLoss's
+    are): the error then points at the line that made the module, not at its first forward."""
+    if backend not in _dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+    for name, value in bools:
+        _validation.check_bool(value, name)
+    _validation.check_reduction(reduction)
+    _validation.smoothing(label_smoothing)
+    for name, value in positive.items():
+        _validation.positive_number(value, name)
 
 
 class InfoNCELoss(nn.Module):
@@ -24,6 +37,8 @@ class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.07, symmetric: bool = False, normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", label_smoothing: float = 0.0):
         super().__init__()
+        _check_settings(backend, ("symmetric", symmetric), ("normalize", normalize), reduction=reduction,
+                        label_smoothing=label_smoothing, temperature=temperature)
         self.temperature, self.symmetric, self.normalize = temperature, symmetric, normalize
         self.reduction, self.backend, self.label_smoothing = reduction, backend, label_smoothing
 
@@ -109,6 +124,7 @@ class ClipLoss(nn.Module):
         if not _validation.is_int(rank) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
         self.rank, self.world_size = int(rank), int(world_size)
+        _check_settings(backend, ("normalize", normalize))
         self.normalize, self.backend = normalize, backend
         if init_temperature is not None:
             self.logit_scale, self.max_log_scale = learnable_logit_scale(init_temperature, max_scale)
@@ -181,6 +197,7 @@ class NTXentLoss(nn.Module):
             raise NotImplementedError("a memory bank is not supported; pass the negatives as extra "
                                       "keys to fastcl.functional.info_nce instead")
         _no_gather(gather_distributed)
+        _check_settings(backend, temperature=temperature)
         self.temperature, self.backend = temperature, backend
 
     def forward(self, out0, out1):
@@ -205,6 +222,9 @@ class DCLLoss(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         _no_gather(gather_distributed)
+        _check_settings(backend, temperature=temperature)
+        if weight_fn is not None and not callable(weight_fn):
+            raise TypeError(f"weight_fn must be a callable (out0n, out1n) -> [N], got {type(weight_fn).__name__}")
         self.temperature, self.weight_fn, self.backend = temperature, weight_fn, backend
 
     def forward(self, out0, out1):
@@ -221,6 +241,7 @@ class DCLWLoss(DCLLoss):
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False,
                  backend: str = "auto"):
         super().__init__(temperature, None, gather_distributed, backend)
+        _check_settings(backend, sigma=sigma)
         self.sigma = sigma
 
     def forward(self, out0, out1):
@@ -236,6 +257,7 @@ class SupConLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, backend: str = "auto"):
         super().__init__()
+        _check_settings(backend, temperature=temperature)
         self.temperature, self.backend = temperature, backend
 
     def forward(self, features, labels=None):
@@ -251,6 +273,7 @@ class MultipleNegativesRankingLoss(nn.Module):
 
     def __init__(self, scale: float = 20.0, backend: str = "auto"):
         super().__init__()
+        _check_settings(backend, scale=scale)
         self.scale, self.backend = scale, backend
 
     def forward(self, anchor, positive, *negatives):

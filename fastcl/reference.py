@@ -18,7 +18,7 @@ def info_nce_reference(q, k, *, temperature=None, logit_scale=None, labels=None,
     if logit_scale is not None:
         scale = logit_scale.reshape(()).exp().to(q.dtype)
     else:
-        scale = 1.0 / (0.07 if temperature is None else temperature)
+        scale = 1.0 / float(0.07 if temperature is None else temperature)  # not a NumPy float16's 1/t
     logits = scale * (q @ k.T)
     B = q.shape[0]
     labels = torch.arange(B, device=q.device) if labels is None else labels.long()

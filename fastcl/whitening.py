@@ -212,6 +212,7 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     """
     _check(x, num_groups, eps, ddof, method, iters, perm)
     _validation.check_bool(detach_stats, "detach_stats")
+    _validation.check_bool(return_matrix, "return_matrix")
     iters = DEFAULT_NS_ITERS if iters is None else iters
     N, D = x.shape
     g = D // num_groups
@@ -314,6 +315,12 @@ def shuffled_group_whiten(x: Tensor, num_groups: int, k: int = 3, *, generator=N
     """
     if not _validation.is_int(k) or k < 1:
         raise ValueError(f"k is the number of views (an integer >= 1), got {k!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    for name in ("perm", "return_matrix"):
+        if name in kwargs:
+            raise TypeError(f"shuffled_group_whiten draws each view's perm itself and returns the views "
+                            f"only; {name}= is group_whiten's")
     if x.dim() == 3:
         if x.shape[0] != k:
             raise ValueError(f"x has {x.shape[0]} views but k={k}")

@@ -100,6 +100,15 @@ def test_float64_temperature_is_exact():
     assert abs(float(FCL.info_nce(a, b, temperature=0.07, backend="torch") - ref)) < 1e-13
 
 
+def test_reference_takes_numpy_temperatures_at_their_value():
+    """1 / np.float16(0.07) stayed a float16 in the reference: 2e-4 off the torch backend."""
+    np = pytest.importorskip("numpy")
+    qd, kd = q.double(), k.double()
+    t = np.float16(0.07)
+    ref = FCL.info_nce(qd, kd, temperature=t, backend="reference")
+    assert torch.allclose(ref, FCL.info_nce(qd, kd, temperature=t, backend="torch"), rtol=1e-12, atol=0)
+
+
 def test_reference_accepts_int32_labels():
     lab = torch.tensor([1, 0, 3, 2], dtype=torch.int32)
     assert torch.allclose(FCL.info_nce(q, k, labels=lab, backend="reference"),

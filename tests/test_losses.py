@@ -466,6 +466,35 @@ def test_clip_loss_float_multiplier_keeps_float64():
     (lambda: FCL.group_whiten(torch.randn(16, 8), 2, detach_stats="no"), TypeError, "detach_stats"),
     # eval mode used to return truncated integers (train mode refused them)
     (lambda: fastcl.nn.GroupWhitening(4, 2).eval()(torch.ones(8, 4, dtype=torch.long)), TypeError, "floating"),
+    # the loss modules check their settings when built (they used to wait for the first forward)
+    (lambda: fastcl.nn.InfoNCELoss(temperature=-1), ValueError, "temperature"),
+    (lambda: fastcl.nn.InfoNCELoss(reduction="x"), ValueError, "reduction"),
+    (lambda: fastcl.nn.InfoNCELoss(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (lambda: fastcl.nn.InfoNCELoss(normalize="no"), TypeError, "normalize"),
+    (lambda: fastcl.nn.NTXentLoss(temperature=0), ValueError, "temperature"),
+    (lambda: fastcl.nn.SupConLoss(backend="x"), ValueError, "backend"),
+    (lambda: fastcl.nn.DCLWLoss(sigma=-1), ValueError, "sigma"),
+    (lambda: fastcl.nn.DCLLoss(weight_fn="vmf"), TypeError, "weight_fn"),
+    (lambda: fastcl.nn.MultipleNegativesRankingLoss(scale=0), ValueError, "scale"),
+    (lambda: fastcl.nn.ClipLoss(backend="x"), ValueError, "backend"),
+    # label_smoothing="0.1" passed float() on the torch and triton backends, not on the reference
+    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), label_smoothing="0.1"), TypeError,
+     "label_smoothing"),
+    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), label_smoothing=torch.tensor(0.1)), TypeError,
+     "label_smoothing"),
+    # 1/temperature overflowing the scale's dtype gave a NaN loss
+    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), temperature=1e-39), ValueError, "too small"),
+    (lambda: FCL.info_nce(torch.randn(4, 3).double(), torch.randn(4, 3).double(), temperature=5e-324), ValueError,
+     "too small"),
+    # strings read as True: return_matrix="no" returned a tuple, detach_weight="no" detached
+    (lambda: FCL.group_whiten(torch.randn(16, 8), 2, return_matrix="no"), TypeError, "return_matrix"),
+    (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight="vmf", detach_weight="no"), TypeError,
+     "detach_weight"),
+    (lambda: fastcl.whitening.shuffled_group_whiten(torch.randn(16, 8), 2, return_matrix=True), TypeError,
+     "return_matrix"),
+    (lambda: fastcl.whitening.shuffled_group_whiten(torch.randn(16, 8), 2, perm=torch.arange(8)), TypeError,
+     "perm= is group_whiten's"),
+    (lambda: fastcl.whitening.shuffled_group_whiten(torch.randn(16, 8).numpy(), 2), TypeError, "torch.Tensor"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
