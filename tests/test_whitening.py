@@ -310,6 +310,10 @@ def test_module_and_matrix_with_reference_backend(method):
     (lambda: FCL.group_whiten(torch.randn(40, 4, generator=torch.Generator().manual_seed(0)).repeat(1, 2), 1,
                               eps=0.0, backend="torch"), ValueError, "rank-deficient"),
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, method="pca"), ValueError, "method"),
+    # NaN in x with eps=0: LAPACK's "failed to converge" (zca), or a "singular" that misleads
+    *[(lambda m=m, b=b: FCL.group_whiten(torch.randn(16, 8).index_fill_(0, torch.tensor([3]), float("nan")), 2,
+                                         eps=0.0, method=m, backend=b), ValueError, "NaN or inf")
+      for m in ("zca", "cholesky", "newton_schulz") for b in ("torch", "reference")],
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, perm=torch.tensor([0, 1, 2, 3, 4, 4])), ValueError, "permutation"),
     (lambda: FCL.group_whiten(torch.randn(10, 6), 2, iters=5), ValueError, "Newton-Schulz"),
     (lambda: FCL.group_whiten(torch.randn(10), 1), ValueError, "2-D"),
