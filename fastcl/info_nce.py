@@ -123,6 +123,17 @@ def _backward(ctx, g_row, g_col, _g_row_stats, _g_col_stats):
 info_nce_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "fastcl's fused InfoNCE op has no double backward (the gradient of its gradient, e.g. a "
+        "gradient penalty through the loss); use backend='reference' for higher-order derivatives")
+
+
+# A gradient taken with create_graph=True is still differentiable; differentiating it again
+# raises this message instead of torch's "no autograd formula was registered".
+info_nce_rows_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _normalize(x: Tensor) -> Tensor:
     # Norms in (at least) fp32 so fp16 inputs with large entries cannot overflow x*x.
     xc = x.to(chunked.compute_dtype(x.dtype))

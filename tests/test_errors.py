@@ -202,6 +202,16 @@ def test_forward_mode_ad_is_refused_not_zero(loss):
         loss(fwAD.make_dual(a, torch.ones_like(a)), b, ls)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_double_backward_says_so(backend):
+    """A gradient taken with create_graph=True is differentiable; differentiating it again used
+    to raise torch's "no autograd formula was registered ... register_autograd"."""
+    qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+    g, = torch.autograd.grad(FCL.info_nce(qq, kk, backend=backend), qq, create_graph=True)
+    with pytest.raises(NotImplementedError, match="no double backward.*backend='reference'"):
+        torch.autograd.grad(g.sum(), kk)
+
+
 def test_forward_mode_ad_on_the_scale_alone_is_refused():
     import torch.autograd.forward_ad as fwAD
     ls = torch.tensor(2.0, dtype=torch.float64)
