@@ -3,8 +3,9 @@ nothing from fastcl) and by nothing at run time.
 
 FASTCL_BUILD_CUDA=1 forces the extension (and fails loudly if it cannot be built), 0 skips it;
 unset, it is built when the build environment has a CUDA build of torch and an nvcc of the same
-CUDA major version, and a failed build then leaves a pure-Python install with a warning (an
-optional accelerator should not make `pip install` fail; backend="cuda" then says it is not built).
+CUDA major version, and a failed build then leaves an install without it (an optional accelerator
+should not make `pip install` fail; backend="cuda" then says it is not built). The warning is in
+the build log, which pip shows with -v.
 TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0a" (the kernels need sm_80+: bf16 tensor cores; 9.0a, not
 9.0, so that H100/H200s get the kernels that use wgmma, which exists only in sm_90a code).
 MAX_JOBS defaults to what the machine's memory allows (an nvcc job can take ~3 GiB).
@@ -114,6 +115,17 @@ def best_effort(build_ext_cls):
                 print(f"fastcl: WARNING: the CUDA extension fastcl._C failed to build ({type(e).__name__}: "
                       f"{e}); installing fastcl without it. FASTCL_BUILD_CUDA=1 makes this an error, "
                       f"0 skips the attempt.", file=sys.stderr)
+                # An earlier build's binary must not ship or load in its place: both the build
+                # folder's and the in-place copy (setuptools builds with inplace=0, then copies).
+                saved = self.inplace
+                try:
+                    for ext in self.extensions:
+                        for self.inplace in (0, 1):
+                            path = self.get_ext_fullpath(ext.name)
+                            if os.path.exists(path):
+                                os.remove(path)
+                finally:
+                    self.inplace = saved
                 self.extensions = []  # nothing to copy or list as an output
                 self.distribution.ext_modules = []
 

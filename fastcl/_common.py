@@ -17,7 +17,7 @@ def no_autocast(device: torch.device):
 
 
 # Asked once, at import: a plain dict is what torch.compile reads inside a traced function.
-_AUTOCAST = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta")}
+_AUTOCAST = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta", "xpu", "mps", "hpu")}
 
 
 def grad_amp(scale: Tensor, g_row: Tensor, g_col: Optional[Tensor] = None) -> Tensor:

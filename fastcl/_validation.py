@@ -36,6 +36,17 @@ def require(ok: torch.Tensor, message: str) -> None:
         raise ValueError(message)
 
 
+def require_all(*checks) -> None:
+    """require() for several (ok, message) pairs with one host sync; the first failing message."""
+    if _compiling():
+        for ok, message in checks:
+            torch._assert_async(ok, message)
+        return
+    for good, (_, message) in zip(torch.stack([ok for ok, _ in checks]).tolist(), checks):
+        if not good:
+            raise ValueError(message)
+
+
 def check_embeddings(q, k, name_q="q", name_k="k"):
     for name, t in ((name_q, q), (name_k, k)):
         if not isinstance(t, torch.Tensor):
@@ -117,8 +128,9 @@ def positive_number(value, name: str) -> float:
 
 
 def smoothing(value) -> float:
-    """label_smoothing as a float in [0, 1), else a clear error (a string or a tensor that
-    needs a gradient would otherwise pass float() on some backends and not others)."""
+    """label_smoothing as a float in [0, 1), else a clear error. A Python or NumPy real number;
+    not a string (it passed float() on some backends and not others) nor a tensor (one that
+    needed a gradient silently got none)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"label_smoothing must be a number in [0, 1), got {type(value).__name__}")
     value = float(value)
@@ -158,7 +170,9 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
     temperature = positive_number(temperature, "temperature")
     # float64 inputs get a float64 1/temperature: rounding it to fp32 would cost ~1e-8 relative.
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    if not temperature * torch.finfo(sdt).max >= 1.0:  # 1/temperature would be inf: a NaN loss
-        raise ValueError(f"temperature is too small: 1/temperature overflows {sdt}"
-                         + ("" if _compiling() else f" (got {temperature})"))
+    # The logits span [-s, s] for unit vectors: 2 s = 2 / temperature must be finite (else an
+    # inf or NaN loss).
+    if not temperature * torch.finfo(sdt).max >= 2.0:
+        raise ValueError(f"the logit multiplier 1/temperature is too large for {sdt} (twice it must be "
+                         f"finite)" + ("" if _compiling() else f": temperature {temperature}"))
     return float_tensor(1.0 / temperature, device, sdt)

@@ -38,7 +38,8 @@ class InfoNCELoss(nn.Module):
                  reduction: str = "mean", backend: str = "auto", label_smoothing: float = 0.0):
         super().__init__()
         _check_settings(backend, ("symmetric", symmetric), ("normalize", normalize), reduction=reduction,
-                        label_smoothing=label_smoothing, temperature=temperature)
+                        label_smoothing=label_smoothing,
+                        temperature=0.07 if temperature is None else temperature)  # None: info_nce's default
         self.temperature, self.symmetric, self.normalize = temperature, symmetric, normalize
         self.reduction, self.backend, self.label_smoothing = reduction, backend, label_smoothing
 
@@ -223,8 +224,10 @@ class DCLLoss(nn.Module):
         super().__init__()
         _no_gather(gather_distributed)
         _check_settings(backend, temperature=temperature)
-        if weight_fn is not None and not callable(weight_fn):
-            raise TypeError(f"weight_fn must be a callable (out0n, out1n) -> [N], got {type(weight_fn).__name__}")
+        if not (weight_fn is None or weight_fn == "vmf" or isinstance(weight_fn, torch.Tensor)
+                or callable(weight_fn)):  # what losses.dcl's weight takes
+            raise TypeError(f"weight_fn must be a callable (out0n, out1n) -> [N] (or 'vmf' or a [N] "
+                            f"tensor, as fastcl.losses.dcl's weight), got {weight_fn!r}")
         self.temperature, self.weight_fn, self.backend = temperature, weight_fn, backend
 
     def forward(self, out0, out1):

@@ -76,25 +76,21 @@ def group_stats(xg: Tensor, eps: float, ddof: int):
     return xc, S
 
 
-def _check_finite(S: Tensor, eps: float):
-    """With eps == 0 (already one host sync), NaN or inf in x is named as such: eigh fails to
-    converge on it, with LAPACK's message about conditioning, and the singular check misreads it."""
-    if eps == 0 and _validation.has_values(S):
-        _validation.require(torch.isfinite(S).all(), "a group's covariance is not finite: x holds NaN or inf")
-
-
-def _check_not_singular(S: Tensor, eps: float, lam: Optional[Tensor] = None):
-    """With eps == 0 a rank-deficient group would whiten to ~1e19: refuse it (one host sync).
-    lam: S's ascending eigenvalues when the caller already has them. Rank-deficient means
+def _check_not_singular(S: Tensor, eps: float):
+    """With eps == 0 a rank-deficient group would whiten to ~1e19: refuse it, and name NaN or
+    inf in x as such (one host sync for both). Rank-deficient means
     lambda_min <= g * (S's dtype's machine epsilon) * lambda_max, NumPy's matrix_rank
     tolerance: eigh puts a singular S's smallest eigenvalue at a few machine epsilons of the
     largest (~1e-7 in fp32, ~1e-16 in fp64), not at 0."""
     if eps == 0 and _validation.has_values(S):
-        _check_finite(S, eps)
-        lam = torch.linalg.eigvalsh(S) if lam is None else lam
+        finite = torch.isfinite(S).all()
+        # eigh fails to converge on NaN (LAPACK's message about conditioning): a stand-in then
+        lam = torch.linalg.eigvalsh(torch.where(finite, S, torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)))
         tol = S.shape[-1] * torch.finfo(S.dtype).eps
-        _validation.require((lam[..., 0] > tol * lam[..., -1].abs()).all(),
-                            "a group's covariance is singular (rank-deficient channels): use eps > 0")
+        _validation.require_all(
+            (finite, "a group's covariance is not finite: x holds NaN or inf"),
+            ((lam[..., 0] > tol * lam[..., -1].abs()).all(),
+             "a group's covariance is singular (rank-deficient channels): use eps > 0"))
 
 
 class _GroupWhiten(torch.autograd.Function):
@@ -102,9 +98,8 @@ class _GroupWhiten(torch.autograd.Function):
     def forward(ctx, xg, eps, ddof, method, iters, detach_stats, backend):
         xc, S = group_stats(xg, eps, ddof)
         if method == "zca":
-            _check_finite(S, eps)
+            _check_not_singular(S, eps)  # before eigh, which fails to converge on NaN
             W, (U, sigma) = zca_matrix(S)
-            _check_not_singular(S, eps, sigma.square())  # sigma^2: eigh's eigenvalues, clamped > 0
             ctx.save_for_backward(xc, W, U, sigma)
         else:
             _check_not_singular(S, eps)

@@ -2,7 +2,10 @@
 toolkit checks, and auto mode's fall-back to a pure-Python install when the build fails."""
 import importlib.util
 import os
+import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -10,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def build():
+def build(monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", ""))  # _build sets it when unset: undone
     # loaded by path, as setup.py does (it must not import fastcl)
     spec = importlib.util.spec_from_file_location("fastcl_build", os.path.join(ROOT, "fastcl", "_build.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -63,22 +67,40 @@ def test_why_not_buildable(build, monkeypatch, tmp_path, torch_cuda, nvcc, ok):
     assert build.why_not_buildable() is not None
 
 
-def test_auto_mode_leaves_a_failed_extension_out(build, capsys):
-    class Distribution:
-        ext_modules = ["fastcl._C"]
+SETUP = """
+import importlib.util, sys
+from setuptools import setup, Extension
+from setuptools.command.build_ext import build_ext
+spec = importlib.util.spec_from_file_location("fastcl_build", sys.argv.pop(1))
+b = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(b)
+setup(name="pkg", version="0", packages=["pkg"], ext_modules=[Extension("pkg._C", ["c.c"])],
+      cmdclass={"build_ext": b.best_effort(build_ext)})
+"""
 
-    class Failing:  # stands in for torch's BuildExtension
-        def __init__(self):
-            self.extensions, self.distribution = ["fastcl._C"], Distribution()
 
-        def build_extensions(self):
-            raise RuntimeError("Error compiling objects for extension")
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler")
+def test_auto_mode_leaves_a_failed_extension_out(build, tmp_path):
+    """A real setuptools build of an extension that does not compile: the install goes on
+    without it, and an earlier build's binary is removed rather than shipped in its place."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "setup.py").write_text(SETUP)
+    (tmp_path / "c.c").write_text("#include <Python.h>\nPyMODINIT_FUNC PyInit__C(void) { return NULL; }\n")
 
-    cmd = build.best_effort(Failing)()
-    cmd.build_extensions()
-    assert cmd.extensions == [] and cmd.distribution.ext_modules == []
-    err = capsys.readouterr().err
-    assert "failed to build (RuntimeError: Error compiling objects" in err and "FASTCL_BUILD_CUDA=1" in err
+    def build_inplace():
+        return subprocess.run([sys.executable, "setup.py", os.path.join(ROOT, "fastcl", "_build.py"), "build_ext",
+                               "--inplace"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    r = build_inplace()
+    assert r.returncode == 0, r.stderr
+    built = list((tmp_path / "pkg").glob("_C*"))
+    assert built, r.stdout + r.stderr  # the good build's binary
+    (tmp_path / "c.c").write_text("this is not C\n")
+    r = build_inplace()
+    assert r.returncode == 0, r.stderr
+    assert "fastcl: WARNING: the CUDA extension fastcl._C failed to build" in r.stderr
+    assert not list((tmp_path / "pkg").glob("_C*")), "the earlier build's binary is still there"
 
 
 def test_forced_or_skipped(build, monkeypatch):

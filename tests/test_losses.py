@@ -474,7 +474,7 @@ def test_clip_loss_float_multiplier_keeps_float64():
     (lambda: fastcl.nn.NTXentLoss(temperature=0), ValueError, "temperature"),
     (lambda: fastcl.nn.SupConLoss(backend="x"), ValueError, "backend"),
     (lambda: fastcl.nn.DCLWLoss(sigma=-1), ValueError, "sigma"),
-    (lambda: fastcl.nn.DCLLoss(weight_fn="vmf"), TypeError, "weight_fn"),
+    (lambda: fastcl.nn.DCLLoss(weight_fn=3), TypeError, "weight_fn"),
     (lambda: fastcl.nn.MultipleNegativesRankingLoss(scale=0), ValueError, "scale"),
     (lambda: fastcl.nn.ClipLoss(backend="x"), ValueError, "backend"),
     # label_smoothing="0.1" passed float() on the torch and triton backends, not on the reference
@@ -483,9 +483,13 @@ def test_clip_loss_float_multiplier_keeps_float64():
     (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), label_smoothing=torch.tensor(0.1)), TypeError,
      "label_smoothing"),
     # 1/temperature overflowing the scale's dtype gave a NaN loss
-    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), temperature=1e-39), ValueError, "too small"),
+    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), temperature=1e-39), ValueError, "too large"),
+    # 1/t = 3.3e38 is finite, but the loss (m - pos up to 2/t) was inf
+    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), temperature=3e-39), ValueError, "too large"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), scale=1e39), ValueError,
+     "multiplier"),
     (lambda: FCL.info_nce(torch.randn(4, 3).double(), torch.randn(4, 3).double(), temperature=5e-324), ValueError,
-     "too small"),
+     "too large"),
     # strings read as True: return_matrix="no" returned a tuple, detach_weight="no" detached
     (lambda: FCL.group_whiten(torch.randn(16, 8), 2, return_matrix="no"), TypeError, "return_matrix"),
     (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight="vmf", detach_weight="no"), TypeError,
@@ -499,6 +503,13 @@ def test_clip_loss_float_multiplier_keeps_float64():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_info_nce_module_takes_none_for_the_default_temperature():
+    """As info_nce does; checking the settings at construction must not refuse it."""
+    q, k = torch.randn(4, 3), torch.randn(4, 3)
+    assert torch.equal(fastcl.nn.InfoNCELoss(temperature=None, backend="torch")(q, k),
+                       FCL.info_nce(q, k, backend="torch"))
 
 
 # --- equality with the libraries users have today (skipped where they are not installed) ---
