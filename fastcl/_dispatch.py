@@ -23,6 +23,12 @@ def _import_error(module: str):
 _NO_CUDA = "torch sees no CUDA device here (torch.cuda.is_available() is False)"
 
 
+def check_name(backend) -> None:
+    """ValueError unless backend is one of BACKENDS."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def why_not(backend: str, device: torch.device, dtype: torch.dtype):
     """None if `backend` can run on tensors of this device/dtype, else the reason it cannot."""
     if backend in ("torch", "reference"):
@@ -137,8 +143,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, unsupported=
             if choice is not None:
                 return choice
         return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_name(backend)
     reason = reason_for(backend)
     if reason is not None:
         raise BackendUnavailable(f"backend={backend!r} is not usable: {reason}")

@@ -17,8 +17,7 @@ __all__ = ["InfoNCELoss", "ClipLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "SupC
 def _check_settings(backend, *bools, reduction="mean", label_smoothing=0.0, **positive):
     """A loss module's settings, checked when it is built (as GroupWhitening's and ClipLoss's
     are): the error then points at the line that made the module, not at its first forward."""
-    if backend not in _dispatch.BACKENDS:
-        raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+    _dispatch.check_name(backend)
     for name, value in bools:
         _validation.check_bool(value, name)
     _validation.check_reduction(reduction)
@@ -224,8 +223,8 @@ class DCLLoss(nn.Module):
         super().__init__()
         _no_gather(gather_distributed)
         _check_settings(backend, temperature=temperature)
-        if not (weight_fn is None or weight_fn == "vmf" or isinstance(weight_fn, torch.Tensor)
-                or callable(weight_fn)):  # what losses.dcl's weight takes
+        if not (weight_fn is None or isinstance(weight_fn, torch.Tensor) or callable(weight_fn)
+                or (isinstance(weight_fn, str) and weight_fn == "vmf")):  # what losses.dcl's weight takes
             raise TypeError(f"weight_fn must be a callable (out0n, out1n) -> [N] (or 'vmf' or a [N] "
                             f"tensor, as fastcl.losses.dcl's weight), got {weight_fn!r}")
         self.temperature, self.weight_fn, self.backend = temperature, weight_fn, backend

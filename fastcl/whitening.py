@@ -274,8 +274,7 @@ def _cuda_limits(method, g, device):
 def check_backend(method, backend, g):
     """The backend's checks that need no data (the GroupWhitening constructor runs them; where
     the backend can run is known only from the input's device)."""
-    if backend not in _dispatch.BACKENDS:
-        raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+    _dispatch.check_name(backend)
     reason = _kernel_limits(method, g) if backend in ("triton", "cuda") else None
     if reason is not None:
         raise _dispatch.BackendUnavailable(f"backend={backend!r} is not usable: {reason}")
