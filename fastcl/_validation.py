@@ -30,10 +30,7 @@ def require(ok: torch.Tensor, message: str) -> None:
     """ValueError(message) unless the bool tensor ok is True. Under torch.compile a device-side
     assert instead: a host check there is data-dependent (a graph break, or an error with
     fullgraph=True)."""
-    if _compiling():
-        torch._assert_async(ok, message)
-    elif not bool(ok):
-        raise ValueError(message)
+    require_all((ok, message))
 
 
 def require_all(*checks) -> None:
@@ -42,7 +39,7 @@ def require_all(*checks) -> None:
         for ok, message in checks:
             torch._assert_async(ok, message)
         return
-    for good, (_, message) in zip(torch.stack([ok for ok, _ in checks]).tolist(), checks):
+    for good, (_, message) in zip(torch.stack([ok.reshape(()) for ok, _ in checks]).tolist(), checks):
         if not good:
             raise ValueError(message)
 
