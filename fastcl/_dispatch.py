@@ -1,5 +1,4 @@
 """The one place that chooses a backend, and says why a backend cannot run."""
-import functools
 import importlib
 
 import torch
@@ -11,13 +10,45 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on these inputs; the message says why."""
 
 
-@functools.lru_cache(maxsize=None)
+# What the installation and the GPU are, asked by every call, including calls that torch.compile
+# traces. Dynamo cannot trace an import (fullgraph=True failed for backend="triton", and for
+# "auto" on a GPU), so it calls these functions itself, once per trace, and keeps the result as
+# a constant: none of it changes while the process runs (a tensor on another GPU recompiles).
+_IMPORT_ERRORS = {}
+
+
+@torch.compiler.assume_constant_result
 def _import_error(module: str):
-    try:
-        importlib.import_module(module)
-    except Exception as e:  # ImportError, or a broken install raising something else
-        return f"{module} cannot be imported ({type(e).__name__}: {e})"
-    return None
+    if module not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(module)
+            _IMPORT_ERRORS[module] = None
+        except Exception as e:  # ImportError, or a broken install raising something else
+            _IMPORT_ERRORS[module] = f"{module} cannot be imported ({type(e).__name__}: {e})"
+    return _IMPORT_ERRORS[module]
+
+
+@torch.compiler.assume_constant_result
+def _triton_interpreting() -> bool:
+    from fastcl.kernels.info_nce import interpreting
+    return interpreting()
+
+
+@torch.compiler.assume_constant_result
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@torch.compiler.assume_constant_result
+def capability(device: torch.device):
+    """(major, minor) compute capability of a CUDA device."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+@torch.compiler.assume_constant_result
+def shared_memory_per_block(device: torch.device):
+    """Opt-in shared memory per block of a CUDA device, in bytes (None if torch does not say)."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
 _NO_CUDA = "torch sees no CUDA device here (torch.cuda.is_available() is False)"
@@ -33,7 +64,7 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
     """None if `backend` can run on tensors of this device/dtype, else the reason it cannot."""
     if backend in ("torch", "reference"):
         # any device torch runs on; a CUDA device only where there is one
-        return _NO_CUDA if device.type == "cuda" and not torch.cuda.is_available() else None
+        return _NO_CUDA if device.type == "cuda" and not _cuda_available() else None
     if backend == "cuda":
         from . import cuda_backend
         err = cuda_backend.unavailable()
@@ -43,9 +74,9 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
             return f"the CUDA kernels take float16/bfloat16/float32, not {dtype} (use backend='torch')"
         if device.type != "cuda":
             return f"tensors are on {device.type}; the CUDA C++ kernels need CUDA tensors"
-        if not torch.cuda.is_available():
+        if not _cuda_available():
             return _NO_CUDA
-        major, minor = torch.cuda.get_device_capability(device)
+        major, minor = capability(device)
         if major < 8:
             return f"the CUDA kernels need compute capability 8.0+, this GPU is {major}.{minor}"
         # A cubin for sm_XY runs on sm_XZ with Z >= Y (same major); no PTX is embedded.
@@ -57,12 +88,11 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
         err = _import_error("triton")
         if err:
             return err
-        from fastcl.kernels.info_nce import interpreting
         if dtype == torch.float64:
             return "the Triton kernels take float16/bfloat16/float32, not float64 (use backend='torch')"
         if device.type == "cuda":
-            return None if torch.cuda.is_available() else _NO_CUDA
-        if device.type == "cpu" and interpreting():
+            return None if _cuda_available() else _NO_CUDA
+        if device.type == "cpu" and _triton_interpreting():
             if dtype == torch.bfloat16:
                 # Measured: the interpreter silently returns garbage for bf16 (shared/reference).
                 return "the Triton CPU interpreter computes bfloat16 wrongly; use float32/float16 or a GPU"
@@ -97,7 +127,7 @@ MEASURED_MS = {
 
 
 def _arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = capability(device)
     return f"sm_{major}{minor}"
 
 
@@ -110,13 +140,17 @@ def _precision(dtype: torch.dtype) -> str:
 def auto_gpu_choice(device: torch.device, dtype: torch.dtype, reason_for=None, op: str = "info_nce"):
     """(backend, why) that `auto` picks on a CUDA device, or (None, why) if no GPU backend
     (cuda, triton) can run and nothing measured says the torch backend is faster."""
-    reason_for = reason_for or (lambda b: why_not(b, device, dtype))
+    if reason_for is None:  # not `or`: torch 2.4's export took a function's truthiness for data
+        reason_for = lambda b: why_not(b, device, dtype)  # noqa: E731
     usable = [b for b in ("cuda", "triton", "torch") if reason_for(b) is None]
     arch, prec = _arch(device), _precision(dtype)
     measured = MEASURED_MS.get(arch, {}).get(op, {}).get(prec, {})
     figures = {b: ms for b, ms in measured.items() if b in usable}
     if figures:
-        best = min(figures, key=figures.get)
+        best = None
+        for b, ms in figures.items():  # min(figures, key=...) is beyond torch 2.4's Dynamo
+            if best is None or ms < figures[best]:
+                best = b
         return best, f"fastest measured on {arch} ({prec}): " + ", ".join(
             f"{b} {ms} ms" for b, ms in figures.items())
     gpu = [b for b in ("triton", "cuda") if b in usable]

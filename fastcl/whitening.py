@@ -93,6 +93,28 @@ def _check_not_singular(S: Tensor, eps: float):
              "a group's covariance is singular (rank-deficient channels): use eps > 0"))
 
 
+@torch.library.custom_op("fastcl::newton_schulz_matrix", mutates_args=())
+def newton_schulz_kernel_matrix(S: Tensor, iters: int, backend: str) -> Tensor:
+    """W ~= S^-1/2 for SPD S [G, g, g] float32, g <= 128, by the fused Newton-Schulz kernel of
+    `backend` ("triton" or "cuda"). An op of its own, so that torch.compile calls the kernel
+    instead of tracing its launch (which failed with fullgraph=True)."""
+    if S.dim() != 3 or S.shape[1] != S.shape[2] or S.shape[1] > 128 or S.dtype != torch.float32:
+        raise ValueError(f"fastcl::newton_schulz_matrix: S must be float32 [G, g, g] with g <= 128, got "
+                         f"{S.dtype} {tuple(S.shape)}")
+    if backend == "triton":
+        from .kernels import whitening as K
+        return K.newton_schulz_whitening_matrix(S, iters)
+    if backend == "cuda":
+        from . import cuda_backend
+        return cuda_backend.newton_schulz_whitening_matrix(S, iters)
+    raise ValueError(f"fastcl::newton_schulz_matrix: no kernel for backend {backend!r}")
+
+
+@newton_schulz_kernel_matrix.register_fake
+def _(S, iters, backend):
+    return torch.empty_like(S)
+
+
 class _GroupWhiten(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg, eps, ddof, method, iters, detach_stats, backend):
@@ -103,12 +125,8 @@ class _GroupWhiten(torch.autograd.Function):
             ctx.save_for_backward(xc, W, U, sigma)
         else:
             _check_not_singular(S, eps)
-            if backend == "triton":  # method == "newton_schulz", checked by the dispatch
-                from .kernels import whitening as K
-                W = K.newton_schulz_whitening_matrix(S, iters)
-            elif backend == "cuda":
-                from . import cuda_backend
-                W = cuda_backend.newton_schulz_whitening_matrix(S, iters)
+            if backend in ("triton", "cuda"):  # method == "newton_schulz", checked by the dispatch
+                W = torch.ops.fastcl.newton_schulz_matrix(S, iters, backend)
             else:
                 W = _matrix(S, method, iters)
             ctx.save_for_backward(xc, W, S)
@@ -263,7 +281,7 @@ def _cuda_limits(method, g, device):
     (g = 128 fits an H100's 227 KiB, not an A100's 163 or an sm_86/89 card's 99)."""
     reason = _kernel_limits(method, g)
     if reason is None and device.type == "cuda":
-        have = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+        have = _dispatch.shared_memory_per_block(device)
         need = (3 * g * g + 8) * 4
         if have is not None and need > have:
             reason = (f"group size {g} needs {need} bytes of shared memory per block, this GPU "

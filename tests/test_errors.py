@@ -150,6 +150,17 @@ def test_raw_op_checks_what_the_kernels_would_misread(backend):
                                                 False, None, None, False, False, backend)
 
 
+def test_raw_whitening_op_checks_its_input():
+    """torch.ops.fastcl.newton_schulz_matrix, called directly: what the kernels cannot take is
+    refused by name (the group_whiten dispatch never passes it)."""
+    op, S = torch.ops.fastcl.newton_schulz_matrix, torch.eye(4).repeat(2, 1, 1)
+    for bad in (S[0], S.double(), S[:, :3], torch.eye(129)[None]):
+        with pytest.raises(ValueError, match=r"float32 \[G, g, g\] with g <= 128"):
+            op(bad, 3, "triton")
+    with pytest.raises(ValueError, match="no kernel for backend 'torch'"):
+        op(S, 3, "torch")
+
+
 def test_meta_tensors_give_shapes_with_labels():
     # Meta tensors carry no values: the label range cannot be checked, the shapes still can.
     qm, km = q.to("meta"), torch.randn(6, 8, device="meta")
