@@ -68,7 +68,7 @@ def _register_fakes():
 
     @torch.library.register_fake("fastcl_cuda::newton_schulz")
     def _(S, iters):
-        return torch.empty_like(S)
+        return S.new_empty(S.shape)  # contiguous, as the kernel returns it
 
     @torch.library.register_fake("fastcl_cuda::lse_backward")
     def _(u, v, scale, row_stats, col_stats, g_row, g_col, amp, labels, row_cls, col_cls, symmetric,

@@ -93,13 +93,13 @@ def _check_not_singular(S: Tensor, eps: float):
              "a group's covariance is singular (rank-deficient channels): use eps > 0"))
 
 
-@torch.library.custom_op("fastcl::newton_schulz_matrix", mutates_args=())
-def newton_schulz_kernel_matrix(S: Tensor, iters: int, backend: str) -> Tensor:
+@torch.library.custom_op("fastcl::newton_schulz_kernel", mutates_args=())
+def newton_schulz_kernel(S: Tensor, iters: int, backend: str) -> Tensor:
     """W ~= S^-1/2 for SPD S [G, g, g] float32, g <= 128, by the fused Newton-Schulz kernel of
     `backend` ("triton" or "cuda"). An op of its own, so that torch.compile calls the kernel
     instead of tracing its launch (which failed with fullgraph=True)."""
     if S.dim() != 3 or S.shape[1] != S.shape[2] or S.shape[1] > 128 or S.dtype != torch.float32:
-        raise ValueError(f"fastcl::newton_schulz_matrix: S must be float32 [G, g, g] with g <= 128, got "
+        raise ValueError(f"fastcl::newton_schulz_kernel: S must be float32 [G, g, g] with g <= 128, got "
                          f"{S.dtype} {tuple(S.shape)}")
     if backend == "triton":
         from .kernels import whitening as K
@@ -107,12 +107,12 @@ def newton_schulz_kernel_matrix(S: Tensor, iters: int, backend: str) -> Tensor:
     if backend == "cuda":
         from . import cuda_backend
         return cuda_backend.newton_schulz_whitening_matrix(S, iters)
-    raise ValueError(f"fastcl::newton_schulz_matrix: no kernel for backend {backend!r}")
+    raise ValueError(f"fastcl::newton_schulz_kernel: no kernel for backend {backend!r}")
 
 
-@newton_schulz_kernel_matrix.register_fake
+@newton_schulz_kernel.register_fake
 def _(S, iters, backend):
-    return torch.empty_like(S)
+    return S.new_empty(S.shape)  # contiguous, as the kernels return it
 
 
 class _GroupWhiten(torch.autograd.Function):
@@ -126,7 +126,7 @@ class _GroupWhiten(torch.autograd.Function):
         else:
             _check_not_singular(S, eps)
             if backend in ("triton", "cuda"):  # method == "newton_schulz", checked by the dispatch
-                W = torch.ops.fastcl.newton_schulz_matrix(S, iters, backend)
+                W = torch.ops.fastcl.newton_schulz_kernel(S, iters, backend)
             else:
                 W = _matrix(S, method, iters)
             ctx.save_for_backward(xc, W, S)
@@ -238,7 +238,10 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     iters = DEFAULT_NS_ITERS if iters is None else iters
     N, D = x.shape
     g = D // num_groups
-    backend = _dispatch.resolve(backend, x.device, x.dtype, {"triton": _kernel_limits(method, g),
+    # The kernels see only the statistics, in the compute dtype (fp32 for 16-bit x): dispatch on
+    # it, so that 16-bit inputs take fp32's measured figures (and the Triton interpreter, which
+    # refuses bf16 operands, runs them).
+    backend = _dispatch.resolve(backend, x.device, _cdt(x.dtype), {"triton": _kernel_limits(method, g),
                                                             "cuda": _cuda_limits(method, g, x.device)},
                                 op="group_whiten")
     with no_autocast(x.device):  # fp32 statistics under autocast too (its bf16 Gram was 1e-2 off)

@@ -95,8 +95,10 @@ stamp "smoke rc=$smoke_rc"
 # The GPU-relevant tests: every loss, gradient and kernel variant of every backend (torch,
 # triton, cuda) against float64 on the GPU, and the trainer's (test_train_cuda.py; gloo, the CPU
 # trainer tests, demo and the CPU emulation of the CUDA kernels run in CI). pytest-xdist
-# spreads the Triton compilations over the CPU cores and keeps a crash to one worker; each failure is written out as it happens, so a run cut short
-# still says why (tests/conftest.py). PARTS="build cuda-tests" runs the cuda backend's alone.
+# spreads the Triton compilations over the CPU cores and keeps a crash to one worker; each
+# failure is written out as it happens, so a run cut short still says why (tests/conftest.py).
+# PARTS="build cuda-tests" runs the tests with "cuda" in their names alone (the cuda backend's,
+# and the trainer's on the GPU).
 rc=0
 if has tests || has cuda-tests; then
   XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")

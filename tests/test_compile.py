@@ -6,9 +6,9 @@ kernel is launched from Python. Dynamo could trace neither: fullgraph=True faile
 backend="triton" anywhere, and for the default backend="auto" on every GPU. Here:
 - the Triton backend (and on a GPU the default one) compiled with fullgraph, in the CPU
   interpreter where there is no GPU, value and gradients equal to eager;
-- strict torch.export (Dynamo, as fullgraph) of every entry point on fake CUDA tensors, the
-  GPU's facts faked in fastcl._dispatch, so that the GPU dispatch is traced on a machine without
-  a GPU. The traced graph must call the fastcl op with the backend that eager dispatch picks.
+- strict torch.export (Dynamo, as fullgraph) of the losses (functional and a module) and the
+  whitening on fake CUDA tensors, the GPU's facts faked, so that the GPU dispatch is traced on a
+  machine without a GPU. The traced graph must call the fastcl op with the backend that eager dispatch picks.
   Fake CUDA tensors need a CUDA build of torch (no GPU): CI runs these in scripts/build_cuda.sh,
   with the CUDA extension built, so backend="cuda" is traced there too.
 """
@@ -18,12 +18,13 @@ import torch
 import fastcl.functional as FCL
 import fastcl.nn
 from fastcl import _dispatch
-from conftest import DEVICE, HAS_CUDA, why_not_here
+from conftest import DEVICE, HAS_CUDA
 
-# On the CPU the Triton backend runs in the interpreter (fp32: it refuses bf16); on a GPU, bf16
-# and the default backend too, which picks by the measured figures.
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
-KERNEL_BACKENDS = ["triton", "auto"] if HAS_CUDA else ["triton"]
+# On the CPU the Triton backend runs in the interpreter (fp32: it refuses bf16). On a GPU, bf16
+# and fp32, the CUDA extension's kernels, and the default backend, which picks by the measured
+# figures (on sm_90: Triton for bf16, the extension for fp32 where it is built).
+DTYPES = [torch.bfloat16, torch.float32] if HAS_CUDA else [torch.float32]
+KERNEL_BACKENDS = ["triton", "cuda", "auto"] if HAS_CUDA else ["triton"]
 
 
 def _losses(backend):
@@ -40,19 +41,21 @@ def _losses(backend):
     }
 
 
-def _skip_unless_usable(backend):
-    reason = why_not_here(backend, DTYPE) if backend != "auto" else None
+def _skip_unless_usable(backend, dtype, device=DEVICE):
+    reason = _dispatch.why_not(backend, torch.device(device), dtype) if backend != "auto" else None
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
 
 
-@pytest.mark.parametrize("kernel_backend", KERNEL_BACKENDS)
+# The parameter is `backend` so that conftest skips backend="cuda" where it is not built.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", list(_losses("triton")))
-def test_kernel_backend_compiles_fullgraph(name, kernel_backend):
-    _skip_unless_usable(kernel_backend)
-    f = _losses(kernel_backend)[name]
+def test_kernel_backend_compiles_fullgraph(name, backend, dtype):
+    _skip_unless_usable(backend, dtype)
+    f = _losses(backend)[name]
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(21, 12, generator=g).to(DEVICE, DTYPE) for _ in range(2))
+    a, b = (torch.randn(21, 12, generator=g).to(DEVICE, dtype) for _ in range(2))
     results = []
     for run in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
@@ -65,20 +68,39 @@ def test_kernel_backend_compiles_fullgraph(name, kernel_backend):
         torch.testing.assert_close(compiled, eager)
 
 
-@pytest.mark.parametrize("kernel_backend", KERNEL_BACKENDS)
-def test_kernel_whitening_compiles_fullgraph(kernel_backend):
-    """The Newton-Schulz kernel runs inside its op (fastcl::newton_schulz_matrix): Dynamo traced
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_whitening_compiles_fullgraph(backend):
+    """The Newton-Schulz kernel runs inside its op (fastcl::newton_schulz_kernel): Dynamo traced
     into the kernel's launch before, which fullgraph refused."""
-    _skip_unless_usable(kernel_backend)
+    _skip_unless_usable(backend, torch.float32)
     x = torch.randn(40, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    f = lambda x: FCL.group_whiten(x, 2, method="newton_schulz", backend=kernel_backend)  # noqa: E731
-    m = fastcl.nn.GroupWhitening(16, 2, method="newton_schulz", backend=kernel_backend).to(DEVICE)
+    f = lambda x: FCL.group_whiten(x, 2, method="newton_schulz", backend=backend)  # noqa: E731
+    m = fastcl.nn.GroupWhitening(16, 2, method="newton_schulz", backend=backend).to(DEVICE)
     compiled_m = torch.compile(m, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         want = f(x)
         torch.testing.assert_close(torch.compile(f, backend="aot_eager", fullgraph=True)(x), want)
         torch.testing.assert_close(compiled_m(x), want)  # training mode: the batch's statistics
     torch.testing.assert_close(m.running_mean, 0.1 * x.mean(0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_ops_pass_opcheck(backend):
+    """torch.library.opcheck: schema, fake implementation (shapes and strides: the whitening
+    op's fake kept a transposed input's strides, where the kernels return a contiguous W),
+    autograd registration, and AOT dispatch, of the ops as torch.compile calls them."""
+    _skip_unless_usable(backend, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    u, v = (torch.randn(n, 6, generator=g).to(DEVICE).requires_grad_() for n in (5, 7))
+    s = torch.tensor(2.0, device=DEVICE, requires_grad=True)
+    labels = torch.tensor([0, 6, 1, 0, 3], device=DEVICE)
+    op = torch.ops.fastcl.info_nce_rows
+    torch.library.opcheck(op, (u, v[:5], s, None, True, None, None, False, False, backend))
+    torch.library.opcheck(op, (u, v, s, labels, False, None, None, False, True, backend))
+    if backend != "torch":
+        S = torch.randn(2, 8, 8, generator=g).to(DEVICE)
+        S = (S @ S.transpose(1, 2) + 8 * torch.eye(8, device=DEVICE)).transpose(1, 2)  # not contiguous
+        torch.library.opcheck(torch.ops.fastcl.newton_schulz_kernel, (S, 3, backend))
 
 
 def _why_no_fake_cuda():
@@ -133,36 +155,32 @@ def _export_on_fake_cuda(f, dtype, *shapes):
         return torch.export.export(M(), tuple(xs), strict=True)
 
 
-# (gpu_backend, not backend: conftest skips backend="cuda" where it cannot run on the CPU)
+# gpu_backend, not backend: conftest would skip backend="cuda" for the CPU's sake.
 @needs_fake_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("gpu_backend", ["auto", "triton", "cuda", "torch"])
 def test_gpu_dispatch_traces_fullgraph(fake_h100, gpu_backend, dtype):
-    """Dynamo traces the dispatch of every loss on a (fake) GPU, for each backend; the graph
+    """Dynamo traces the dispatch of the losses on a (fake) GPU, for each backend; the graph
     calls the op with the backend that eager dispatch picks, per the measured figures."""
-    backend = gpu_backend
-    reason = _dispatch.why_not(backend, torch.device("cuda"), dtype) if backend != "auto" else None
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-    want = _dispatch.resolve(backend, torch.device("cuda"), dtype)
-    if backend == "auto":  # sm_90's measured figures: Triton for 16-bit, cuda (or torch) for fp32
-        assert want == ("triton" if dtype == torch.bfloat16 else
-                        "torch" if _dispatch.why_not("cuda", torch.device("cuda"), dtype) else "cuda")
-    for name, f in _losses(backend).items():
+    _skip_unless_usable(gpu_backend, dtype, "cuda")
+    want = _dispatch.resolve(gpu_backend, torch.device("cuda"), dtype)
+    if gpu_backend == "auto":  # sm_90's measured figures: Triton for 16-bit, cuda (or torch) for fp32
+        cuda_built = _dispatch.why_not("cuda", torch.device("cuda"), dtype) is None
+        assert want == ("triton" if dtype == torch.bfloat16 else "cuda" if cuda_built else "torch")
+    for name, f in _losses(gpu_backend).items():
         ep = _export_on_fake_cuda(lambda a, b, ls: f(a, b, ls), dtype, (24, 16), (24, 16), ())
         calls = _fastcl_calls(ep)
         assert calls and all(c == ("info_nce_rows", want) for c in calls), (name, calls)
 
 
 @needs_fake_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("gpu_backend", ["auto", "triton", "cuda", "torch"])
-def test_gpu_whitening_dispatch_traces_fullgraph(fake_h100, gpu_backend):
-    backend = gpu_backend
-    reason = _dispatch.why_not(backend, torch.device("cuda"), torch.float32) if backend != "auto" else None
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-    f = lambda x: FCL.group_whiten(x, 4, method="newton_schulz", backend=backend)  # noqa: E731
-    calls = _fastcl_calls(_export_on_fake_cuda(f, torch.float32, (48, 32)))
-    # auto: the measured figures for sm_90 pick the torch iteration (no kernel, no op)
-    want = [] if backend in ("auto", "torch") else [("newton_schulz_matrix", backend)]
+def test_gpu_whitening_dispatch_traces_fullgraph(fake_h100, gpu_backend, dtype):
+    """The kernels see fp32 statistics whatever x's dtype: bf16 x takes fp32's measured
+    figures on sm_90 (the torch iteration, no op) and runs on either kernel."""
+    _skip_unless_usable(gpu_backend, torch.float32, "cuda")
+    f = lambda x: FCL.group_whiten(x, 4, method="newton_schulz", backend=gpu_backend)  # noqa: E731
+    calls = _fastcl_calls(_export_on_fake_cuda(f, dtype, (48, 32)))
+    want = [] if gpu_backend in ("auto", "torch") else [("newton_schulz_kernel", gpu_backend)]
     assert calls == want

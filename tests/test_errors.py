@@ -151,9 +151,9 @@ def test_raw_op_checks_what_the_kernels_would_misread(backend):
 
 
 def test_raw_whitening_op_checks_its_input():
-    """torch.ops.fastcl.newton_schulz_matrix, called directly: what the kernels cannot take is
+    """torch.ops.fastcl.newton_schulz_kernel, called directly: what the kernels cannot take is
     refused by name (the group_whiten dispatch never passes it)."""
-    op, S = torch.ops.fastcl.newton_schulz_matrix, torch.eye(4).repeat(2, 1, 1)
+    op, S = torch.ops.fastcl.newton_schulz_kernel, torch.eye(4).repeat(2, 1, 1)
     for bad in (S[0], S.double(), S[:, :3], torch.eye(129)[None]):
         with pytest.raises(ValueError, match=r"float32 \[G, g, g\] with g <= 128"):
             op(bad, 3, "triton")

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import requires_cuda
 from fastcl import train as T
 from test_train import _batches, _cfg, _noise, _params
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
 def test_cuda_training_resumes_exactly(tmp_path, amp):
     """The trainer on a GPU (the other tests run it on the CPU): GradCache chunks, autocast and

@@ -388,6 +388,18 @@ def test_module_eval_in_16_bit_computes_in_fp32(dtype, tol):
     assert rel_err(y.double(), exact) < tol
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernels_take_bf16_inputs_as_fp32_statistics(backend):
+    """The kernels see only fp32 statistics, so the dispatch asks about fp32: bf16 inputs run
+    on them (in the Triton interpreter too, which refuses bf16 operands) and match the torch
+    iteration to the output's rounding."""
+    x = _x(96, 16, seed=19, dtype=torch.bfloat16).to(DEVICE)
+    want = FCL.group_whiten(x, 2, method="newton_schulz", backend="torch")
+    got = FCL.group_whiten(x, 2, method="newton_schulz", backend=backend)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.double(), want.double()) < 1e-2
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_kernel_on_gpu_bf16(backend):
