@@ -93,14 +93,17 @@ def _check_not_singular(S: Tensor, eps: float):
              "a group's covariance is singular (rank-deficient channels): use eps > 0"))
 
 
+KERNEL_MAX_GROUP = 128  # the kernels keep a group's g x g matrices in one program (block)
+
+
 @torch.library.custom_op("fastcl::newton_schulz_kernel", mutates_args=())
 def newton_schulz_kernel(S: Tensor, iters: int, backend: str) -> Tensor:
     """W ~= S^-1/2 for SPD S [G, g, g] float32, g <= 128, by the fused Newton-Schulz kernel of
     `backend` ("triton" or "cuda"). An op of its own, so that torch.compile calls the kernel
     instead of tracing its launch (which failed with fullgraph=True)."""
-    if S.dim() != 3 or S.shape[1] != S.shape[2] or S.shape[1] > 128 or S.dtype != torch.float32:
-        raise ValueError(f"fastcl::newton_schulz_kernel: S must be float32 [G, g, g] with g <= 128, got "
-                         f"{S.dtype} {tuple(S.shape)}")
+    if S.dim() != 3 or S.shape[1] != S.shape[2] or S.shape[1] > KERNEL_MAX_GROUP or S.dtype != torch.float32:
+        raise ValueError(f"fastcl::newton_schulz_kernel: S must be float32 [G, g, g] with g <= "
+                         f"{KERNEL_MAX_GROUP}, got {S.dtype} {tuple(S.shape)}")
     if backend == "triton":
         from .kernels import whitening as K
         return K.newton_schulz_whitening_matrix(S, iters)
@@ -306,8 +309,8 @@ def _kernel_limits(method, g):
     if method != "newton_schulz":
         return (f"it implements method='newton_schulz' only (got {method!r}); eigh and Cholesky "
                 f"run in backend='torch'")
-    if g > 128:
-        return f"group size {g} > 128 does not fit one program (block) per group"
+    if g > KERNEL_MAX_GROUP:
+        return f"group size {g} > {KERNEL_MAX_GROUP} does not fit one program (block) per group"
     return None
 
 
