@@ -104,10 +104,18 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_bool(value, name: str) -> None:
-    """value must be True or False: a string such as "no" would otherwise read as True."""
-    if not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+def check_bool(value, name: str) -> bool:
+    """value as a Python bool, if it is True or False (NumPy's too, or an integer 0 or 1); a
+    string such as "no" would otherwise read as True. Callers pass on the result: the custom
+    ops' bool arguments take Python bools only."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and getattr(getattr(value, "dtype", None), "kind", "") == "b" \
+            and getattr(value, "ndim", None) == 0:
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def positive_number(value, name: str) -> float:

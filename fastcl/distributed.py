@@ -215,8 +215,8 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
     try:
         _validation.check_embeddings(q, k)
         _validation.check_reduction(reduction)
-        _validation.check_bool(symmetric, "symmetric")
-        _validation.check_bool(normalize, "normalize")
+        symmetric = _validation.check_bool(symmetric, "symmetric")
+        normalize = _validation.check_bool(normalize, "normalize")
         if labels is not None:
             _validation.check_class_ids(labels, q.shape[0], q.device)
         scale = _validation.scale_tensor(temperature, logit_scale, q.device, q.dtype)

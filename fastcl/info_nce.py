@@ -143,7 +143,7 @@ def _normalize(x: Tensor) -> Tensor:
 def prepare(scale: Tensor, normalize: bool, *xs: Tensor):
     """The embeddings (normalised if asked) and the scale in the compute dtype (float64 stays
     float64, for gradcheck)."""
-    _validation.check_bool(normalize, "normalize")
+    normalize = _validation.check_bool(normalize, "normalize")
     xs = tuple(_normalize(x) for x in xs) if normalize else xs
     return (*xs, scale.to(chunked.compute_dtype(xs[0].dtype)))
 
@@ -216,7 +216,8 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
     """
     _validation.check_embeddings(q, k)
     _validation.check_reduction(reduction)
-    _validation.check_bool(symmetric, "symmetric")
+    symmetric = _validation.check_bool(symmetric, "symmetric")
+    normalize = _validation.check_bool(normalize, "normalize")  # before the reference runs
     label_smoothing = _validation.smoothing(label_smoothing)
     B, N = q.shape[0], k.shape[0]
     if symmetric:

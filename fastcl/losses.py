@@ -29,13 +29,16 @@ def _partner(n, device):
     return torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(device)
 
 
-def _setup(a, temperature, reduction, backend):
+def _setup(a, temperature, reduction, backend, normalize):
+    """The loss's scale tensor, backend and normalize flag, checked before any backend (the
+    reference's too) runs."""
     _validation.check_reduction(reduction)
+    normalize = _validation.check_bool(normalize, "normalize")
     # No None here: these losses have no logit_scale= alternative, and their defaults differ
     # from info_nce's 0.07 that scale_tensor would substitute.
     _validation.positive_number(temperature, "temperature")
     scale = _validation.scale_tensor(temperature, None, a.device, a.dtype)
-    return scale, _dispatch.resolve(backend, a.device, a.dtype)
+    return scale, _dispatch.resolve(backend, a.device, a.dtype), normalize
 
 
 def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool = True,
@@ -48,7 +51,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
     first). Equal to lightly's and pytorch-metric-learning's NTXentLoss.
     """
     _check_views(z1, z2)
-    scale, backend = _setup(z1, temperature, reduction, backend)
+    scale, backend, normalize = _setup(z1, temperature, reduction, backend, normalize)
     if backend == "reference":
         return reference.nt_xent_reference(z1, z2, temperature=temperature, normalize=normalize,
                                            reduction=reduction)
@@ -97,7 +100,7 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
     _check_views(z1, z2, min_pairs=2)
     if negatives not in ("joint", "split"):
         raise ValueError(f"negatives must be 'joint' or 'split', got {negatives!r}")
-    scale, backend = _setup(z1, temperature, reduction, backend)
+    scale, backend, normalize = _setup(z1, temperature, reduction, backend, normalize)
     n = z1.shape[0]
     if backend == "reference":
         n1, n2 = (F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)) if normalize else (z1, z2)
@@ -129,7 +132,7 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
 
 def _dcl_weights(n1, n2, weight, sigma, detach):
     """Per-anchor weights (view 1's, view 2's) from the views as the loss sees them."""
-    _validation.check_bool(detach, "detach_weight")
+    detach = _validation.check_bool(detach, "detach_weight")
     if weight is None:
         return None, None
     if isinstance(weight, str):
@@ -179,7 +182,7 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, *, temperature: fl
     _validation.check_embeddings(flat, flat, "features", "features")
     _validation.check_class_ids(labels, B, features.device)
     cls = labels.repeat(views)
-    scale, backend = _setup(flat, temperature, reduction, backend)
+    scale, backend, normalize = _setup(flat, temperature, reduction, backend, normalize)
     if backend == "reference":
         return reference.supcon_reference(flat, cls, temperature=temperature, normalize=normalize,
                                           reduction=reduction)

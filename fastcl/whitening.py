@@ -236,8 +236,8 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
         permuted channel order if perm is given).
     """
     _check(x, num_groups, eps, ddof, method, iters, perm)
-    _validation.check_bool(detach_stats, "detach_stats")
-    _validation.check_bool(return_matrix, "return_matrix")
+    detach_stats = _validation.check_bool(detach_stats, "detach_stats")
+    return_matrix = _validation.check_bool(return_matrix, "return_matrix")
     iters = DEFAULT_NS_ITERS if iters is None else iters
     N, D = x.shape
     g = D // num_groups

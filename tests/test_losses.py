@@ -505,6 +505,44 @@ def test_bad_input(call, exc, match):
         call()
 
 
+@pytest.mark.parametrize("loss", ["info_nce", "nt_xent", "dcl", "supcon"])
+def test_reference_refuses_a_string_normalize(loss):
+    """normalize="no" read as True on backend='reference' (the others refused it)."""
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    call = {"info_nce": lambda **kw: FCL.info_nce(z1, z2, **kw), "nt_xent": lambda **kw: FCL.nt_xent(z1, z2, **kw),
+            "dcl": lambda **kw: FCL.dcl(z1, z2, **kw),
+            "supcon": lambda **kw: FCL.supcon(torch.stack([z1, z2], 1), **kw)}[loss]
+    with pytest.raises(TypeError, match="normalize must be True or False"):
+        call(normalize="no", backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_numpy_bools_are_bools(backend):
+    """np.True_ (a NumPy comparison's result, a config read with NumPy) and np.int64(0) were
+    refused; each flag now takes them and gives what the Python bool gives."""
+    np = pytest.importorskip("numpy")
+    z1, z2 = torch.randn(5, 3), torch.randn(5, 3)
+    x = torch.randn(16, 8)
+    calls = [
+        lambda f: FCL.info_nce(z1, z2, symmetric=f(True), normalize=f(False), backend=backend),
+        lambda f: FCL.nt_xent(z1, z2, normalize=f(False), backend=backend),
+        lambda f: FCL.dcl(z1, z2, weight="vmf", detach_weight=f(False), normalize=f(False), backend=backend),
+        lambda f: FCL.supcon(torch.stack([z1, z2], 1), normalize=f(False), backend=backend),
+        lambda f: FCL.group_whiten(x, 2, return_matrix=f(True), detach_stats=f(True),
+                                   backend="torch" if backend == "torch" else "reference")[1],
+    ]
+    for call in calls:
+        want = call(bool)
+        for f in (np.bool_, lambda b: np.int64(int(b))):
+            assert torch.equal(call(f), want)
+    m = fastcl.nn.GroupWhitening(8, 2, detach_stats=np.False_, track_running_stats=np.True_)
+    assert m.track_running_stats
+    with pytest.raises(TypeError, match="symmetric"):
+        FCL.info_nce(z1, z2, symmetric=np.array([True, False]))
+    with pytest.raises(TypeError, match="symmetric"):
+        FCL.info_nce(z1, z2, symmetric=np.int64(2))
+
+
 def test_info_nce_module_takes_none_for_the_default_temperature():
     """As info_nce does; checking the settings at construction must not refuse it."""
     q, k = torch.randn(4, 3), torch.randn(4, 3)
