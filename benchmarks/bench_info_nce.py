@@ -37,11 +37,16 @@ def _symmetric(fn, q, k, sym):
 # Kernel variants timed beside their backend's default, selected by environment variables that
 # the launchers read at every call: the cuda kernels with WMMA instead of wgmma (Hopper), the
 # Triton backward with 64 x 32 tiles (no spills in its tile loop, scripts/triton_resources.py)
-# instead of 64 x 64 (the fastest measured so far), and the Triton backward's S recompute in
-# the forward's D-chunks (the fp32 default) or as one dot over the D-slab (the 16-bit default).
+# instead of 64 x 64 (the fastest measured so far), with D-slabs of 256 (at D = 512: half the
+# registers for the [BM, BD] gradient accumulator and the slab of A, for S recomputed twice;
+# no spills in Triton 3.9's offline sm_90 compile, with 64 x 64 or 64 x 128 tiles),
+# and the Triton backward's S recompute in the forward's D-chunks (the fp32 default) or as one
+# dot over the D-slab (the 16-bit default).
 VARIANTS = {
     "fastcl-cuda-wmma": ("cuda", {"FASTCL_CUDA_WGMMA": "0"}),
     "fastcl-triton-bn32": ("triton", {"FASTCL_BWD_BN": "32"}),
+    "fastcl-triton-bd256": ("triton", {"FASTCL_BWD_BD": "256"}),
+    "fastcl-triton-bd256-bn128": ("triton", {"FASTCL_BWD_BD": "256", "FASTCL_BWD_BN": "128"}),
     "fastcl-triton-chunks": ("triton", {"FASTCL_BWD_SAME_CHUNKS": "1"}),
     "fastcl-triton-onedot": ("triton", {"FASTCL_BWD_SAME_CHUNKS": "0"}),
 }

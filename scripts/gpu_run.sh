@@ -124,11 +124,12 @@ has bench && {
   within 100 $B --sizes 4096,16384,32768,65536 --dim 512 --dtype bf16 --plot /tmp/plots/info_nce.png
   # Forward alone, then fwd+bwd of the fastcl kernels; on Hopper, the cuda kernels both with wgmma
   # (fastcl-cuda) and with WMMA (fastcl-cuda-wmma); the Triton backward with 64 x 64 and 64 x 32
-  # tiles (fastcl-triton-bn32), and recomputing S in the forward's D-chunks (fastcl-triton-chunks).
+  # tiles (fastcl-triton-bn32), with 256-wide D-slabs (fastcl-triton-bd256, -bd256-bn128: two slabs at
+  # D = 512, half the registers), and recomputing S in the forward's D-chunks (fastcl-triton-chunks).
   within 30 $B --sizes 32768 --dim 512 --dtype bf16 --mode fwd \
     --only naive-torch,fastcl-triton,fastcl-cuda,fastcl-cuda-wmma
-  within 45 $B --sizes 32768 --dim 512 --dtype bf16 \
-    --only fastcl-triton,fastcl-triton-bn32,fastcl-triton-chunks,fastcl-cuda,fastcl-cuda-wmma
+  within 65 $B --sizes 32768 --dim 512 --dtype bf16 \
+    --only fastcl-triton,fastcl-triton-bn32,fastcl-triton-bd256,fastcl-triton-bd256-bn128,fastcl-triton-chunks,fastcl-cuda,fastcl-cuda-wmma
   # fp32: the Triton backward recomputing S in the forward's chunks (the fp32 default since the
   # eighth session) against one dot over the D-slab (which needs 328 KB of shared memory at
   # D = 256 with 3xTF32, over the H100's 227 KB: expect it to fail there; D = 128 fits).

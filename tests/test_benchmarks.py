@@ -180,7 +180,11 @@ def test_kernel_variants_only_when_named(monkeypatch):
     assert "fastcl-triton-bn32" not in bench_info_nce.providers(CPU, False)
     provs = bench_info_nce.providers(CPU, False, only=["fastcl-triton", "fastcl-triton-bn32"])
     assert provs["fastcl-triton-bn32"].env == {"FASTCL_BWD_BN": "32"}
-    provs = bench_info_nce.providers(CPU, False, only=["fastcl-triton-chunks", "fastcl-triton-onedot"])
+    assert "fastcl-triton-bd256" not in provs
+    provs = bench_info_nce.providers(CPU, False, only=["fastcl-triton-chunks", "fastcl-triton-onedot",
+                                                       "fastcl-triton-bd256"])
+    assert provs["fastcl-triton-bd256"].env == {"FASTCL_BWD_BD": "256"}
+    assert "fastcl-triton-bd256-bn128" not in provs
     assert provs["fastcl-triton-chunks"].env == {"FASTCL_BWD_SAME_CHUNKS": "1"}
     assert provs["fastcl-triton-onedot"].env == {"FASTCL_BWD_SAME_CHUNKS": "0"}
     assert getattr(provs["fastcl-triton"], "env", {}) == {}

@@ -133,6 +133,25 @@ def test_triton_one_dot_slab_path(monkeypatch, symmetric):
         _check("triton", 45, 45, 20, dtype, 0.07, symmetric=symmetric, seed=2)
 
 
+def _triton_variants():
+    from benchmarks.bench_info_nce import VARIANTS
+    return {name: env for name, (be, env) in VARIANTS.items() if be == "triton"}
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="FASTCL_BWD_* set GPU tiles; the interpreter has its own small ones")
+@pytest.mark.parametrize("variant", sorted(_triton_variants()))
+def test_triton_variants_the_benchmark_times(monkeypatch, variant):
+    """Each Triton backward variant that gpu_run.sh times must compute the loss it is timed
+    for, at the dtype and D it is timed at: bf16 at D = 512 (which crosses two 256-wide slabs),
+    and the one-dot recompute also at fp32, D = 128. B = 200: partial 64- and 128-row tiles."""
+    for name, value in _triton_variants()[variant].items():
+        monkeypatch.setenv(name, value)
+    cases = [(torch.bfloat16, 512)] + ([(torch.float32, 128)] if variant == "fastcl-triton-onedot" else [])
+    for dtype, D in cases:
+        for symmetric in (False, True):
+            _check("triton", 200, 200, D, dtype, 0.07, symmetric=symmetric, seed=4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_and_labels(backend, reduction):
