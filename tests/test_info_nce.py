@@ -123,14 +123,60 @@ def test_raw_op_takes_a_negative_scale(backend):
         assert_within_budget(name, a, b, r, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_raw_op_weighs_rows_and_columns_apart(backend, dtype):
+    """The losses weigh a row's and its column's term alike, but the op returns them apart and
+    takes an upstream gradient for each: the kernels must not read one for the other, nor size
+    their fp16 gradient amplification from one. The column weights are negative (a maximised
+    term) and larger: an amplification sized by the signed maximum overflowed G."""
+    q, k = _inputs(45, 45, 20, dtype, seed=6, corr=1.0)
+    q, k = (F.normalize(x, dim=1).to(dtype).double() for x in (q, k))
+    g = torch.Generator().manual_seed(8)
+    w_row = torch.rand(45, generator=g, dtype=torch.float64) + 0.5
+    w_col = -30 * (torch.rand(45, generator=g, dtype=torch.float64) + 0.5)
+
+    def run(backend, dt):
+        u, v = (x.to(device=DEVICE, dtype=dt).clone().requires_grad_() for x in (q, k))
+        s = torch.tensor(1 / 0.07, device=DEVICE, dtype=torch.float64 if dt == torch.float64 else torch.float32,
+                         requires_grad=True)
+        row, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, s, None, True, None, None, False, False, backend)
+        (row * w_row.to(DEVICE, row.dtype) + col * w_col.to(DEVICE, col.dtype)).sum().backward()
+        return [t.detach().cpu() for t in (row, col, u.grad, v.grad, s.grad)]
+
+    ref, same, ours = run("torch", torch.float64), run("torch", dtype), run(backend, dtype)
+    for name, a, b, r in zip(["row", "col", "du", "dv", "dscale"], ours, same, ref):
+        assert torch.isfinite(a).all(), name
+        assert_within_budget(name, a, b, r, dtype)
+
+
+def test_gradient_amplification_is_a_power_of_two():
+    """grad_amp's factor is undone after the products: only a power of two comes out exactly.
+    Its bound takes |g|, whatever the signs."""
+    from fastcl._common import grad_amp
+    s = torch.tensor(14.3)
+    for g_row, g_col in [(torch.rand(7) * 3e-5, None), (-torch.rand(7), torch.rand(7) * 0.1),
+                         (torch.full((3,), -2.0), torch.full((3,), -5.0))]:
+        amp = grad_amp(s, g_row, g_col)
+        e = torch.log2(amp)
+        assert amp.shape == (1,) and amp.dtype == torch.float32 and torch.equal(e, e.round()), amp
+        bound = float(s) * sum(float(g.abs().max()) for g in (g_row, g_col) if g is not None)
+        assert 2.0 ** 13 < bound * float(amp) <= 2.0 ** 14, (bound, amp)
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_triton_one_dot_slab_path(monkeypatch, symmetric):
-    """The backward's one-dot S recompute (16-bit inputs on a GPU take it): correct at tau = 0.07."""
+    """The backward's one-dot S recompute (16-bit inputs on a GPU take it): correct at tau = 0.07,
+    with one D-slab (D = 20) and with several (D = 150: the one dot is only where one slab
+    covers D; with several, S must still sum every slab)."""
     monkeypatch.setenv("FASTCL_BWD_SAME_CHUNKS", "0")
     from fastcl.kernels.info_nce import backward_config
     assert backward_config(torch.device(DEVICE), torch.float16, 20)["SAME_CHUNKS"] is False
-    for dtype in (torch.float32, torch.float16):
-        _check("triton", 45, 45, 20, dtype, 0.07, symmetric=symmetric, seed=2)
+    assert backward_config(torch.device(DEVICE), torch.float16, 20)["ONE_SLAB"] is True
+    assert backward_config(torch.device(DEVICE), torch.float16, 600)["ONE_SLAB"] is False
+    for D in (20, 150 if not HAS_CUDA else 600):
+        for dtype in (torch.float32, torch.float16):
+            _check("triton", 45, 45, D, dtype, 0.07, symmetric=symmetric, seed=2)
 
 
 def _triton_variants():
@@ -600,13 +646,14 @@ def test_triton_launch_steps_down_to_a_config_that_fits(monkeypatch):
     monkeypatch.setattr(K, "_FITS", {})
     launches = []
 
-    class Kernel:  # loads only with the chunked recompute and at most `limit` stages
+    class Kernel:  # loads only with the chunked recompute and at most `limit` stages (or if roomy)
         limit = 1
+        roomy = False
 
         def __getitem__(self, grid):
             def run(*args, **kw):
                 launches.append((kw["SAME_CHUNKS"], kw["num_stages"]))
-                if not kw["SAME_CHUNKS"] or kw["num_stages"] > self.limit:
+                if not self.roomy and (not kw["SAME_CHUNKS"] or kw["num_stages"] > self.limit):
                     raise OutOfResources(300000, 232448, "shared memory")
             return run
 
@@ -619,6 +666,16 @@ def test_triton_launch_steps_down_to_a_config_that_fits(monkeypatch):
     launches.clear()
     K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.bfloat16)
     assert launches == [(True, 1)]  # remembered: straight to the config that loads
+    # Remembered per flags and per dtype: another flag set (here one that loads with the first
+    # config) or dtype starts from the top of its own ladder.
+    launches.clear()
+    Kernel.roomy = True
+    K._launch(kernel, (4,), (), dict(TRANSPOSED=True), cfg, dev, torch.bfloat16)
+    assert launches == [(False, 3)]
+    Kernel.roomy = False
+    launches.clear()
+    K._launch(kernel, (4,), (), dict(TRANSPOSED=False), cfg, dev, torch.float16)
+    assert launches == [(False, 3), (True, 3), (True, 2), (True, 1)]
     kernel.limit = 0  # nothing fits: the error surfaces
     monkeypatch.setattr(K, "_FITS", {})
     with pytest.raises(OutOfResources):
