@@ -47,6 +47,30 @@ def _skip_unless_usable(backend, dtype, device=DEVICE):
         pytest.skip(f"{backend}: {reason}")
 
 
+@pytest.mark.skipif(_dispatch._import_error("triton") is not None, reason="needs triton")
+def test_compiled_call_first_in_a_fresh_process():
+    """Every test above runs after eager calls, which fill the dispatch's import cache: Dynamo
+    then traces a dict lookup. The first call of a fresh process must trace the import check
+    itself (assume_constant_result), with fullgraph, for backend="triton" and "auto"."""
+    import os
+    import subprocess
+    import sys
+    code = f"""if True:
+        import torch, fastcl.functional as FCL
+        q = torch.randn(6, 8, device="{DEVICE}", requires_grad=True)
+        k = torch.randn(6, 8, device="{DEVICE}")
+        for backend in ("triton", "auto"):
+            f = torch.compile(lambda q, k: FCL.info_nce(q, k, backend=backend), fullgraph=True,
+                              backend="eager")
+            f(q, k).backward()
+        print("compiled")
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         timeout=300)  # TRITON_INTERPRET (the CPU) is inherited from conftest
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
 # The parameter is `backend` so that conftest skips backend="cuda" where it is not built.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

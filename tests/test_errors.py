@@ -18,6 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("args, kwargs, exc, match", [
     ((torch.randn(4), k), {}, ValueError, "2-D"),
+    ((torch.randn(4, 2, 4), k), {}, ValueError, "2-D"),
+    ((torch.randn(4, 0), torch.randn(4, 0)), {}, ValueError, "feature dimension 0"),
+    ((q, k), {"label_smoothing": -0.1}, ValueError, "label_smoothing"),
+    ((q, k), {"label_smoothing": True}, TypeError, "label_smoothing"),
+    ((q, k), {"logit_scale": torch.tensor(2)}, ValueError, "floating tensor"),
     ((q, torch.randn(4, 9)), {}, ValueError, "same feature dimension"),
     ((q, k.double()), {}, TypeError, "same dtype"),
     ((q.long(), k.long()), {}, TypeError, "float16, bfloat16, float32 or float64"),
@@ -85,6 +90,55 @@ def test_triton_on_cpu_without_interpreter():
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_auto_on_a_gpu_takes_the_fastest_measured_figure(monkeypatch):
+    """auto on a GPU reads MEASURED_MS by architecture (sm_90, not sm_9), op and precision
+    (float16 and bfloat16 share the "16bit" figures): the fastest usable backend there, the
+    next fastest when that one cannot run, and Triton, saying so, where nothing was measured."""
+    from fastcl import _dispatch as Dp
+    dev = torch.device("cuda", 0)
+    usable = lambda b: None  # noqa: E731
+    for arch, ops in Dp.MEASURED_MS.items():
+        cap = (int(arch[3:-1]), int(arch[-1]))
+        monkeypatch.setattr(Dp, "capability", lambda device: cap)
+        for op, precs in ops.items():
+            for prec, figures in precs.items():
+                best = min(figures, key=figures.get)
+                rest = {b: ms for b, ms in figures.items() if b != best}
+                for dtype in {"16bit": (torch.float16, torch.bfloat16), "fp32": (torch.float32,)}[prec]:
+                    choice, why = Dp.auto_gpu_choice(dev, dtype, usable, op)
+                    assert choice == best and f"measured on {arch} ({prec})" in why, (op, dtype, why)
+                    choice, _ = Dp.auto_gpu_choice(dev, dtype, lambda b: "no" if b == best else None, op)
+                    assert choice == min(rest, key=rest.get), (op, dtype)
+    monkeypatch.setattr(Dp, "capability", lambda device: (12, 7))
+    choice, why = Dp.auto_gpu_choice(dev, torch.bfloat16, usable)
+    assert choice == "triton" and "no measured figures for sm_127" in why
+
+
+def test_shared_memory_is_the_opt_in_limit(monkeypatch):
+    """The kernels may use a block's opt-in shared memory (227 KB on an H100), not the 48 KB
+    default that torch also reports."""
+    import types
+    from fastcl import _dispatch as Dp
+    props = types.SimpleNamespace(shared_memory_per_block=49152, shared_memory_per_block_optin=232448)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert Dp.shared_memory_per_block(torch.device("cuda", 0)) == 232448
+
+
+def test_a_broken_import_is_a_reason_not_a_crash(monkeypatch):
+    """A Triton install that raises something other than ImportError on import (a driver
+    mismatch, say) makes the backend unusable with that error as the reason."""
+    from fastcl import _dispatch as Dp
+    monkeypatch.setattr(Dp, "_IMPORT_ERRORS", {})
+
+    def broken(name):
+        raise RuntimeError("driver too old")
+    monkeypatch.setattr(Dp.importlib, "import_module", broken)
+    why = Dp.why_not("triton", torch.device("cpu"), torch.float32)
+    assert why == "triton cannot be imported (RuntimeError: driver too old)"
+    with pytest.raises(fastcl.BackendUnavailable, match="driver too old"):
+        Dp.resolve("triton", torch.device("cpu"), torch.float32)
 
 
 def test_available_backends_reports_reasons():

@@ -432,6 +432,17 @@ def test_torch_compile_refuses_out_of_range_labels():
     assert torch.isfinite(f(q, k, torch.tensor([0, 1, 2, 3, 4, 5])))
     with pytest.raises(RuntimeError, match="must lie in"):
         f(q, k, torch.tensor([0, 1, 2, 3, 4, 6]))
+    with pytest.raises(RuntimeError, match="must lie in"):
+        f(q, k, torch.tensor([0, 1, -1, 3, 4, 5]))  # negative too: the device-side check's other half
+
+
+def test_torch_backend_chunks_when_one_row_exceeds_the_budget(monkeypatch):
+    """N alone past CHUNK_ELEMENTS: chunks of one row, not of zero (an endless or empty loop)."""
+    q, k = torch.randn(5, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    want = FCL.info_nce(q, k, backend="reference")
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4)
+    assert list(chunked._chunks(5, 9)) == [(i, i + 1) for i in range(5)]
+    assert torch.allclose(FCL.info_nce(q, k, backend="torch"), want)
 
 
 class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
