@@ -142,6 +142,46 @@ def test_kernel_newton_schulz_matches_torch(backend, iters):
     assert torch.allclose(y_k, y_t, atol=1e-4) and torch.allclose(g_k, g_t, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])  # skipped where unusable (conftest)
+def test_kernel_backend_runs_its_kernel(backend, monkeypatch):
+    """backend="triton" (or "cuda") runs that backend's kernel, once for all groups: the
+    comparisons with torch above would pass if it quietly ran torch's iteration instead."""
+    from fastcl import cuda_backend
+    from fastcl.kernels import whitening as KW
+    mod = KW if backend == "triton" else cuda_backend
+    calls, kernel = [], mod.newton_schulz_whitening_matrix
+    monkeypatch.setattr(mod, "newton_schulz_whitening_matrix",
+                        lambda S, iters: calls.append((tuple(S.shape), iters)) or kernel(S, iters))
+    FCL.group_whiten(_x(96, 40, seed=6, dtype=torch.float32).to(DEVICE), 5, method="newton_schulz",
+                     iters=4, backend=backend)
+    assert calls == [((5, 8, 8), 4)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_padding_stays_out_of_many_iterations(backend):
+    """g = 24 runs padded to 32: the identity must cover the valid block only. Padding on the
+    diagonal grows by 1.5 per iteration, apart from the valid block until it overflows (~220
+    iterations), and then 0 * inf made the whole group NaN."""
+    S = _group_cov(_x(200, 48, seed=8, dtype=torch.float32), 2).float().to(DEVICE)
+    S = S + 1e-3 * torch.eye(24, device=DEVICE)
+    W = torch.ops.fastcl.newton_schulz_kernel(S, 300, backend)
+    assert torch.isfinite(W).all()
+    assert torch.allclose(W.double().cpu(), Wh.zca_matrix(S.double().cpu())[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_group_size_limit_is_128(backend):
+    """Groups of 128 (one program per group, the largest that fits) run on the kernel; 129 is
+    refused by name, before any kernel sees it."""
+    x = _x(300, 128, seed=9, dtype=torch.float32).to(DEVICE)
+    y = FCL.group_whiten(x, 1, method="newton_schulz", iters=3, backend=backend)
+    want = FCL.group_whiten(x, 1, method="newton_schulz", iters=3, backend="torch")
+    assert torch.allclose(y, want, atol=1e-4)
+    with pytest.raises(fastcl.BackendUnavailable, match="group size 129 > 128"):
+        FCL.group_whiten(_x(300, 129, seed=9, dtype=torch.float32).to(DEVICE), 1, method="newton_schulz",
+                         backend=backend)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])  # skipped where unusable
 @pytest.mark.parametrize("N,g,eps", [(5, 16, 1e-3), (12, 16, 1e-4)])
 def test_newton_schulz_gradient_on_ill_conditioned_groups(backend, N, g, eps):
