@@ -196,12 +196,27 @@ def test_raw_op_checks_what_the_kernels_would_misread(backend):
         op(u, v, s, torch.arange(5, dtype=torch.int32), False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="B == N"):
         op(u, v, s, None, True, None, None, False, False, backend)
+    with pytest.raises(ValueError, match="one element"):
+        op(u, v, torch.tensor([2.0, 3.0]), None, False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="both row_cls and col_cls"):
         op(u, v, s, None, False, torch.zeros(5, dtype=torch.long), None, False, False, backend)
     row, col, rs, cs = op(u, v, s, None, False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="as the forward gave them"):
         torch.ops.fastcl.info_nce_rows_backward(u, v, s, None, rs[:, :4], cs, torch.ones(5), torch.ones(0),
                                                 False, None, None, False, False, backend)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fake_outputs_match_the_real_ones(symmetric):
+    """The op's fake (meta) outputs: the shapes and dtypes that a real 16-bit call returns
+    (statistics in fp32, not the input's dtype), or torch.compile plans wrong buffers."""
+    op = torch.ops.fastcl.info_nce_rows
+    u, v = torch.randn(5, 3, dtype=torch.float16), torch.randn(5, 3, dtype=torch.float16)
+    real = op(u, v, torch.tensor(2.0), None, symmetric, None, None, False, False, "torch")
+    fake = op(u.to("meta"), v.to("meta"), torch.tensor(2.0, device="meta"), None, symmetric, None, None,
+              False, False, "torch")
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+    assert real[2].dtype == torch.float32
 
 
 def test_raw_whitening_op_checks_its_input():

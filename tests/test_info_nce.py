@@ -225,6 +225,20 @@ def test_reductions_and_labels(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_embedding_row(backend):
+    """A zero row (padding, a dead encoder output) normalises to zero, as F.normalize does:
+    logits 0 for that row, a finite loss and gradient, not 0/0."""
+    q = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
+    k = torch.randn(7, 5, generator=torch.Generator().manual_seed(4))
+    q[2] = 0
+    qq = q.to(DEVICE).requires_grad_()
+    out = FCL.info_nce(qq, k.to(DEVICE), temperature=0.1, symmetric=True, backend=backend)
+    out.backward()
+    want = fastcl.info_nce_reference(q.double(), k.double(), temperature=0.1, symmetric=True)
+    assert torch.isfinite(qq.grad).all() and abs(float(out) - float(want)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_no_normalize(backend):
     # Raw dot products (scaled down so the logits stay in a sensible range).
     _check(backend, 50, 64, 17, torch.float32, 4.0, normalize=False)

@@ -244,6 +244,36 @@ def _supcon_inputs(b, d, dtype, views=1, n_classes=4, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_excluded_self_similarity_far_above_the_rest(backend):
+    """NT-Xent leaves out S_ii, which for raw (normalize=False) embeddings of norm ~10 lies ~170
+    above every logit kept: a log-sum-exp stabilised by a maximum taken before the exclusion
+    underflows every kept term (fp32's exp gives 0 below -87) and the loss becomes inf."""
+    z1, z2 = _views(6, 40, torch.float32, seed=5, noise=3.0)
+    z1, z2 = 2 * z1, 2 * z2
+    check(lambda a, b, backend: FCL.nt_xent(a, b, temperature=0.5, normalize=False, backend=backend),
+          lambda a, b: R.nt_xent_reference(a, b, temperature=0.5, normalize=False),
+          [z1, z2], torch.float32, backend, ["dz1", "dz2"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_supcon_anchor_without_positives(backend):
+    """A class with one member in a single view: its anchor has no positive, counts for
+    nothing, and gets a zero (not NaN) gradient, on every backend and the reference."""
+    x = torch.randn(6, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2, 2, 3])  # classes 1 and 3: one member each
+    outs = []
+    for reduction in ("none", "mean"):
+        f = x.to(DEVICE, torch.float32).clone().requires_grad_()
+        out = FCL.supcon(f, labels.to(DEVICE), temperature=0.1, reduction=reduction, backend=backend)
+        out.sum().backward()
+        assert torch.isfinite(f.grad).all() and torch.isfinite(out).all(), reduction
+        outs.append((out.detach().cpu(), f.grad.cpu()))
+    assert torch.equal(outs[0][0][[2, 5]], torch.zeros(2))
+    want = R.supcon_reference(x, labels, temperature=0.1)
+    assert torch.allclose(outs[1][0].double(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 7, 1), (6, 5, 1), (45, 20, 1), (20, 33, 2)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_supcon(backend, shape, reduction):
