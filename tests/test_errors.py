@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ((torch.randn(4, 0), torch.randn(4, 0)), {}, ValueError, "feature dimension 0"),
     ((q, k), {"label_smoothing": -0.1}, ValueError, "label_smoothing"),
     ((q, k), {"label_smoothing": True}, TypeError, "label_smoothing"),
+    ((q, k), {"label_smoothing": False}, TypeError, "label_smoothing"),
     ((q, k), {"logit_scale": torch.tensor(2)}, ValueError, "floating tensor"),
     ((q, torch.randn(4, 9)), {}, ValueError, "same feature dimension"),
     ((q, k.double()), {}, TypeError, "same dtype"),
@@ -56,8 +57,13 @@ def test_bad_input_raises(args, kwargs, exc, match):
 
 def test_cuda_backend_says_why():
     # CPU tensors: either the extension is not built/loadable, or it is and needs CUDA tensors.
-    with pytest.raises(fastcl.BackendUnavailable, match="fastcl._C|CUDA C\\+\\+ kernels need CUDA"):
+    from fastcl import cuda_backend
+    built = importlib.util.find_spec("fastcl._C") is not None
+    match = "CUDA C\\+\\+ kernels need CUDA" if built and cuda_backend.unavailable() is None else "fastcl._C"
+    with pytest.raises(fastcl.BackendUnavailable, match=match):
         FCL.info_nce(q, k, backend="cuda")
+    if not built:
+        assert "fastcl._C" in cuda_backend.unavailable()
 
 
 def test_triton_refuses_float64():
@@ -217,6 +223,30 @@ def test_fake_outputs_match_the_real_ones(symmetric):
               False, False, "torch")
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
     assert real[2].dtype == torch.float32
+
+
+def test_inputs_reach_the_op_in_their_own_dtype():
+    """Normalising must hand the kernels 16-bit rows for 16-bit inputs (computed in fp32, cast
+    back): otherwise every 16-bit kernel test would quietly run the fp32 kernels. And a float64
+    logit_scale must not lift fp32 inputs' loss to float64."""
+    from fastcl.info_nce import prepare
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        u, s = prepare(torch.tensor(2.0), True, q.to(dtype))
+        assert u.dtype == dtype and s.dtype == torch.float32
+    seen = []
+    real = torch.ops.fastcl.info_nce_rows.default
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is real:
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+    with Spy():
+        FCL.info_nce(q.half(), k.half(), backend="torch")
+    assert seen == [torch.float16]
+    ls = torch.tensor(2.0, dtype=torch.float64)
+    for smoothing in (0.0, 0.1):
+        assert FCL.info_nce(q, k, logit_scale=ls, label_smoothing=smoothing).dtype == torch.float32
 
 
 def test_raw_whitening_op_checks_its_input():
