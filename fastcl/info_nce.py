@@ -142,8 +142,7 @@ def _normalize(x: Tensor) -> Tensor:
 
 def prepare(scale: Tensor, normalize: bool, *xs: Tensor):
     """The embeddings (normalised if asked) and the scale in the compute dtype (float64 stays
-    float64, for gradcheck)."""
-    normalize = _validation.check_bool(normalize, "normalize")
+    float64, for gradcheck). normalize: a bool its callers checked (before any backend ran)."""
     xs = tuple(_normalize(x) for x in xs) if normalize else xs
     return (*xs, scale.to(chunked.compute_dtype(xs[0].dtype)))
 
