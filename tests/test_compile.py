@@ -49,8 +49,8 @@ def _skip_unless_usable(backend, dtype, device=DEVICE):
 
 @pytest.mark.skipif(_dispatch._import_error("triton") is not None, reason="needs triton")
 def test_compiled_call_first_in_a_fresh_process():
-    """Every test above runs after eager calls, which fill the dispatch's import cache: Dynamo
-    then traces a dict lookup. The first call of a fresh process must trace the import check
+    """The other tests here run after eager calls, which fill the dispatch's import cache:
+    Dynamo then traces a dict lookup. The first call of a fresh process must trace the import check
     itself (assume_constant_result), with fullgraph, for backend="triton" and "auto"."""
     import os
     import subprocess

@@ -9,6 +9,7 @@ import torch
 
 import fastcl
 import fastcl.functional as FCL
+from fastcl import _dispatch as Dp
 from conftest import HAS_CUDA
 
 q = torch.randn(4, 8)
@@ -102,7 +103,6 @@ def test_auto_on_a_gpu_takes_the_fastest_measured_figure(monkeypatch):
     """auto on a GPU reads MEASURED_MS by architecture (sm_90, not sm_9), op and precision
     (float16 and bfloat16 share the "16bit" figures): the fastest usable backend there, the
     next fastest when that one cannot run, and Triton, saying so, where nothing was measured."""
-    from fastcl import _dispatch as Dp
     dev = torch.device("cuda", 0)
     usable = lambda b: None  # noqa: E731
     for arch, ops in Dp.MEASURED_MS.items():
@@ -126,7 +126,6 @@ def test_shared_memory_is_the_opt_in_limit(monkeypatch):
     """The kernels may use a block's opt-in shared memory (227 KB on an H100), not the 48 KB
     default that torch also reports."""
     import types
-    from fastcl import _dispatch as Dp
     props = types.SimpleNamespace(shared_memory_per_block=49152, shared_memory_per_block_optin=232448)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     assert Dp.shared_memory_per_block(torch.device("cuda", 0)) == 232448
@@ -135,7 +134,6 @@ def test_shared_memory_is_the_opt_in_limit(monkeypatch):
 def test_a_broken_import_is_a_reason_not_a_crash(monkeypatch):
     """A Triton install that raises something other than ImportError on import (a driver
     mismatch, say) makes the backend unusable with that error as the reason."""
-    from fastcl import _dispatch as Dp
     monkeypatch.setattr(Dp, "_IMPORT_ERRORS", {})
 
     def broken(name):

@@ -118,6 +118,23 @@ def test_interpreter_recompute_under_openblas_haswell_kernels():
     assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
 
 
+def _check_raw_symmetric_op(backend, dtype, q, k, scale, w_row, w_col):
+    """The raw op, symmetric, as the sum of w_row * row + w_col * col: its outputs and every
+    gradient (u, v, scale) on `backend` against float64, within the same-dtype torch budget."""
+    def run(backend, dt):
+        u, v = (x.to(device=DEVICE, dtype=dt).clone().requires_grad_() for x in (q, k))
+        s = torch.tensor(scale, device=DEVICE, dtype=torch.float64 if dt == torch.float64 else torch.float32,
+                         requires_grad=True)
+        row, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, s, None, True, None, None, False, False, backend)
+        (row * w_row.to(DEVICE, row.dtype) + col * w_col.to(DEVICE, col.dtype)).sum().backward()
+        return [t.detach().cpu() for t in (row, col, u.grad, v.grad, s.grad)]
+
+    ref, same, ours = run("torch", torch.float64), run("torch", dtype), run(backend, dtype)
+    for name, a, b, r in zip(["row", "col", "du", "dv", "dscale"], ours, same, ref):
+        assert torch.isfinite(a).all(), name
+        assert_within_budget(name, a, b, r, dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_raw_op_takes_a_negative_scale(backend):
     """The custom op takes any scale (the public API only positive ones). A negative scale once
@@ -126,20 +143,7 @@ def test_raw_op_takes_a_negative_scale(backend):
     q, k = _inputs(45, 45, 20, dtype, seed=3)
     q, k = (F.normalize(x, dim=1).to(dtype).double() for x in (q, k))
     w = torch.rand(45, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
-
-    def run(backend, dt):
-        u, v = (x.to(device=DEVICE, dtype=dt).clone().requires_grad_() for x in (q, k))
-        s = torch.tensor(-1 / 0.07, device=DEVICE, dtype=torch.float64 if dt == torch.float64 else torch.float32,
-                         requires_grad=True)
-        row, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, s, None, True, None, None, False, False, backend)
-        wd = w.to(device=DEVICE, dtype=row.dtype)
-        ((row + col) * wd).sum().backward()
-        return [t.detach().cpu() for t in (row, col, u.grad, v.grad, s.grad)]
-
-    ref, same, ours = run("torch", torch.float64), run("torch", dtype), run(backend, dtype)
-    for name, a, b, r in zip(["row", "col", "du", "dv", "dscale"], ours, same, ref):
-        assert torch.isfinite(a).all(), name
-        assert_within_budget(name, a, b, r, dtype)
+    _check_raw_symmetric_op(backend, dtype, q, k, -1 / 0.07, w, w)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -154,19 +158,7 @@ def test_raw_op_weighs_rows_and_columns_apart(backend, dtype):
     g = torch.Generator().manual_seed(8)
     w_row = torch.rand(45, generator=g, dtype=torch.float64) + 0.5
     w_col = -30 * (torch.rand(45, generator=g, dtype=torch.float64) + 0.5)
-
-    def run(backend, dt):
-        u, v = (x.to(device=DEVICE, dtype=dt).clone().requires_grad_() for x in (q, k))
-        s = torch.tensor(1 / 0.07, device=DEVICE, dtype=torch.float64 if dt == torch.float64 else torch.float32,
-                         requires_grad=True)
-        row, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, s, None, True, None, None, False, False, backend)
-        (row * w_row.to(DEVICE, row.dtype) + col * w_col.to(DEVICE, col.dtype)).sum().backward()
-        return [t.detach().cpu() for t in (row, col, u.grad, v.grad, s.grad)]
-
-    ref, same, ours = run("torch", torch.float64), run("torch", dtype), run(backend, dtype)
-    for name, a, b, r in zip(["row", "col", "du", "dv", "dscale"], ours, same, ref):
-        assert torch.isfinite(a).all(), name
-        assert_within_budget(name, a, b, r, dtype)
+    _check_raw_symmetric_op(backend, dtype, q, k, 1 / 0.07, w_row, w_col)
 
 
 def test_gradient_amplification_is_a_power_of_two():
