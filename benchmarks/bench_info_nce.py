@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fastcl.functional as FCL
 from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finishing, fmt_ms, header, is_oom,
-                               measure, names, picked, progress, stop_on_sigterm)
+                               measure, Unsupported, names, picked, progress, stop_on_sigterm)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,7 +43,7 @@ def _symmetric(fn, q, k, sym):
 # and the Triton backward's S recompute in the forward's D-chunks (the fp32 default) or as one
 # dot over the D-slab (the 16-bit default).
 VARIANTS = {
-    "fastcl-cuda-wmma": ("cuda", {"FASTCL_CUDA_WGMMA": "0"}),
+    "fastcl-cuda-wgmma": ("cuda", {"FASTCL_CUDA_WGMMA": "1"}),
     "fastcl-triton-bn32": ("triton", {"FASTCL_BWD_BN": "32"}),
     "fastcl-triton-bd256": ("triton", {"FASTCL_BWD_BD": "256"}),
     "fastcl-triton-bd256-bn128": ("triton", {"FASTCL_BWD_BD": "256", "FASTCL_BWD_BN": "128"}),
@@ -66,9 +66,9 @@ def providers(device, compile_naive: bool, only=None):
     for name, (be, env) in VARIANTS.items():  # only when named: each compiles kernels of its own
         if f"fastcl-{be}" not in out or not only or name not in only:
             continue
-        if name == "fastcl-cuda-wmma":
+        if name == "fastcl-cuda-wgmma":
             from fastcl import cuda_backend
-            if not cuda_backend.wgmma_available():  # not Hopper: fastcl-cuda is the WMMA variant
+            if not cuda_backend.wgmma_available():  # not Hopper (or no sm_90a build): no such variant
                 continue
         fn = lambda q, k, t, sym, be=be: FCL.info_nce(q, k, temperature=t, symmetric=sym, backend=be)  # noqa: E731
         fn.env = env  # for its forward and backward alike
@@ -79,10 +79,19 @@ def providers(device, compile_naive: bool, only=None):
         out["open_clip"] = lambda q, k, t, sym: (oc(F.normalize(q, dim=-1), F.normalize(k, dim=-1), 1.0 / t)
                                                  if sym else naive_torch(q, k, t, sym))
     if device.type == "cuda" and importlib.util.find_spec("inf_cl") and (not only or "inf-cl" in only):
-        from inf_cl import cal_inf_loss  # one direction per call: two calls for the CLIP loss
-        out["inf-cl"] = lambda q, k, t, sym: _symmetric(
-            lambda a, b: cal_inf_loss(F.normalize(a, dim=-1), F.normalize(b, dim=-1), scale=1.0 / t), q, k, sym)
+        out["inf-cl"] = _inf_cl
     return out
+
+
+def _inf_cl(q, k, t, sym):
+    """inf-cl's loss, one direction per `cal_inf_loss` call (two for the CLIP loss). It views D
+    as heads of `head_dim` (default 256), so D must be a multiple of one of its head sizes."""
+    head = next((h for h in (256, 128, 64, 32, 16) if q.shape[1] % h == 0), None)
+    if head is None:
+        raise Unsupported(f"inf-cl: D={q.shape[1]} is not a multiple of 16")
+    from inf_cl import cal_inf_loss
+    return _symmetric(lambda a, b: cal_inf_loss(F.normalize(a, dim=-1), F.normalize(b, dim=-1), scale=1.0 / t,
+                                                head_dim=head), q, k, sym)
 
 
 @contextlib.contextmanager

@@ -113,12 +113,20 @@ def is_oom(e: BaseException) -> bool:
             or "can't allocate memory" in text)
 
 
+class Unsupported(Exception):
+    """A provider that cannot take this shape (inf-cl at a D that no head size divides): a row
+    that says so ("n/a"), not a crash of the sweep."""
+
+
 def measure(step, device, reps, leaves=()):
-    """(median ms, p20, p80, peak bytes, status) of step(); out-of-memory is a result ("OOM").
+    """(median ms, p20, p80, peak bytes, status) of step(); out-of-memory is a result ("OOM"),
+    and so is a shape the provider refuses (Unsupported: "n/a").
     leaves: the tensors whose .grad step() writes (see peak_memory)."""
     nan = float("nan")
     try:
         med, p20, p80 = time_fn(step, device, reps)
+    except Unsupported:
+        return nan, nan, nan, nan, "n/a"
     except Exception as e:
         if not is_oom(e):
             raise

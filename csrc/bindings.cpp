@@ -105,5 +105,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The SM architectures this binary holds kernels for, e.g. '800,900' (nvcc's __CUDA_ARCH_LIST__)");
   m.def("wgmma_available", &fastcl::wgmma_available,
         "Whether the current GPU runs this build's sm_90a code: the 16-bit kernels' score tiles on "
-        "wgmma (unless FASTCL_CUDA_WGMMA=0)");
+        "wgmma (with FASTCL_CUDA_WGMMA=1)");
 }

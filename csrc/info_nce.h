@@ -37,8 +37,8 @@ at::Tensor newton_schulz_cuda(const at::Tensor& S, int64_t iters);
 // nvcc's __CUDA_ARCH_LIST__ for this build, e.g. "800,900" (sm_90a shows as 900).
 const char* compiled_archs();
 
-// Whether the current GPU runs this build's sm_90a code, where the 16-bit kernels compute their
-// score tiles with wgmma; and whether they do (not with FASTCL_CUDA_WGMMA=0).
+// Whether the current GPU runs this build's sm_90a code, where the 16-bit kernels can compute
+// their score tiles with wgmma; and whether they do (only with FASTCL_CUDA_WGMMA=1).
 bool wgmma_available();
 bool wgmma_enabled();
 

@@ -50,7 +50,8 @@ def compiled_archs():
 def wgmma_available():
     """Whether the current GPU runs the extension's sm_90a code (an H100/H200 with the default
     TORCH_CUDA_ARCH_LIST "8.0;9.0a"): there the 16-bit kernels compute their score tiles with
-    Hopper's wgmma, unless the environment sets FASTCL_CUDA_WGMMA=0 (then WMMA, as on sm_80)."""
+    Hopper's wgmma if the environment sets FASTCL_CUDA_WGMMA=1, and with WMMA otherwise (as on
+    sm_80; WMMA was the faster on the H100, 2026-11-24)."""
     mod, err, _ = _STATE
     if mod is None:
         raise RuntimeError(err)

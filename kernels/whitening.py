@@ -33,5 +33,7 @@ def newton_schulz_whitening_matrix(S: torch.Tensor, iters: int) -> torch.Tensor:
     S = S.contiguous()
     W = torch.full_like(S, float("nan"))  # poisoned: every element must be written
     BG = max(16, triton.next_power_of_2(g))
-    newton_schulz_kernel[(G,)](S, W, g, iters, BG=BG, num_warps=4 if BG <= 64 else 8)
+    # The dots are fp32 FMA loops ("ieee"), unrolled per thread: at BG = 128 with 8 warps
+    # ptxas took over 100 s (H100, 2026-11-24); 16 warps halve each thread's share.
+    newton_schulz_kernel[(G,)](S, W, g, iters, BG=BG, num_warps=4 if BG <= 64 else 16)
     return W

@@ -146,6 +146,16 @@ def test_oom_is_a_result_other_errors_are_not():
         common.measure(broken, CPU, 3)
 
 
+def test_a_shape_a_provider_refuses_is_a_row():
+    """inf-cl views D as heads of 16 to 256: at D = 33 it has no head size, and its row says
+    n/a instead of crashing the sweep (the quick suite's D = 32 crashed it on the GPU, where
+    inf-cl's default head_dim of 256 did not divide D)."""
+    q = torch.randn(4, 33)
+    with pytest.raises(common.Unsupported, match="D=33"):
+        bench_info_nce._inf_cl(q, q, 0.07, True)
+    assert common.measure(lambda: bench_info_nce._inf_cl(q, q, 0.07, True), CPU, 3)[4] == "n/a"
+
+
 def test_provider_environment_covers_forward_and_backward(monkeypatch):
     """A provider's `env` (the cuda kernels' WMMA variant: FASTCL_CUDA_WGMMA=0) holds for its
     forward and its backward, and is undone afterwards."""
@@ -188,7 +198,7 @@ def test_kernel_variants_only_when_named(monkeypatch):
     assert provs["fastcl-triton-chunks"].env == {"FASTCL_BWD_SAME_CHUNKS": "1"}
     assert provs["fastcl-triton-onedot"].env == {"FASTCL_BWD_SAME_CHUNKS": "0"}
     assert getattr(provs["fastcl-triton"], "env", {}) == {}
-    assert "fastcl-cuda-wmma" not in bench_info_nce.providers(CPU, False, only=["fastcl-cuda-wmma"])
+    assert "fastcl-cuda-wgmma" not in bench_info_nce.providers(CPU, False, only=["fastcl-cuda-wgmma"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its ptxas)")
@@ -253,8 +263,11 @@ def test_max_batch_probe_and_whitening(tmp_path):
     path = tmp_path / "white.csv"
     bench_whitening.main(["--n", "64", "--d", "16", "--group", "8", "--reps", "2", "--csv", str(path)])
     got = _rows(path)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kernels = [b for b in common.fastcl_backends(dev) if b != "torch"]  # on a GPU: Newton-Schulz only
     assert {(r["method"], r["backend"]) for r in got} == {(m, b) for m in ("zca", "cholesky", "newton_schulz")
-                                                           for b in ("reference", "torch")}
+                                                           for b in ("reference", "torch")} | {
+        ("newton_schulz", b) for b in kernels}
     assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in got)
 
 

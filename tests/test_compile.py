@@ -149,7 +149,13 @@ def fake_h100(monkeypatch):
     """The dispatch's view of the machine: one sm_90 GPU with 227 KiB of shared memory. Only
     the dispatch's own availability check is faked (Dynamo asks torch.cuda.is_available() too,
     and would then look for the GPU); the device queries are torch's, run by Dynamo at trace
-    time through the dispatch's constant-result functions."""
+    time through the dispatch's constant-result functions. On a machine with a GPU, Dynamo asks
+    the real one more than the fake props hold (has_triton reads `.major`): there the real
+    GPU stands in, if it is an sm_90."""
+    if torch.cuda.is_available():
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("these traces assume an sm_90's measured figures; this GPU is another")
+        return
     props = type("Props", (), {"shared_memory_per_block_optin": 232448})()
     monkeypatch.setattr(_dispatch, "_cuda_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

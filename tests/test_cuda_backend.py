@@ -187,7 +187,10 @@ def test_cuda_under_torch_compile():
     ls2 = ls.detach().clone().requires_grad_()
     ref = f(q, k, ls2)
     ref.backward()
-    assert torch.allclose(out, ref) and torch.allclose(ls.grad, ls2.grad)
+    assert torch.allclose(out, ref)
+    # d logit_scale sums B² terms that cancel (to 3.87 here); the compiled graph rounds the
+    # upstream weights its own way, which moved it by 1e-4 on the H100 (2026-11-24)
+    assert torch.allclose(ls.grad, ls2.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

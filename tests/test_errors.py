@@ -10,7 +10,7 @@ import torch
 import fastcl
 import fastcl.functional as FCL
 from fastcl import _dispatch as Dp
-from conftest import HAS_CUDA
+from conftest import DEVICE, HAS_CUDA
 
 q = torch.randn(4, 8)
 k = torch.randn(4, 8)
@@ -190,24 +190,26 @@ def test_symmetric_term_refuses_exclusions():
 def test_raw_op_checks_what_the_kernels_would_misread(backend):
     """torch.ops.fastcl.info_nce_rows, called directly: a D mismatch made the Triton kernels
     read past v's rows (numbers here, out-of-bounds reads on a GPU)."""
-    op, s = torch.ops.fastcl.info_nce_rows, torch.tensor(2.0)
-    u, v = torch.randn(5, 3), torch.randn(7, 3)
+    dev = DEVICE if backend == "triton" else "cpu"  # Triton's kernels take CUDA tensors on a GPU machine
+    op, s = torch.ops.fastcl.info_nce_rows, torch.tensor(2.0, device=dev)
+    u, v = torch.randn(5, 3, device=dev), torch.randn(7, 3, device=dev)
     with pytest.raises(ValueError, match="one D"):
-        op(u, torch.randn(7, 2), s, None, False, None, None, False, False, backend)
+        op(u, torch.randn(7, 2, device=dev), s, None, False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="one dtype"):
         op(u, v.half(), s, None, False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="int64"):
-        op(u, v, s, torch.arange(5, dtype=torch.int32), False, None, None, False, False, backend)
+        op(u, v, s, torch.arange(5, dtype=torch.int32, device=dev), False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="B == N"):
         op(u, v, s, None, True, None, None, False, False, backend)
     with pytest.raises(ValueError, match="one element"):
-        op(u, v, torch.tensor([2.0, 3.0]), None, False, None, None, False, False, backend)
+        op(u, v, torch.tensor([2.0, 3.0], device=dev), None, False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="both row_cls and col_cls"):
-        op(u, v, s, None, False, torch.zeros(5, dtype=torch.long), None, False, False, backend)
+        op(u, v, s, None, False, torch.zeros(5, dtype=torch.long, device=dev), None, False, False, backend)
     row, col, rs, cs = op(u, v, s, None, False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="as the forward gave them"):
-        torch.ops.fastcl.info_nce_rows_backward(u, v, s, None, rs[:, :4], cs, torch.ones(5), torch.ones(0),
-                                                False, None, None, False, False, backend)
+        torch.ops.fastcl.info_nce_rows_backward(u, v, s, None, rs[:, :4], cs, torch.ones(5, device=dev),
+                                                torch.ones(0, device=dev), False, None, None, False, False,
+                                                backend)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -314,7 +316,8 @@ def test_forward_mode_ad_is_refused_not_zero(loss):
 def test_double_backward_says_so(backend):
     """A gradient taken with create_graph=True is differentiable; differentiating it again used
     to raise torch's "no autograd formula was registered ... register_autograd"."""
-    qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+    dev = DEVICE if backend == "triton" else "cpu"
+    qq, kk = q.to(dev).clone().requires_grad_(), k.to(dev).clone().requires_grad_()
     g, = torch.autograd.grad(FCL.info_nce(qq, kk, backend=backend), qq, create_graph=True)
     with pytest.raises(NotImplementedError, match="no double backward.*backend='reference'"):
         torch.autograd.grad(g.sum(), kk)

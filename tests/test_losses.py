@@ -334,8 +334,9 @@ def test_loss_family_with_torch_chunks(monkeypatch):
     check(lambda a, b, backend: FCL.dcl(a, b, reduction="none", backend=backend),
           lambda a, b: R.dcl_reference(a, b, reduction="none"), [z1, z2], torch.float32, backend, ["dz1", "dz2"])
     x, labels = _supcon_inputs(74, 20, torch.float32, seed=16)
-    check(lambda f, backend: FCL.supcon(f, labels, reduction="none", backend=backend),
-          lambda f: R.supcon_reference(f, labels, reduction="none"), [x], torch.float32, backend, ["dfeatures"])
+    check(lambda f, backend: FCL.supcon(f, labels.to(f.device), reduction="none", backend=backend),
+          lambda f: R.supcon_reference(f, labels.to(f.device), reduction="none"), [x], torch.float32, backend,
+          ["dfeatures"])
 
 
 def test_supcon_large_sparse_class_ids():
