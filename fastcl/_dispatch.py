@@ -103,24 +103,24 @@ def why_not(backend: str, device: torch.device, dtype: torch.dtype):
 
 
 # Measured fwd+bwd milliseconds per GPU architecture, op and input precision
-# (benchmarks/RESULTS.md: H100 80GB HBM3, 2026-11-23, scripts/gpu_run.sh). `auto` takes the
+# (benchmarks/RESULTS.md: H100 80GB HBM3, 2026-11-24, scripts/gpu_run.sh). `auto` takes the
 # fastest usable backend with a figure for the GPU, op and precision at hand, and Triton where
 # none has one: figures, not guesses. `python -m benchmarks.measured_figures` prints this entry
 # from the benchmark CSVs (scripts/gpu_run.sh runs it); a test holds the two in step.
-#   info_nce 16bit: CLIP loss, B=32768, D=512, bf16.
-#   info_nce fp32:  NT-Xent, 2 x 4096 views, D=256 (the Triton kernels' fp32 path, then IEEE
-#                   FMAs, was ~20x slower than the cuda and torch backends there, ~64x naive
-#                   torch; its 3xTF32 default has not been measured on a GPU yet).
-#   group_whiten fp32: Newton-Schulz, N=8192, D=768, groups of 64; mean of two runs, whose
-#                   spread (10-17 ms) is larger than the differences between backends.
+#   info_nce 16bit: CLIP loss, B=32768, D=512, bf16 (cuda: its wgmma path, the default then;
+#                   WMMA, the default since, took 98.7 ms in the same run).
+#   info_nce fp32:  NT-Xent, 2 x 4096 views, D=256 (Triton's 3xTF32 path; 286 ms in IEEE FMAs
+#                   on 2026-11-23).
+#   group_whiten fp32: Newton-Schulz, N=8192, D=768, groups of 64; mean of three runs, whose
+#                   spread (9-17 ms) is larger than the differences between backends.
 MEASURED_MS = {
     "sm_90": {
         "info_nce": {
-            "16bit": {"triton": 37.7, "cuda": 230.5, "torch": 277.2},
-            "fp32": {"triton": 286.0, "cuda": 14.8, "torch": 15.8},
+            "16bit": {"triton": 29.7, "cuda": 110.0, "torch": 331.2},
+            "fp32": {"triton": 9.8, "cuda": 9.3, "torch": 18.1},
         },
         "group_whiten": {
-            "fp32": {"triton": 15.7, "cuda": 13.4, "torch": 13.1},
+            "fp32": {"triton": 14.0, "cuda": 13.3, "torch": 12.2},
         },
     },
 }

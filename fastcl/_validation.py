@@ -153,6 +153,14 @@ def float_tensor(value: float, device, dtype) -> torch.Tensor:
     return (torch.ones((), dtype=torch.float64) * value).to(device=device, dtype=dtype)
 
 
+def reciprocal_tensor(value: float, device, dtype) -> torch.Tensor:
+    """float_tensor(1 / value), with the division done by the tensor (correctly rounded in
+    float64, as Python's 1.0 / value is): torch 2.11's AOTAutograd baked a symbolic float
+    computed in Python (1.0 / temperature) into the graph, one graph per value, where the
+    symbolic input itself stayed symbolic."""
+    return (torch.ones((), dtype=torch.float64) / value).to(device=device, dtype=dtype)
+
+
 def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch.Tensor:
     """The logit multiplier s as a 0-dim tensor: exp(logit_scale) (differentiable) or 1/temperature."""
     if temperature is not None and logit_scale is not None:
@@ -180,4 +188,4 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
     if not temperature * torch.finfo(sdt).max >= 2.0:
         raise ValueError(f"the logit multiplier 1/temperature is too large for {sdt} (twice it must be "
                          f"finite)" + ("" if _compiling() else f": temperature {temperature}"))
-    return float_tensor(1.0 / temperature, device, sdt)
+    return reciprocal_tensor(temperature, device, sdt)

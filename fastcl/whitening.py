@@ -94,16 +94,21 @@ def _check_not_singular(S: Tensor, eps: float):
 
 
 KERNEL_MAX_GROUP = 128  # the kernels keep a group's g x g matrices in one program (block)
+# Triton's program unrolls its fp32 ("ieee") g x g dots per thread: at g = 128, ptxas took over
+# 100 s on the H100 (2026-11-24); g = 64 compiled and ran in the benchmark.
+TRITON_MAX_GROUP = 64
 
 
 @torch.library.custom_op("fastcl::newton_schulz_kernel", mutates_args=())
 def newton_schulz_kernel(S: Tensor, iters: int, backend: str) -> Tensor:
-    """W ~= S^-1/2 for SPD S [G, g, g] float32, g <= 128, by the fused Newton-Schulz kernel of
-    `backend` ("triton" or "cuda"). An op of its own, so that torch.compile calls the kernel
-    instead of tracing its launch (which failed with fullgraph=True)."""
-    if S.dim() != 3 or S.shape[1] != S.shape[2] or S.shape[1] > KERNEL_MAX_GROUP or S.dtype != torch.float32:
+    """W ~= S^-1/2 for SPD S [G, g, g] float32, g <= 128 (64 for "triton"), by the fused
+    Newton-Schulz kernel of `backend` ("triton" or "cuda"). An op of its own, so that
+    torch.compile calls the kernel instead of tracing its launch (which failed with
+    fullgraph=True)."""
+    max_g = TRITON_MAX_GROUP if backend == "triton" else KERNEL_MAX_GROUP
+    if S.dim() != 3 or S.shape[1] != S.shape[2] or S.shape[1] > max_g or S.dtype != torch.float32:
         raise ValueError(f"fastcl::newton_schulz_kernel: S must be float32 [G, g, g] with g <= "
-                         f"{KERNEL_MAX_GROUP}, got {S.dtype} {tuple(S.shape)}")
+                         f"{max_g}, got {S.dtype} {tuple(S.shape)}")
     if backend == "triton":
         from .kernels import whitening as K
         return K.newton_schulz_whitening_matrix(S, iters)
@@ -244,7 +249,7 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     # The kernels see only the statistics, in the compute dtype (fp32 for 16-bit x): dispatch on
     # it, so that 16-bit inputs take fp32's measured figures (and the Triton interpreter, which
     # refuses bf16 operands, runs them).
-    backend = _dispatch.resolve(backend, x.device, _cdt(x.dtype), {"triton": _kernel_limits(method, g),
+    backend = _dispatch.resolve(backend, x.device, _cdt(x.dtype), {"triton": _kernel_limits(method, g, "triton"),
                                                             "cuda": _cuda_limits(method, g, x.device)},
                                 op="group_whiten")
     with no_autocast(x.device):  # fp32 statistics under autocast too (its bf16 Gram was 1e-2 off)
@@ -285,7 +290,7 @@ def _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend
 def _cuda_limits(method, g, device):
     """_kernel_limits, plus the CUDA kernel's shared memory: Y, Z, T of g x g fp32 per block
     (g = 128 fits an H100's 227 KiB, not an A100's 163 or an sm_86/89 card's 99)."""
-    reason = _kernel_limits(method, g)
+    reason = _kernel_limits(method, g, "cuda")
     if reason is None and device.type == "cuda":
         have = _dispatch.shared_memory_per_block(device)
         need = (3 * g * g + 8) * 4
@@ -299,18 +304,22 @@ def check_backend(method, backend, g):
     """The backend's checks that need no data (the GroupWhitening constructor runs them; where
     the backend can run is known only from the input's device)."""
     _dispatch.check_name(backend)
-    reason = _kernel_limits(method, g) if backend in ("triton", "cuda") else None
+    reason = _kernel_limits(method, g, backend) if backend in ("triton", "cuda") else None
     if reason is not None:
         raise _dispatch.BackendUnavailable(f"backend={backend!r} is not usable: {reason}")
 
 
-def _kernel_limits(method, g):
-    """Why this call is outside the whitening kernels, Triton's and CUDA's (None if it is not)."""
+def _kernel_limits(method, g, backend):
+    """Why this call is outside `backend`'s whitening kernel, Triton's or CUDA's (None if it is
+    not)."""
     if method != "newton_schulz":
         return (f"it implements method='newton_schulz' only (got {method!r}); eigh and Cholesky "
                 f"run in backend='torch'")
     if g > KERNEL_MAX_GROUP:
         return f"group size {g} > {KERNEL_MAX_GROUP} does not fit one program (block) per group"
+    if backend == "triton" and g > TRITON_MAX_GROUP:
+        return (f"group size {g} > {TRITON_MAX_GROUP}: the Triton kernel's compile took over 100 s on an "
+                f"H100 at g = 128; backend='cuda' (g <= {KERNEL_MAX_GROUP}) or 'torch' take it")
     return None
 
 

@@ -1,6 +1,6 @@
 """Triton kernel for group whitening: the coupled Newton-Schulz iteration, one program per group.
 
-Each program keeps its group's Y, Z, T ([g, g], g <= 128, padded to a power of two) on chip for
+Each program keeps its group's Y, Z, T ([g, g], g <= 64, padded to a power of two) on chip for
 all iterations: one launch instead of 3 * iters batched matmul launches.
 """
 import torch
@@ -28,12 +28,10 @@ def newton_schulz_kernel(S, W, g, iters, BG: tl.constexpr):
 
 
 def newton_schulz_whitening_matrix(S: torch.Tensor, iters: int) -> torch.Tensor:
-    """W ~= S^-1/2 for S [G, g, g] float32 SPD, g <= 128."""
+    """W ~= S^-1/2 for S [G, g, g] float32 SPD, g <= 64 (fastcl.whitening.TRITON_MAX_GROUP)."""
     G, g, _ = S.shape
     S = S.contiguous()
     W = torch.full_like(S, float("nan"))  # poisoned: every element must be written
     BG = max(16, triton.next_power_of_2(g))
-    # The dots are fp32 FMA loops ("ieee"), unrolled per thread: at BG = 128 with 8 warps
-    # ptxas took over 100 s (H100, 2026-11-24); 16 warps halve each thread's share.
-    newton_schulz_kernel[(G,)](S, W, g, iters, BG=BG, num_warps=4 if BG <= 64 else 16)
+    newton_schulz_kernel[(G,)](S, W, g, iters, BG=BG, num_warps=4 if BG <= 64 else 8)
     return W

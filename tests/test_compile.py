@@ -194,9 +194,9 @@ def test_gpu_dispatch_traces_fullgraph(fake_h100, gpu_backend, dtype):
     calls the op with the backend that eager dispatch picks, per the measured figures."""
     _skip_unless_usable(gpu_backend, dtype, "cuda")
     want = _dispatch.resolve(gpu_backend, torch.device("cuda"), dtype)
-    if gpu_backend == "auto":  # sm_90's measured figures: Triton for 16-bit, cuda (or torch) for fp32
+    if gpu_backend == "auto":  # sm_90's measured figures: Triton for 16-bit, cuda (or Triton) for fp32
         cuda_built = _dispatch.why_not("cuda", torch.device("cuda"), dtype) is None
-        assert want == ("triton" if dtype == torch.bfloat16 else "cuda" if cuda_built else "torch")
+        assert want == ("triton" if dtype == torch.bfloat16 else "cuda" if cuda_built else "triton")
     for name, f in _losses(gpu_backend).items():
         ep = _export_on_fake_cuda(lambda a, b, ls: f(a, b, ls), dtype, (24, 16), (24, 16), ())
         calls = _fastcl_calls(ep)

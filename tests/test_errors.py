@@ -254,7 +254,7 @@ def test_raw_whitening_op_checks_its_input():
     refused by name (the group_whiten dispatch never passes it)."""
     op, S = torch.ops.fastcl.newton_schulz_kernel, torch.eye(4).repeat(2, 1, 1)
     for bad in (S[0], S.double(), S[:, :3], torch.eye(129)[None]):
-        with pytest.raises(ValueError, match=r"float32 \[G, g, g\] with g <= 128"):
+        with pytest.raises(ValueError, match=r"float32 \[G, g, g\] with g <= 64"):
             op(bad, 3, "triton")
     with pytest.raises(ValueError, match="no kernel for backend 'torch'"):
         op(S, 3, "torch")

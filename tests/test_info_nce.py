@@ -776,13 +776,25 @@ def test_clip_module_exports_with_its_own_scale():
     assert torch.allclose(ep.module()(q, k), want)
 
 
+def test_scale_from_temperature_is_one_rounding_of_its_reciprocal():
+    """The tensor's division gives Python's 1.0 / t (both correctly rounded in float64), then one
+    rounding to fp32."""
+    from fastcl import _validation
+    for t in (0.07, 0.1, 1 / 3, 3e-5, 7.0):
+        s64 = _validation.scale_tensor(t, None, torch.device("cpu"), torch.float64)
+        s32 = _validation.scale_tensor(t, None, torch.device("cpu"), torch.float32)
+        assert s64.dtype == torch.float64 and s64.item() == 1.0 / t
+        assert s32.dtype == torch.float32 and s32.item() == torch.tensor(1.0 / t, dtype=torch.float64).float().item()
+
+
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 def test_compile_is_dynamic_in_key_count_and_temperature(compiler):
     """Labels must not pin N into the graph (one compile per key count until the recompile limit),
     and a Python-float temperature that changes must neither break fullgraph compilation nor
     recompile per value (under aot_eager torch.tensor(1 / t) baked each value in: 9 values hit
     the recompile limit). Where Dynamo specialises every float (torch 2.4), by torch's own
-    design, the temperature stays fixed."""
+    design, the temperature stays fixed. On torch 2.11 (the GPU image), 1.0 / t computed in
+    Python was baked in per value (now the tensor divides); torch 2.13 kept it symbolic."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     vary_t = not getattr(torch._dynamo.config, "specialize_float", False)
