@@ -369,3 +369,16 @@ def test_oom_in_the_memory_run_keeps_the_times(monkeypatch):
     monkeypatch.setattr(common, "peak_memory", oom)
     med, p20, p80, mem, status = common.measure(lambda: None, CPU, 3)
     assert status == "ok" and med == med and math.isnan(mem)
+
+
+def test_gpu_run_names_only_providers_that_exist():
+    """A provider named in gpu_run.sh's --only lists that the sweep does not know is silently
+    left out (picked() keeps the names it has): after the wgmma/WMMA switch, a stale
+    fastcl-cuda-wmma would have dropped a column on the GPU unnoticed."""
+    import re
+    script = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_run.sh")).read().replace("\\\n", " ")
+    named = {n for lst in re.findall(r"\$B [^\n]*--only ([\w,-]+)", script) for n in lst.split(",")}
+    known = ({"naive-torch", "torch-compile", "open_clip", "inf-cl"}
+             | {f"fastcl-{b}" for b in ("torch", "triton", "cuda")} | set(bench_info_nce.VARIANTS))
+    assert named and named <= known, named - known
+    assert {"fastcl-cuda-wgmma", "fastcl-triton-bd256"} <= named  # the regex reads both steps
