@@ -108,6 +108,9 @@ if has tests || has cuda-tests; then
   TEST_MAX=${TEST_TIMEOUT:-230}
   has bench && ((TEST_MAX > $(left) - 140)) && TEST_MAX=$(($(left) - 140))  # the CLIP sweep's time
   ((TEST_MAX < 30)) && TEST_MAX=30
+  # One CPU thread per worker: 14 workers x torch's 16 threads each oversubscribed the 16 cores
+  # (a CPU-only test that takes 2 s here took 89 s on the H100's machine, 2026-11-24).
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} \
   within "$TEST_MAX" $PY -m pytest -q -rfEs --tb=short --durations=25 -p no:benchmark $XDIST $PER_TEST $SELECT \
     ${TESTS:-tests} --ignore=tests/test_distributed.py --ignore=tests/test_cuda_emulated.py \
     --ignore=tests/test_train.py --ignore=tests/test_demo.py \
