@@ -106,4 +106,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wgmma_available", &fastcl::wgmma_available,
         "Whether the current GPU runs this build's sm_90a code: the 16-bit kernels' score tiles on "
         "wgmma (with FASTCL_CUDA_WGMMA=1)");
+  m.def("wgmma_enabled", &fastcl::wgmma_enabled,
+        "Whether the 16-bit kernels take the wgmma path now: FASTCL_CUDA_WGMMA=1 (true, on, yes) and "
+        "wgmma_available(); without the opt-in, False without asking the GPU");
 }

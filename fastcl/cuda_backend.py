@@ -58,6 +58,16 @@ def wgmma_available():
     return bool(mod.wgmma_available())
 
 
+def wgmma_enabled():
+    """Whether the 16-bit kernels take the wgmma path now: FASTCL_CUDA_WGMMA is 1, true, on or
+    yes (any case), read at every call, and wgmma_available(). Without the opt-in it is False
+    without asking the GPU."""
+    mod, err, _ = _STATE
+    if mod is None:
+        raise RuntimeError(err)
+    return bool(mod.wgmma_enabled())
+
+
 def _register_fakes():
     # Shapes only, for torch.compile / meta tensors; mirrors csrc/info_nce.cu.
     @torch.library.register_fake("fastcl_cuda::lse_forward")

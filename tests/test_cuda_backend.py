@@ -29,6 +29,24 @@ def test_extension_holds_default_archs():
 
 
 @needs_extension
+def test_wgmma_is_opt_in(monkeypatch):
+    """WMMA unless FASTCL_CUDA_WGMMA opts in (wgmma was the slower on the H100, 2026-11-24). The
+    GPU test comparing the two paths would pass even if both ran WMMA: this one holds the switch.
+    Without the opt-in no GPU is asked, so CI's GPU-less wheel test runs that half."""
+    for off in (None, "0", "no", "OFF", "false", "2", ""):
+        if off is None:
+            monkeypatch.delenv("FASTCL_CUDA_WGMMA", raising=False)
+        else:
+            monkeypatch.setenv("FASTCL_CUDA_WGMMA", off)
+        assert cuda_backend.wgmma_enabled() is False, off
+    if not HAS_CUDA:
+        return
+    for on in ("1", "yes", "On", "TRUE"):
+        monkeypatch.setenv("FASTCL_CUDA_WGMMA", on)
+        assert cuda_backend.wgmma_enabled() is cuda_backend.wgmma_available(), on
+
+
+@needs_extension
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_fake_shapes_on_meta(symmetric):
     """register_fake gives torch.compile the output shapes without running a kernel."""
