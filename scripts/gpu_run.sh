@@ -101,6 +101,11 @@ stamp "smoke rc=$smoke_rc"
 rc=0
 if has tests || has cuda-tests; then
   XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 14")
+  # Idle workers take queued tests from busy ones (xdist >= 3.2), and the tests that took
+  # longest here start first (tests/gpu_slow_tests.txt): the run ends when its last test does.
+  [ -n "$XDIST" ] && $PY -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" \
+    2>/dev/null && XDIST="$XDIST --dist worksteal"
+  export FASTCL_SLOW_FIRST=1
   PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 100")
   SELECT=$(has tests || echo "-k cuda")
   export FASTCL_FAILURE_LOG=/tmp/failures.txt
@@ -111,7 +116,7 @@ if has tests || has cuda-tests; then
   # One CPU thread per worker: 14 workers x torch's 16 threads each oversubscribed the 16 cores
   # (a CPU-only test that takes 2 s here took 89 s on the H100's machine, 2026-11-24).
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} \
-  within "$TEST_MAX" $PY -m pytest -q -rfEs --tb=short --durations=25 -p no:benchmark $XDIST $PER_TEST $SELECT \
+  within "$TEST_MAX" $PY -m pytest -q -rfEs --tb=short --durations=40 -p no:benchmark $XDIST $PER_TEST $SELECT \
     ${TESTS:-tests} --ignore=tests/test_distributed.py --ignore=tests/test_cuda_emulated.py \
     --ignore=tests/test_train.py --ignore=tests/test_demo.py \
     --deselect tests/test_errors.py::test_source_checkout_exposes_only_kernels \

@@ -51,3 +51,25 @@ def pytest_runtest_logreport(report):
     if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
         with open(path, "a") as f:
             f.write(f"=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-2500:]}\n")
+
+
+# The tests that took longest on the H100 (2026-11-24, tests/gpu_slow_tests.txt), run first with
+# FASTCL_SLOW_FIRST=1 (scripts/gpu_run.sh): xdist's workers start on them together instead of
+# one worker meeting a 60 s test at the end of its queue while the others sit idle.
+SLOW_TESTS_FILE = os.path.join(os.path.dirname(__file__), "gpu_slow_tests.txt")
+
+
+def slow_first(items, names):
+    """items reordered: those whose test function is in `names` first, in the list's order
+    (longest first), the rest after them in their own order. Stable and complete: only the
+    order changes."""
+    rank = {n: i for i, n in enumerate(names)}
+    return sorted(items, key=lambda it: rank.get(it.originalname if hasattr(it, "originalname")
+                                                 else it.name, len(rank)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FASTCL_SLOW_FIRST") == "1":
+        with open(SLOW_TESTS_FILE) as f:
+            names = [ln.split("#")[0].strip() for ln in f]
+        items[:] = slow_first(items, [n for n in names if n])

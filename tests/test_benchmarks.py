@@ -382,3 +382,31 @@ def test_gpu_run_names_only_providers_that_exist():
              | {f"fastcl-{b}" for b in ("torch", "triton", "cuda")} | set(bench_info_nce.VARIANTS))
     assert named and named <= known, named - known
     assert {"fastcl-cuda-wgmma", "fastcl-triton-bd256"} <= named  # the regex reads both steps
+
+
+def test_gpu_slow_first_list_names_tests_that_exist():
+    """gpu_run.sh starts the tests of tests/gpu_slow_tests.txt first; a renamed test left in
+    the list would silently go back to its place in the queue."""
+    import glob
+    import re
+    from tests.conftest import SLOW_TESTS_FILE
+    names = [ln.split("#")[0].strip() for ln in open(SLOW_TESTS_FILE)]
+    names = [n for n in names if n]
+    defined = set()
+    for path in glob.glob(os.path.join(os.path.dirname(__file__), "test_*.py")):
+        defined |= set(re.findall(r"^def (test_\w+)\(", open(path).read(), re.M))
+    assert len(names) >= 10 and len(set(names)) == len(names)
+    assert set(names) <= defined, set(names) - defined
+
+
+def test_slow_first_moves_only_the_named_tests_and_keeps_every_test():
+    from tests.conftest import slow_first
+
+    class Item:
+        def __init__(self, name):
+            self.originalname, self.name = name, name + "[p]"
+
+    items = [Item(n) for n in ("a", "slow2", "b", "slow1", "slow2", "c")]
+    out = slow_first(items, ["slow1", "slow2", "absent"])
+    assert [i.originalname for i in out] == ["slow1", "slow2", "slow2", "a", "b", "c"]
+    assert sorted(map(id, out)) == sorted(map(id, items))
