@@ -7,7 +7,7 @@
 #pragma once
 #include <string>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace fastcl {
 namespace detail {

@@ -1,7 +1,7 @@
 // The CUDA backend's ops and their input checks (shared by the .cu launchers and the bindings).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 

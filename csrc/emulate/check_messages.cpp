@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "../check.h"
+#include <ATen/ops/zeros.h>  // check.h takes only ATen/core/Tensor.h
 
 int main() {
   const at::Tensor t = at::zeros({3, 5});
