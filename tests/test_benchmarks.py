@@ -271,6 +271,17 @@ def test_max_batch_probe_and_whitening(tmp_path):
     assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in got)
 
 
+def test_max_batch_probes_torch_compile_only_when_named(monkeypatch):
+    """torch.compile of the naive loss joins the probe when --only names it (compiled eagerly
+    here: the plumbing is under test, not Inductor), and only then."""
+    compiled = []
+    monkeypatch.setattr(bench_info_nce.torch, "compile", lambda f: compiled.append(f) or f)
+    rows = bench_max_batch.main(["--dim", "8", "--start", "32", "--max-b", "64", "--only", "torch-compile"])
+    assert [(r["provider"], r["max_B"]) for r in rows] == [("torch-compile", 64)] and len(compiled) == 1
+    rows = bench_max_batch.main(["--dim", "8", "--start", "32", "--max-b", "32", "--only", "naive-torch"])
+    assert [r["provider"] for r in rows] == ["naive-torch"] and len(compiled) == 1
+
+
 def test_max_batch_probe_does_not_start_a_step_predicted_too_slow(monkeypatch):
     """A step costs ~B^2: after 0.3 s at B = 32, B = 64 (~1.2 s) is not started under a 1 s limit."""
     clock = [0.0]
@@ -377,11 +388,11 @@ def test_gpu_run_names_only_providers_that_exist():
     fastcl-cuda-wmma would have dropped a column on the GPU unnoticed."""
     import re
     script = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_run.sh")).read().replace("\\\n", " ")
-    named = {n for lst in re.findall(r"\$B [^\n]*--only ([\w,-]+)", script) for n in lst.split(",")}
+    named = {n for lst in re.findall(r"\$M?B [^\n]*--only ([\w,-]+)", script) for n in lst.split(",")}
     known = ({"naive-torch", "torch-compile", "open_clip", "inf-cl"}
              | {f"fastcl-{b}" for b in ("torch", "triton", "cuda")} | set(bench_info_nce.VARIANTS))
     assert named and named <= known, named - known
-    assert {"fastcl-cuda-wgmma", "fastcl-triton-bd256"} <= named  # the regex reads both steps
+    assert {"fastcl-cuda-wgmma", "fastcl-triton-bd256", "torch-compile", "inf-cl"} <= named  # every step read
 
 
 def test_gpu_slow_first_list_names_tests_that_exist():
