@@ -14,7 +14,8 @@
 # libraries, whitening.
 # On the H100 (2026-11-24, cold machine) build and smoke took ~90 s; the tests did not finish in
 # their 230 s (a warm rerun took 234 s); the sweeps' first steps then took 150 s, and the
-# Triton variants and largest-batch probe that ran there are now parts of their own. A whole
+# Triton variants and largest-batch probe that ran there are now parts of their own. Since then
+# the slowest source compiles in a third less time (RESULTS.md, fifteenth session). A whole
 # test run: PARTS="build tests" DEADLINE=540 TEST_TIMEOUT=500.
 # PARTS (default "build tests bench") picks steps for a follow-up call: "build tests" alone,
 # "build cuda-tests" (only the tests of the cuda backend), "build variants" (the Triton
