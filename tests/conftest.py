@@ -59,17 +59,20 @@ def pytest_runtest_logreport(report):
 SLOW_TESTS_FILE = os.path.join(os.path.dirname(__file__), "gpu_slow_tests.txt")
 
 
+def slow_test_names():
+    """The test function names of SLOW_TESTS_FILE, longest first (# starts a comment)."""
+    with open(SLOW_TESTS_FILE) as f:
+        return [n for n in (ln.split("#")[0].strip() for ln in f) if n]
+
+
 def slow_first(items, names):
     """items reordered: those whose test function is in `names` first, in the list's order
     (longest first), the rest after them in their own order. Stable and complete: only the
     order changes."""
     rank = {n: i for i, n in enumerate(names)}
-    return sorted(items, key=lambda it: rank.get(it.originalname if hasattr(it, "originalname")
-                                                 else it.name, len(rank)))
+    return sorted(items, key=lambda it: rank.get(getattr(it, "originalname", it.name), len(rank)))
 
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("FASTCL_SLOW_FIRST") == "1":
-        with open(SLOW_TESTS_FILE) as f:
-            names = [ln.split("#")[0].strip() for ln in f]
-        items[:] = slow_first(items, [n for n in names if n])
+        items[:] = slow_first(items, slow_test_names())

@@ -400,9 +400,8 @@ def test_gpu_slow_first_list_names_tests_that_exist():
     the list would silently go back to its place in the queue."""
     import glob
     import re
-    from tests.conftest import SLOW_TESTS_FILE
-    names = [ln.split("#")[0].strip() for ln in open(SLOW_TESTS_FILE)]
-    names = [n for n in names if n]
+    from tests.conftest import slow_test_names
+    names = slow_test_names()
     defined = set()
     for path in glob.glob(os.path.join(os.path.dirname(__file__), "test_*.py")):
         defined |= set(re.findall(r"^def (test_\w+)\(", open(path).read(), re.M))
