@@ -39,12 +39,18 @@ def unavailable():
     return _STATE[1]  # a module constant: torch.compile reads it instead of tracing the import
 
 
-def compiled_archs():
-    """The SM architectures the built extension holds kernels for, e.g. [80, 90]."""
-    mod, err, archs = _STATE  # read at import: torch.compile cannot trace into the pybind11 call
+def _module():
+    """The loaded extension, or the reason it is not usable as a RuntimeError."""
+    mod, err, _ = _STATE
     if mod is None:
         raise RuntimeError(err)
-    return list(archs)
+    return mod
+
+
+def compiled_archs():
+    """The SM architectures the built extension holds kernels for, e.g. [80, 90]."""
+    _module()
+    return list(_STATE[2])  # read at import: torch.compile cannot trace into the pybind11 call
 
 
 def wgmma_available():
@@ -52,20 +58,14 @@ def wgmma_available():
     TORCH_CUDA_ARCH_LIST "8.0;9.0a"): there the 16-bit kernels compute their score tiles with
     Hopper's wgmma if the environment sets FASTCL_CUDA_WGMMA=1, and with WMMA otherwise (as on
     sm_80; WMMA was the faster on the H100, 2026-11-24)."""
-    mod, err, _ = _STATE
-    if mod is None:
-        raise RuntimeError(err)
-    return bool(mod.wgmma_available())
+    return bool(_module().wgmma_available())
 
 
 def wgmma_enabled():
     """Whether the 16-bit kernels take the wgmma path now: FASTCL_CUDA_WGMMA is 1, true, on or
     yes (any case), read at every call, and wgmma_available(). Without the opt-in it is False
     without asking the GPU."""
-    mod, err, _ = _STATE
-    if mod is None:
-        raise RuntimeError(err)
-    return bool(mod.wgmma_enabled())
+    return bool(_module().wgmma_enabled())
 
 
 def _register_fakes():
