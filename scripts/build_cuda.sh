@@ -17,10 +17,9 @@ VENV=${FASTCL_CUDA_VENV:-.venv-cuda}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VENV=$(cd "$VENV" && pwd)
-P="$VENV/bin/python -m pip install -q --disable-pip-version-check"
-# Drops pip's "is ignored" notices but keeps its exit status (pipefail): a failed install fails.
-quiet() { "$@" 2>&1 | { grep -v "is ignored" || true; }; }
+. scripts/pip_lib.sh
 # torch first and pinned: nothing later may swap it for another build.
+"$VENV/bin/python" -c "import torch" 2>/dev/null || need_disk 8 "the CUDA torch (~5.5 GB installed)"
 quiet $P "torch==${FASTCL_CUDA_TORCH_VERSION:-2.14.1}"
 quiet $P ninja setuptools wheel numpy pytest "torchvision==${FASTCL_CUDA_TORCHVISION_VERSION:-0.29.1}" \
    open_clip_torch==3.3.0 lightly==1.6.0

@@ -14,9 +14,8 @@ if [ "$HAS_WHEELS" != 1 ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-P="$VENV/bin/python -m pip install -q --disable-pip-version-check"
-# Drops pip's "is ignored" notices but keeps its exit status (pipefail): a failed install fails.
-quiet() { "$@" 2>&1 | { grep -v "is ignored" || true; }; }
+. scripts/pip_lib.sh
+"$VENV/bin/python" -c "import torch" 2>/dev/null || need_disk 7 "torch 2.4.1 (~5 GB installed)"
 quiet $P "torch==2.4.1" "numpy<2" pytest "setuptools>=70" wheel
 FASTCL_BUILD_CUDA=0 quiet $P --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c "import torch, triton; print('oldest supported: torch', torch.__version__, 'triton', triton.__version__)"
