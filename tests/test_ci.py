@@ -27,6 +27,7 @@ def test_every_big_install_checks_the_disk_first():
         text = _read("scripts", script)
         assert ". scripts/pip_lib.sh" in text and "need_disk" in text, script
         assert 'P="$VENV/bin/python -m pip' not in text, script    # no pip line of its own
+    assert "--no-cache-dir" in _read("scripts", "pip_lib.sh")          # no second copy in a cache
 
 
 @pytest.mark.parametrize("gb, ok", [(0, True), (1 << 30, False)])
@@ -36,4 +37,3 @@ def test_need_disk(tmp_path, gb, ok):
     assert (r.returncode == 0) == ok, r.stderr
     if not ok:
         assert "not enough disk for a test install" in r.stderr and "MiB free in" in r.stderr
-    assert "--no-cache-dir" in _read("scripts", "pip_lib.sh")
