@@ -2,6 +2,7 @@
 toolkit checks, and auto mode's fall-back to a pure-Python install when the build fails."""
 import importlib.util
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -133,3 +134,18 @@ def test_auto_mode_builds_best_effort_forced_mode_fails(build, monkeypatch):
     assert cmd["build_ext"] is not cpp_extension.BuildExtension
     monkeypatch.setenv("FASTCL_BUILD_CUDA", "1")
     assert build.ext_modules()[1]["build_ext"] is cpp_extension.BuildExtension
+
+
+def test_license_metadata_without_a_deprecation(tmp_path):
+    """The license reaches the wheel's metadata in the form the building setuptools takes, and
+    no deprecation is warned about it (pyproject's table form is deprecated from setuptools 77 and
+    unsupported after 2027-02-18)."""
+    code = "import setuptools.build_meta as b, sys; print(b.prepare_metadata_for_build_wheel(sys.argv[1]))"
+    r = subprocess.run([sys.executable, "-W", "always", "-c", code, str(tmp_path)], cwd=ROOT,
+                       env=dict(os.environ, FASTCL_BUILD_CUDA="0"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    meta = (tmp_path / r.stdout.split()[-1] / "METADATA").read_text()
+    assert re.search(r"^License(-Expression)?: Apache-2\.0$", meta, re.M), meta
+    assert re.search(r"^License-File: LICENSE$", meta, re.M), meta
+    warned = [line for line in r.stderr.splitlines() if "Deprecat" in line]
+    assert not [line for line in warned if "license" in line.lower()], r.stderr
