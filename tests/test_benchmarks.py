@@ -157,7 +157,7 @@ def test_a_shape_a_provider_refuses_is_a_row():
 
 
 def test_provider_environment_covers_forward_and_backward(monkeypatch):
-    """A provider's `env` (the cuda kernels' WMMA variant: FASTCL_CUDA_WGMMA=0) holds for its
+    """A provider's `env` (the cuda kernels' wgmma variant: FASTCL_CUDA_WGMMA=1) holds for its
     forward and its backward, and is undone afterwards."""
     monkeypatch.delenv("FASTCL_PROBE", raising=False)
     seen = []
