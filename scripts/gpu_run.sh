@@ -8,7 +8,8 @@
 #   whitening.csv, family.csv, plots.tar (PNGs).
 # One deadline, DEADLINE seconds after the start (default 470: the whole call within 8 minutes,
 # issue 7), bounds every step: each runs with its own timeout or the time left, whichever is less,
-# and a step with under 10 s left is skipped and says so. The tests leave 140 s for the sweeps.
+# and a step with under 10 s left is skipped and says so. The tests leave 150 s: 140 for the
+# sweeps, 10 for the summary of a test run cut short.
 # The benchmark steps run in order of importance: the CLIP sweep, forward alone, the cuda kernels'
 # fwd+bwd (on Hopper with WMMA, the default, and with wgmma), fp32, the loss family against the
 # libraries, whitening.
@@ -44,9 +45,10 @@ within() {
     return 124
   fi
   ((t > max)) && t=$max
-  # -k: a process that ignores SIGTERM is killed 10 s later; a step cut short says so (its
-  # partial output alone would not: a sweep's missing rows, a test run's missing summary)
-  timeout -k 10 "$t" "$@"
+  # -k: a process that ignores SIGTERM is killed 20 s later (pytest, stopped by SIGTERM, prints
+  # its summary, after xdist has waited up to 10 s for busy workers); a step cut short says so
+  # (its partial output alone would not: a sweep's missing rows)
+  timeout -k 20 "$t" "$@"
   local rc=$?
   ((rc == 124 || rc == 137)) && echo "[gpu_run] TIMED OUT after ${t} s (rc $rc): ${*:1:4} ..." | tee -a "$OUT/env.txt"
   return $rc
@@ -95,8 +97,10 @@ stamp "smoke rc=$smoke_rc"
 # The GPU-relevant tests: every loss, gradient and kernel variant of every backend (torch,
 # triton, cuda) against float64 on the GPU, and the trainer's (test_train_cuda.py; gloo, the CPU
 # trainer tests, demo and the CPU emulation of the CUDA kernels run in CI). pytest-xdist
-# spreads the Triton compilations over the CPU cores and keeps a crash to one worker; each
-# failure is written out as it happens, so a run cut short still says why (tests/conftest.py).
+# spreads the Triton compilations over the CPU cores and keeps a crash to one worker. A run cut
+# short by its time limit still ends with pytest's summary (tests/conftest.py turns SIGTERM into
+# KeyboardInterrupt), and each failure is written out as it happens, should the run be killed.
+# Every test of 1 s or more is listed with its duration (for tests/gpu_slow_tests.txt).
 # PARTS="build cuda-tests" runs the tests with "cuda" in their names alone (the cuda backend's,
 # and the trainer's on the GPU); TESTS="tests/test_x.py ..." runs those files or node ids alone.
 # Two CPU-side tests that CI runs are left out (an offline sm_90 compile, a packaging check).
@@ -113,12 +117,13 @@ if has tests || has cuda-tests; then
   export FASTCL_FAILURE_LOG=/tmp/failures.txt
   rm -f "$FASTCL_FAILURE_LOG"  # a warm machine keeps /tmp: not an earlier call's failures
   TEST_MAX=${TEST_TIMEOUT:-230}
-  has bench && ((TEST_MAX > $(left) - 140)) && TEST_MAX=$(($(left) - 140))  # the CLIP sweep's time
+  # the CLIP sweep's 140 s, and ~10 s for the summary of a run cut short
+  has bench && ((TEST_MAX > $(left) - 150)) && TEST_MAX=$(($(left) - 150))
   ((TEST_MAX < 30)) && TEST_MAX=30
   # One CPU thread per worker: 14 workers x torch's 16 threads each oversubscribed the 16 cores
   # (a CPU-only test that takes 2 s here took 89 s on the H100's machine, 2026-11-24).
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} \
-  within "$TEST_MAX" $PY -m pytest -q -rfEs --tb=short --durations=40 -p no:benchmark $XDIST $PER_TEST $SELECT \
+  within "$TEST_MAX" $PY -m pytest -q -rfEs --tb=short --durations=0 --durations-min=1 -p no:benchmark $XDIST $PER_TEST $SELECT \
     ${TESTS:-tests} --ignore=tests/test_distributed.py --ignore=tests/test_cuda_emulated.py \
     --ignore=tests/test_train.py --ignore=tests/test_demo.py \
     --deselect tests/test_errors.py::test_source_checkout_exposes_only_kernels \

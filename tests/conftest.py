@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -76,3 +77,24 @@ def slow_first(items, names):
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("FASTCL_SLOW_FIRST") == "1":
         items[:] = slow_first(items, slow_test_names())
+
+
+def _sigterm_handler(pid, worker):
+    def handler(signum, frame):
+        if os.getpid() != pid:  # a process forked from this one (a DataLoader worker): die as asked
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        elif not worker:
+            raise KeyboardInterrupt("SIGTERM (a time limit?): the summary of the tests run so far")
+    return handler
+
+
+def pytest_configure(config):
+    """A test run stopped by SIGTERM, as gpu_run.sh's time limit stops it, still ends with
+    pytest's summary (the counts so far, the failures, the durations) instead of dying without
+    one. The controlling process turns SIGTERM into KeyboardInterrupt; xdist's workers, which get
+    the signal too (timeout signals the whole process group), let the controller stop them."""
+    try:
+        signal.signal(signal.SIGTERM, _sigterm_handler(os.getpid(), bool(os.environ.get("PYTEST_XDIST_WORKER"))))
+    except ValueError:  # not the main thread: leave the default
+        pass

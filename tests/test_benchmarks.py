@@ -420,3 +420,40 @@ def test_slow_first_moves_only_the_named_tests_and_keeps_every_test():
     out = slow_first(items, ["slow1", "slow2", "absent"])
     assert [i.originalname for i in out] == ["slow1", "slow2", "slow2", "a", "b", "c"]
     assert sorted(map(id, out)) == sorted(map(id, items))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_test_run_stopped_by_sigterm_still_summarises(tmp_path, workers):
+    """gpu_run.sh stops the GPU tests with timeout's SIGTERM, sent to the whole process group;
+    pytest then died without its summary, so a run cut short said neither how many tests had
+    passed nor which were slow (2026-11-24). tests/conftest.py makes it end as on Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    if workers and importlib.util.find_spec("xdist") is None:
+        pytest.skip("pytest-xdist not installed (the test extra installs it)")
+    mark = tmp_path / "slow_started"
+    (tmp_path / "test_x.py").write_text(
+        "import os, time\n\n"
+        "def test_quick():\n    pass\n\n"
+        f"def test_slow():\n    open({str(mark)!r}, 'w').close()\n    time.sleep(120)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+           "-p", "no:benchmark", "-c", os.devnull, "--rootdir", str(tmp_path), "--durations=5",
+           str(tmp_path / "test_x.py")] + (["-n", str(workers)] if workers else [])
+    env = dict(os.environ, PYTHONPATH=root, FASTCL_SLOW_FIRST="0")
+    p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not mark.exists() and p.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.2)
+        time.sleep(1.0)  # test_quick's report reaches the controller
+        os.killpg(p.pid, signal.SIGTERM)  # as timeout does
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert mark.exists(), out
+    assert "KeyboardInterrupt: SIGTERM" in out and "slowest" in out, out
+    assert "1 passed" in out, out
