@@ -99,13 +99,18 @@ KERNEL_MAX_GROUP = 128  # the kernels keep a group's g x g matrices in one progr
 TRITON_MAX_GROUP = 64
 
 
+def _max_group(backend):
+    """The largest group size `backend`'s Newton-Schulz kernel takes."""
+    return TRITON_MAX_GROUP if backend == "triton" else KERNEL_MAX_GROUP
+
+
 @torch.library.custom_op("fastcl::newton_schulz_kernel", mutates_args=())
 def newton_schulz_kernel(S: Tensor, iters: int, backend: str) -> Tensor:
     """W ~= S^-1/2 for SPD S [G, g, g] float32, g <= 128 (64 for "triton"), by the fused
     Newton-Schulz kernel of `backend` ("triton" or "cuda"). An op of its own, so that
     torch.compile calls the kernel instead of tracing its launch (which failed with
     fullgraph=True)."""
-    max_g = TRITON_MAX_GROUP if backend == "triton" else KERNEL_MAX_GROUP
+    max_g = _max_group(backend)
     if S.dim() != 3 or S.shape[1] != S.shape[2] or S.shape[1] > max_g or S.dtype != torch.float32:
         raise ValueError(f"fastcl::newton_schulz_kernel: S must be float32 [G, g, g] with g <= "
                          f"{max_g}, got {S.dtype} {tuple(S.shape)}")
@@ -317,7 +322,7 @@ def _kernel_limits(method, g, backend):
                 f"run in backend='torch'")
     if g > KERNEL_MAX_GROUP:
         return f"group size {g} > {KERNEL_MAX_GROUP} does not fit one program (block) per group"
-    if backend == "triton" and g > TRITON_MAX_GROUP:
+    if g > _max_group(backend):  # only Triton's limit is below KERNEL_MAX_GROUP
         return (f"group size {g} > {TRITON_MAX_GROUP}: the Triton kernel's compile took over 100 s on an "
                 f"H100 at g = 128; backend='cuda' (g <= {KERNEL_MAX_GROUP}) or 'torch' take it")
     return None
