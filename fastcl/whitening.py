@@ -1,6 +1,7 @@
 """Group whitening (ZCA / Cholesky / Newton-Schulz) with an analytic backward.
 
-Per group of g channels: xc = x - mean (centred BEFORE the Gram matrix, in fp32 or fp64),
+Per group of g channels: xc = x - mean (centred BEFORE the Gram matrix, in fp32 or fp64;
+the Gram in fp64 for ZCA and Cholesky, see stats_dtype),
 S = xc^T xc / (N - ddof) + eps I, y = xc W(S):
   zca:           W = U diag(lambda)^-1/2 U^T         (symmetric, channel-order invariant)
   cholesky:      S = L L^T, W = L^-T                  (cheapest; depends on channel order)
@@ -27,10 +28,13 @@ DEFAULT_NS_ITERS = 20
 
 
 # ----------------------------------------------------------------------------- matrix functions
-def zca_matrix(S: Tensor):
-    """W = S^-1/2 for a batch of SPD matrices [G, g, g], plus (U, sigma) for the backward."""
-    lam, U = torch.linalg.eigh(S)
-    sigma = lam.clamp_min(torch.finfo(S.dtype).tiny).sqrt()
+def zca_matrix(S: Tensor, eps: float = 0.0):
+    """W = S^-1/2 for a batch of SPD matrices [G, g, g] = covariance + eps I, plus (U, sigma)
+    for the backward. The eigenvalues are floored at eps, their exact lower bound: in fp32 the
+    zero eigenvalues of a rank-deficient covariance (N - 1 < g) come out as rounding noise,
+    far below eps and even negative, and whitened that noise to ~1e14."""
+    lam, U = _linalg(torch.linalg.eigh, S)
+    sigma = lam.clamp_min(max(eps, torch.finfo(S.dtype).tiny)).sqrt()
     return (U / sigma[..., None, :]) @ U.transpose(-1, -2), (U, sigma)
 
 
@@ -43,7 +47,7 @@ def zca_grad_cov(G_W: Tensor, U: Tensor, sigma: Tensor) -> Tensor:
 
 def cholesky_matrix(S: Tensor) -> Tensor:
     """W = L^-T with S = L L^T, so that (xc W)^T (xc W) / n = L^-1 S L^-T = I."""
-    L = torch.linalg.cholesky(S)
+    L = _linalg(torch.linalg.cholesky, S)
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
     return torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
 
@@ -60,6 +64,19 @@ def newton_schulz_matrix(S: Tensor, iters: int) -> Tensor:
     return Z / c.sqrt()
 
 
+def _linalg(fn, S):
+    """fn(S), with LAPACK's error on a non-finite S (eigh "failed to converge", Cholesky "not
+    positive-definite") named as what it is: NaN or inf in x."""
+    if _validation._compiling():  # no try/except around a traced op
+        return fn(S)
+    try:
+        return fn(S)
+    except torch.linalg.LinAlgError:
+        if bool(torch.isfinite(S).all()):
+            raise
+    raise ValueError("a group's covariance is not finite: x holds NaN or inf")
+
+
 def _matrix(S, method, iters):
     if method == "cholesky":
         return cholesky_matrix(S)
@@ -67,26 +84,43 @@ def _matrix(S, method, iters):
 
 
 # ----------------------------------------------------------------------------- the op
-def group_stats(xg: Tensor, eps: float, ddof: int):
-    """xg [G, N, g] in the compute dtype -> (xc, S) with the mean removed before the Gram."""
+def stats_dtype(method: str, xg: Tensor) -> torch.dtype:
+    """S's dtype: fp64 for the factorising methods (ZCA, Cholesky) on fp32 statistics, where
+    the device has fp64. Rounding the fp32 Gram of a rank-deficient group (N - 1 < g) puts its
+    zero eigenvalues at about +-g u lambda_max, far above eps at feature scale 10: Cholesky
+    failed ("not positive-definite") on covariance + eps I, and ZCA's W got 1/sqrt(noise)
+    instead of 1/sqrt(eps) there (30% off in the detach_stats gradient). The fp64 Gram of the
+    fp32 xc is PSD to ~1e-16 (errors then ~1e-3, from xc's own rounding). Its cost, fwd+bwd on
+    a 2-core CPU, D = 768, 12 groups: +2 ms at N = 1024 (of 9-12), +39 ms for Cholesky at
+    N = 8192 (of 59); on a GPU not yet measured. Newton-Schulz (matmuls only) stays in fp32."""
+    if method in ("zca", "cholesky") and xg.dtype == torch.float32 and xg.device.type in ("cpu", "cuda"):
+        return torch.float64
+    return xg.dtype
+
+
+def group_stats(xg: Tensor, eps: float, ddof: int, dtype: Optional[torch.dtype] = None):
+    """xg [G, N, g] in the compute dtype -> (xc, S) with the mean removed before the Gram;
+    S in `dtype` (default xg's: see stats_dtype)."""
     xc = xg - xg.mean(dim=1, keepdim=True)
-    S = xc.transpose(-1, -2) @ xc / (xg.shape[1] - ddof)
+    xs = xc if dtype is None else xc.to(dtype)
+    S = xs.transpose(-1, -2) @ xs / (xg.shape[1] - ddof)
     if eps:
         S = S + eps * torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
     return xc, S
 
 
-def _check_not_singular(S: Tensor, eps: float):
+def _check_not_singular(S: Tensor, eps: float, dtype: Optional[torch.dtype] = None):
     """With eps == 0 a rank-deficient group would whiten to ~1e19: refuse it, and name NaN or
     inf in x as such (one host sync for both). Rank-deficient means
     lambda_min <= g * (S's dtype's machine epsilon) * lambda_max, NumPy's matrix_rank
     tolerance: eigh puts a singular S's smallest eigenvalue at a few machine epsilons of the
-    largest (~1e-7 in fp32, ~1e-16 in fp64), not at 0."""
+    largest (~1e-7 in fp32, ~1e-16 in fp64), not at 0. dtype: the data's (default S's), whose
+    rounding the tolerance is of."""
     if eps == 0 and _validation.has_values(S):
         finite = torch.isfinite(S).all()
         # eigh fails to converge on NaN (LAPACK's message about conditioning): a stand-in then
         lam = torch.linalg.eigvalsh(torch.where(finite, S, torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)))
-        tol = S.shape[-1] * torch.finfo(S.dtype).eps
+        tol = S.shape[-1] * torch.finfo(dtype or S.dtype).eps
         _validation.require_all(
             (finite, "a group's covariance is not finite: x holds NaN or inf"),
             ((lam[..., 0] > tol * lam[..., -1].abs()).all(),
@@ -131,17 +165,17 @@ def _(S, iters, backend):
 class _GroupWhiten(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg, eps, ddof, method, iters, detach_stats, backend):
-        xc, S = group_stats(xg, eps, ddof)
+        xc, S = group_stats(xg, eps, ddof, stats_dtype(method, xg))
+        _check_not_singular(S, eps, xc.dtype)  # before eigh, which fails to converge on NaN
         if method == "zca":
-            _check_not_singular(S, eps)  # before eigh, which fails to converge on NaN
-            W, (U, sigma) = zca_matrix(S)
+            W, (U, sigma) = zca_matrix(S, eps)
+            W = W.to(xc.dtype)
             ctx.save_for_backward(xc, W, U, sigma)
         else:
-            _check_not_singular(S, eps)
             if backend in ("triton", "cuda"):  # method == "newton_schulz", checked by the dispatch
                 W = torch.ops.fastcl.newton_schulz_kernel(S, iters, backend)
             else:
-                W = _matrix(S, method, iters)
+                W = _matrix(S, method, iters).to(xc.dtype)
             ctx.save_for_backward(xc, W, S)
         ctx.cfg = (ddof, method, iters, detach_stats)
         ctx.mark_non_differentiable(W)
@@ -164,12 +198,14 @@ class _GroupWhiten(torch.autograd.Function):
         else:
             G_W = xc.transpose(-1, -2) @ gy
             if method == "zca":
-                G_S = zca_grad_cov(G_W, *ctx.saved_tensors[2:])
+                U, sigma = ctx.saved_tensors[2:]
+                G_S = zca_grad_cov(G_W.to(U.dtype), U, sigma).to(xc.dtype)
             else:  # differentiate the [G, g, g] matrix function itself (NS: unrolled)
                 S = ctx.saved_tensors[2].detach().requires_grad_()
                 with torch.enable_grad():
                     W = _matrix(S, method, iters)
-                    G_S, = torch.autograd.grad(W, S, G_W)
+                    G_S, = torch.autograd.grad(W, S, G_W.to(S.dtype))
+                W, G_S = W.to(xc.dtype), G_S.to(xc.dtype)  # S in fp64 for Cholesky (stats_dtype)
                 # gy W^T and the G_S term nearly cancel on ill-conditioned groups: both from the
                 # same W. The kernels' W (Triton, CUDA) differs from this one by rounding, which
                 # the cancellation made 10-130x naive's gradient error.
@@ -226,6 +262,8 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     """Whiten x [N, D] in num_groups groups of D/num_groups consecutive channels.
 
     Args:
+        x: [N, D] floating (16-bit inputs get fp32 statistics).
+        num_groups: G, a divisor of D; the group size is g = D / G.
         eps: added to the covariance's diagonal (needed when N - 1 < group size: centring
             leaves N - 1 degrees of freedom).
         method: "zca" | "cholesky" | "newton_schulz" (see the module docstring).
@@ -236,10 +274,10 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
         ddof: the covariance divides by N - ddof.
         detach_stats: treat W as a constant (the stop-gradient of WhitenedCSE / Zero-CL); the
             mean is still differentiated.
-        backend: "auto" (on CUDA the fastest measured, fastcl._dispatch.MEASURED_MS; else
+        backend: "auto" (on CUDA the fastest measured: the figures in fastcl/_dispatch.py; else
             torch) | "torch" | "triton" (Newton-Schulz matrix in one fused Triton program per
-            group, group size <= 128) | "cuda" (same, CUDA C++) | "reference" (naive
-            torch.linalg autograd).
+            group, group size <= 64) | "cuda" (same, CUDA C++, group size <= 128) |
+            "reference" (naive torch.linalg autograd).
     Returns:
         y [N, D] in x's dtype; each group of y satisfies y^T y / (N - ddof) ~= I. With
         return_matrix=True, also the batch's whitening matrices W [G, g, g] (detached; in the
@@ -270,9 +308,11 @@ def _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend
     if backend == "reference":
         if eps == 0:  # refused as the other backends refuse it (the reference gave NaN)
             _check_not_singular(group_stats(xg.detach(), eps, ddof)[1], eps)
-        y, W = whiten_reference(xp, num_groups, eps=eps, method=method, iters=iters, ddof=ddof,
-                                detach_stats=detach_stats, return_matrix=True)
-        W = W.detach()
+        # in the statistics' dtype, as the other backends (eigh and Cholesky have no 16-bit
+        # kernels, and need fp64 for fp32's rank-deficient groups: stats_dtype)
+        y, W = whiten_reference(xp.to(stats_dtype(method, xg)), num_groups, eps=eps, method=method, iters=iters,
+                                ddof=ddof, detach_stats=detach_stats, return_matrix=True)
+        y, W = y.to(x.dtype), W.detach().to(xg.dtype)
     else:
         if (method != "zca" and not detach_stats and _validation._compiling() and torch.is_grad_enabled()
                 and xg.requires_grad):
@@ -280,9 +320,9 @@ def _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend
             # trace its torch.autograd.grad (a graph break, an error with fullgraph=True). The
             # same math by plain autograd, W from the torch iteration: the kernels' W serves
             # eager calls, and the gradient came from this iteration anyway.
-            xc, S = group_stats(xg, eps, ddof)
-            _check_not_singular(S.detach(), eps)
-            W = _matrix(S, method, iters)
+            xc, S = group_stats(xg, eps, ddof, stats_dtype(method, xg))
+            _check_not_singular(S.detach(), eps, xc.dtype)
+            W = _matrix(S, method, iters).to(xc.dtype)
             yg, W = xc @ W, W.detach()
         else:
             yg, W = _GroupWhiten.apply(xg, eps, ddof, method, iters, detach_stats, backend)
@@ -339,7 +379,8 @@ def whiten_reference(x, num_groups, *, eps=1e-5, method="zca", iters=DEFAULT_NS_
     S = xc.transpose(-1, -2) @ xc / (N - ddof) + eps * torch.eye(g, dtype=x.dtype, device=x.device)
     if method == "zca":
         lam, U = torch.linalg.eigh(S)
-        W = U @ torch.diag_embed(lam.rsqrt()) @ U.transpose(-1, -2)
+        # floored at eps, the eigenvalues' exact bound (see zca_matrix): rounding put them below
+        W = U @ torch.diag_embed(lam.clamp_min(eps).rsqrt()) @ U.transpose(-1, -2)
     else:
         W = _matrix(S, method, iters)
     if detach_stats:

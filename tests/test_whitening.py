@@ -296,8 +296,14 @@ def test_shuffled_group_whiten():
     perms = [torch.randperm(12, generator=gen) for _ in range(4)]
     for v, p in zip(views, perms):
         assert torch.allclose(v, FCL.group_whiten(x, 3, perm=p, backend="torch"))
-    xs = torch.stack([x, 2 * x, x + 1])
-    assert FCL.shuffled_group_whiten(xs, 3, k=3, backend="torch").shape == (3, 40, 12)
+    # one batch per view: view i is batch i whitened with perm i (independent batches, so a
+    # mix-up of views or perms shows: x, 2x and x + 1 whiten alike)
+    xs = torch.stack([_x(40, 12, seed=s) for s in (30, 31, 32)])
+    views = FCL.shuffled_group_whiten(xs, 3, k=3, generator=torch.Generator().manual_seed(1), backend="torch")
+    assert views.shape == (3, 40, 12)
+    gen = torch.Generator().manual_seed(1)
+    for xi, v in zip(xs, views):
+        assert torch.allclose(v, FCL.group_whiten(xi, 3, perm=torch.randperm(12, generator=gen), backend="torch"))
 
 
 def test_module_running_statistics():
@@ -392,6 +398,50 @@ def test_rank_deficient_fp32_groups_are_refused(method):
         x[:, 7] = x[:, 0] + x[:, 1]
         with pytest.raises(ValueError, match="singular"):
             FCL.group_whiten(x, 1, eps=0.0, method=method, backend="torch")
+
+
+@pytest.mark.parametrize("method", ["zca", "cholesky"])
+@pytest.mark.parametrize("detach_stats", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_fp32_groups_with_fewer_samples_than_channels(method, detach_stats, backend):
+    """N - 1 < g with eps > 0 at feature scale 10: the fp32 Gram's zero eigenvalues round to
+    +-1e-3, far from eps. ZCA whitened that noise to ~1e14, Cholesky refused the matrix as not
+    positive-definite, and the detach_stats gradient took 1/sqrt(noise) for 1/sqrt(eps)."""
+    g = torch.Generator().manual_seed(40)
+    x64 = (torch.randn(16, 128, generator=g, dtype=torch.float64) * 10).float().double()
+    gy = torch.randn(16, 128, generator=g, dtype=torch.float64)
+    outs = []
+    for dtype in (torch.float64, torch.float32):
+        x = x64.to(dtype).detach().requires_grad_()
+        y = FCL.group_whiten(x, 2, method=method, detach_stats=detach_stats, backend=backend)
+        (y * gy.to(dtype)).sum().backward()
+        outs.append((y, x.grad))
+    (y64, g64), (y32, g32) = outs
+    assert y32.dtype == torch.float32
+    # measured 6e-4 (output) and 1e-4 to 1.5e-3 (gradient) relative; 0.3 before
+    assert rel_err(y32, y64) < 5e-3
+    assert rel_err(g32, g64) < 1e-2
+
+
+@pytest.mark.parametrize("method", ["zca", "cholesky"])
+def test_nan_in_x_is_named_with_eps(method):
+    """eps > 0: LAPACK's own error ("failed to converge", "not positive-definite") named NaN."""
+    x = torch.randn(16, 8)
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        FCL.group_whiten(x, 2, method=method, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_reference_backend_takes_16_bit_inputs_in_fp32(dtype, method):
+    """The reference backend computes in the statistics' dtype, as the others (eigh and
+    Cholesky have no 16-bit kernels: it raised; its Newton-Schulz ran in 16 bits, 4-7x the
+    error)."""
+    x = _x(64, 8, seed=41, offset=3.0, dtype=dtype)
+    y = FCL.group_whiten(x, 2, method=method, backend="reference")
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, FCL.group_whiten(x, 2, method=method, backend="torch"))
 
 
 def test_well_conditioned_fp32_groups_are_accepted():
