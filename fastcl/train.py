@@ -18,14 +18,18 @@
 - Under torch.distributed (initialised by the caller), the encoders are wrapped in DDP and the
   InfoNCE/CLIP losses see the global batch (``fastcl.distributed``, gradients scaled for DDP).
 - ``checkpoint_path`` saves model, optimizer, scaler, history and every rank's RNG states
-  (torch CPU, the trainer's CUDA device, Python ``random``, NumPy); ``resume=True`` loads it
-  and skips the batches already seen, with the RNG put back after the skip. Resuming
-  reproduces the uninterrupted run exactly when the data's order does not depend on the
+  (torch CPU, the trainer's CUDA device, Python ``random``, NumPy); ``resume=True`` (which
+  needs ``checkpoint_path``) loads it if the file exists, so that a preemptible job restarts
+  with the same command, and warns and starts from step 0 if it does not. A resumed run skips
+  the batches already seen, with the RNG put back after the skip. Resuming reproduces the
+  uninterrupted run exactly when the data's order does not depend on the
   global RNG: a list, a DataLoader without shuffling, or one given its own seeded
   ``generator``. A plain ``shuffle=True`` DataLoader draws its order from the global RNG at
   each epoch's start, so its resumed epoch has a different order.
 - With ``chunk_size``, buffers that the encoders update in the forward (BatchNorm's running
   statistics) are updated once per chunk, by the first pass; the re-encoding leaves them be.
+  Buffers that the recipe's loss updates (a queue, a loss head's statistics) are updated once
+  per step, as without ``chunk_size``.
 - Logged per step: loss, temperature, alignment and uniformity (Wang & Isola 2020).
 """
 import contextlib
@@ -43,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _validation, functional as FCL
+from . import _validation, functional as FCL, whitening
 from .nn import clamp_logit_scale_, learnable_logit_scale
 
 __all__ = ["Recipe", "SimCLR", "SimCSE", "WhitenedCSE", "CLIP", "TrainConfig", "Trainer",
@@ -135,8 +139,15 @@ class WhitenedCSE(Recipe):
         if not _validation.is_int(k) or k < 2:
             raise ValueError(f"k must be an integer >= 2 (each sample's other views are its "
                              f"positives), got {k!r}")
+        # The encoder's output width D is unknown until the first step, which checks that
+        # num_groups divides it; the rest fails here rather than at that step.
+        if not _validation.is_int(num_groups) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive integer (a divisor of the encoder's "
+                             f"output width), got {num_groups!r}")
+        whitening.check_options(int(num_groups), num_groups, eps, 0, method, None)
+        detach_stats = _validation.check_bool(detach_stats, "detach_stats")
         self.encoders = nn.ModuleDict({"encoder": encoder})
-        self.num_groups, self.k = num_groups, int(k)
+        self.num_groups, self.k = int(num_groups), int(k)
         self.tau = _validation.positive_number(temperature, "temperature")
         self.whiten_kw = dict(method=method, detach_stats=detach_stats, eps=eps)
 
@@ -214,7 +225,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_path: Optional[str] = None
     checkpoint_every: int = 0              # 0: only at the end (if checkpoint_path is set)
-    resume: bool = False
+    resume: bool = False                   # load checkpoint_path if it exists (warns if not)
     progress: bool = True
     device: str = "cpu"
 
@@ -235,6 +246,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         for name in ("resume", "progress"):
             _validation.check_bool(getattr(self, name), f"TrainConfig.{name}")
+        if self.resume and not self.checkpoint_path:  # was silently a fresh run
+            raise ValueError(f"TrainConfig.resume=True needs a checkpoint_path to resume from, got "
+                             f"checkpoint_path={self.checkpoint_path!r}")
         for name in ("lr", "weight_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
@@ -288,8 +302,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.data, self._iter, self._skip = data, None, 0
         self.step, self.history = 0, []
-        if config.resume and config.checkpoint_path and os.path.exists(config.checkpoint_path):
-            self.load(config.checkpoint_path)
+        if config.resume:  # check() made sure there is a checkpoint_path
+            if os.path.exists(config.checkpoint_path):
+                self.load(config.checkpoint_path)
+            else:  # a preemptible job's first start: fine, but say so (a mistyped path reads the same)
+                warnings.warn(f"TrainConfig.resume=True but no checkpoint was found at "
+                              f"{config.checkpoint_path!r}: training starts from step 0", stacklevel=2)
 
     # -- one step -------------------------------------------------------------------------
     def _autocast(self):
@@ -340,12 +358,13 @@ class Trainer:
                     states.append(_RngReplay(self.device))
                     parts.append(self._encode(name, x[i:i + chunk]))
                 z.append(torch.cat(parts).requires_grad_())
-        # The re-encoding below runs the forward again; keep buffers it would update a second
-        # time (BatchNorm's running statistics) as the first pass left them.
-        buffers = [(b, b.clone()) for b in self.recipe.buffers()]
         # 2. The fused loss over the FULL batch: every negative, and the embeddings' gradients.
         loss = self.recipe.loss(z)
         self.scaler.scale(loss).backward()
+        # The re-encoding below runs the forward again; keep buffers it would update a second
+        # time (BatchNorm's running statistics) as the first pass left them. Snapshot after the
+        # loss: what the loss updates (a queue, a loss head's running statistics) must stay.
+        buffers = [(b, b.clone()) for b in self.recipe.buffers()]
         # 3. Re-encode each chunk with a graph (same RNG) and backpropagate its embedding gradient.
         # DDP all-reduces on a module's backward unless no_sync: let each encoder sync once, on
         # the last chunk that goes through it.

@@ -2,6 +2,7 @@ import copy
 import math
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -178,6 +179,29 @@ def test_grad_cache_updates_batchnorm_statistics_once_per_chunk():
     assert torch.allclose(bn.running_var, ref.running_var, atol=1e-14)
 
 
+class _CountingSimCSE(T.SimCSE):
+    """A loss that updates a buffer of its own (like a MoCo queue or a loss head's statistics)."""
+
+    def __init__(self, encoder):
+        super().__init__(encoder)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def loss(self, z):
+        self.calls += 1
+        return super().loss(z)
+
+
+def test_grad_cache_keeps_buffers_the_loss_updates():
+    """The re-encoding's buffer restore undoes only the re-encoding: a buffer the loss updates
+    ends the same with chunk_size as without (it was put back to 0 every chunked step)."""
+    calls = []
+    for chunk in (None, 7):
+        recipe = _CountingSimCSE(_mlp())
+        T.Trainer(recipe, _batches(n=3), _cfg(steps=3, chunk_size=chunk)).train()
+        calls.append(int(recipe.calls))
+    assert calls == [3, 3]
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_trains(amp):
     enc = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 8))
@@ -206,6 +230,26 @@ def test_amp_step_matches_fp32_step(amp):
         deltas.append(_params(enc) - start)
     rel = float((deltas[1] - deltas[0]).norm() / deltas[0].norm())
     assert rel < 3e-2, rel
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_fp16_logged_loss_is_unscaled(chunk):
+    """Under fp16 the GradScaler multiplies the loss by its scale (65536 at the start) for the
+    backward; the logged loss is the recipe's own loss on the batch."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8))  # no dropout: deterministic
+    recipe = T.SimCSE(enc, temperature=0.5)
+    x = _batches(n=1)[0].float()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.float16):
+            z16 = enc(x)
+        expected = recipe.loss([z16.float(), z16.float()]).item()
+        fp32 = recipe.loss([enc(x), enc(x)]).item()
+    trainer = T.Trainer(recipe, [x], _cfg(amp="fp16", chunk_size=chunk))
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() > 1e3  # the scale is in play
+    logged = trainer.train()[0]["loss"]
+    assert logged == pytest.approx(expected, rel=1e-5)
+    assert logged == pytest.approx(fp32, rel=1e-2)  # and the fp16 encoding is close to fp32's
 
 
 def test_metrics_logged_and_temperature_learned():
@@ -334,6 +378,45 @@ def test_bad_recipe_and_trainer_arguments():
         T.Trainer(_mlp(), _batches(1), _cfg())
     with pytest.raises(TypeError, match="config"):
         T.Trainer(T.SimCSE(_mlp()), _batches(1), dict(steps=1))
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(num_groups=0), "num_groups"), (dict(num_groups="2"), "num_groups"),
+    (dict(num_groups=2.0), "num_groups"), (dict(num_groups=2, method="pca"), "method"),
+    (dict(num_groups=2, eps=-1.0), "eps"), (dict(num_groups=2, eps="1e-5"), "eps"),
+    (dict(num_groups=2, detach_stats="no"), "detach_stats")])
+def test_whitened_cse_checks_its_whitening_options(kw, name):
+    # each was accepted until the first training step's group_whiten
+    with pytest.raises((ValueError, TypeError), match=name):
+        T.WhitenedCSE(nn.Linear(6, 6).double(), **kw)
+
+
+def test_whitened_cse_num_groups_not_dividing_the_width():
+    """The encoder's output width is known only at the first step, which names both."""
+    recipe = T.WhitenedCSE(nn.Linear(6, 6).double(), num_groups=4)
+    with pytest.raises(ValueError, match=r"num_groups must be a positive divisor of D=6, got 4"):
+        T.Trainer(recipe, _batches(n=1), _cfg()).train()
+
+
+def test_resume_without_a_checkpoint_path_is_an_error():
+    # it was silently a fresh run
+    for path in (None, ""):
+        with pytest.raises(ValueError, match="resume=True needs a checkpoint_path"):
+            T.TrainConfig(resume=True, checkpoint_path=path)
+        cfg = T.TrainConfig(checkpoint_path=path)
+        cfg.resume = True  # set after it was built: the Trainer checks it again
+        with pytest.raises(ValueError, match="resume=True needs a checkpoint_path"):
+            T.Trainer(T.SimCSE(_mlp()), _batches(1), cfg)
+
+
+def test_resume_from_a_missing_checkpoint_warns_and_starts_fresh(tmp_path):
+    """A preemptible job's first start (same command as its restarts): no file yet, so a fresh
+    run, but said aloud (it was silent, like a mistyped path)."""
+    path = str(tmp_path / "missing.pt")
+    with pytest.warns(UserWarning, match=re.escape(f"no checkpoint was found at '{path}'") + ".*step 0"):
+        trainer = T.Trainer(T.SimCSE(_mlp()), _batches(n=2), _cfg(steps=2, checkpoint_path=path, resume=True))
+    assert trainer.step == 0
+    assert len(trainer.train()) == 2 and os.path.exists(path)
 
 
 def test_zero_steps_trains_nothing():
