@@ -49,6 +49,13 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
     other view of the same sample and its negatives are the 2N-2 other vectors (itself
     excluded). Returns the mean over the 2N anchors (reduction="none": [2N], z1's rows
     first). Equal to lightly's and pytorch-metric-learning's NTXentLoss.
+
+    Args:
+        temperature: logits are cosine similarity / temperature (a Python float > 0).
+        normalize: L2-normalise z1, z2 first (False: use them as given, dot products).
+        reduction: "mean" (a 0-dim fp32/fp64 tensor), "sum", or "none" ([2N]).
+        backend: "auto" | "triton" | "cuda" | "torch" | "reference", as in
+            :func:`fastcl.functional.info_nce`.
     """
     _check_views(z1, z2)
     scale, backend, normalize = _setup(z1, temperature, reduction, backend, normalize)
@@ -64,8 +71,8 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
 
 
 def dcl_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
-    """DCLW's weights [N] (in the views' dtype), w_i = 2 - N softmax_i(<u1_i, u2_i> / sigma),
-    of two views z1, z2 [N, D] of the same batch, normalised here (mean 1)."""
+    """DCLW's weights w [N] (in the views' dtype), w_i = 2 - N softmax_i(<u1_i, u2_i> / sigma),
+    of two views z1, z2 [N, D] of the same batch, normalised here. The weights have mean 1."""
     _check_views(z1, z2)
     sigma = _validation.positive_number(sigma, "sigma")
     return reference.vmf_weights(F.normalize(z1, dim=-1), F.normalize(z2, dim=-1), sigma)
@@ -149,7 +156,8 @@ def _dcl_weights(n1, n2, weight, sigma, detach):
         raise TypeError(f"weight must be None, 'vmf', a tensor or a callable, got {type(weight).__name__}")
     for w in (w1, w2):
         if not isinstance(w, Tensor) or w.shape != (n1.shape[0],):
-            raise ValueError(f"DCL weights must be a tensor of shape [{n1.shape[0]}]")
+            raise ValueError(f"DCL weights must be a tensor of shape [{n1.shape[0]}], got "
+                             f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
         if not w.is_floating_point():
             raise TypeError(f"DCL weights must be a floating tensor, got {w.dtype}")
         if w.device != n1.device:
@@ -165,11 +173,15 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, *, temperature: fl
     Khosla's code: all first views, then all second views, ...).
     labels: int [B] class ids; positives of an anchor are all OTHER vectors with its class
     (compared inside the tile). Default: the views of the same sample (needs V >= 2).
-    L_i = log sum_{a != i} exp(S_ia) - mean_{p in P(i)} S_ip; anchors with no positive are
-    left out of the mean (reduction="none" gives them 0).
+    L_i = log sum_{a != i} exp(S_ia) - mean_{p in P(i)} S_ip, with S = cosine / temperature
+    (dot products with normalize=False); anchors with no positive are left out of the mean
+    (reduction="none": [B * V], view by view, with 0 for them; if no anchor has a positive the
+    mean is 0, with zero gradients).
+    reduction: "mean" | "sum" | "none". backend: as in :func:`fastcl.functional.info_nce`.
     """
     if not isinstance(features, Tensor) or features.dim() not in (2, 3):
-        raise ValueError("features must be [B, D] or [B, V, D]")
+        got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a tensor [B, D] or [B, V, D], got {got}")
     B = features.shape[0]
     views = features.shape[1] if features.dim() == 3 else 1
     if views < 1:
@@ -200,6 +212,9 @@ def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Opti
     anchor, positive: [B, D]. negatives: [B, M, D] hard negatives (M per anchor) or a shared
     pool [P, D]. Every anchor is scored (cosine x scale) against all positives and all
     negatives of the batch; its target is its own positive.
+    scale: the cosine similarities' multiplier (sentence-transformers' 20; 1 / temperature).
+    reduction: "mean" (0-dim), "sum", or "none" ([B], one value per anchor).
+    backend: as in :func:`fastcl.functional.info_nce`.
     """
     _validation.check_embeddings(anchor, positive, "anchor", "positive")
     if anchor.shape != positive.shape:

@@ -36,9 +36,13 @@ class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.07, symmetric: bool = False, normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", label_smoothing: float = 0.0):
         super().__init__()
+        if isinstance(temperature, torch.Tensor):
+            raise TypeError("temperature must be a Python float; for a learnable scale use "
+                            "fastcl.nn.ClipLoss(init_temperature=...) or "
+                            "fastcl.functional.info_nce(q, k, logit_scale=...)")
+        temperature = 0.07 if temperature is None else temperature  # None: info_nce's default
         _check_settings(backend, ("symmetric", symmetric), ("normalize", normalize), reduction=reduction,
-                        label_smoothing=label_smoothing,
-                        temperature=0.07 if temperature is None else temperature)  # None: info_nce's default
+                        label_smoothing=label_smoothing, temperature=temperature)
         self.temperature, self.symmetric, self.normalize = temperature, symmetric, normalize
         self.reduction, self.backend, self.label_smoothing = reduction, backend, label_smoothing
 
@@ -99,8 +103,10 @@ class ClipLoss(nn.Module):
     (and ``local_loss=True`` only for equal local batches); its defaults (both False) give
     1/world_size of them, and ``local_loss=True, gather_with_grad=False`` an approximation. So
     a learning rate tuned with open_clip's defaults under plain SGD is world_size times too
-    large here. ``cache_labels`` and ``use_horovod`` are accepted and
-    ignored: no label tensor is built, and horovod is not supported.
+    large here. ``world_size`` must be the default process group's size; each rank's place
+    in the global batch comes from the group (``rank`` is only checked to be in range).
+    ``cache_labels`` is accepted and ignored (no label tensor is built); horovod is not
+    supported.
 
     fastcl extension: ``init_temperature=t`` gives the module its own learnable
     ``logit_scale`` parameter (log(1/t)), used when forward gets no ``logit_scale``. Each forward
@@ -133,6 +139,8 @@ class ClipLoss(nn.Module):
             self.max_log_scale = math.log(_validation.positive_number(max_scale, "max_scale"))
 
     def forward(self, image_features, text_features, logit_scale=None, output_dict: bool = False):
+        if self.world_size > 1:
+            self._check_process_group()
         if self.world_size == 1:
             # Checked first: before the features' device is read, and before the scale is
             # clamped. Across ranks info_nce_distributed checks them on every rank together:
@@ -171,6 +179,20 @@ class ClipLoss(nn.Module):
             loss = info_nce(image_features, text_features, **kw)
         return {"contrastive_loss": loss} if output_dict else loss
 
+    def _check_process_group(self):
+        """world_size must be the process group's: a world_size the group does not have gave
+        the loss of the ranks that exist, silently. Every rank sees the same group size, so all
+        raise together (none waits in a collective). ``rank`` is not checked against it: the
+        loss takes each rank's place from the group, as open_clip's rank only says."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"ClipLoss(world_size={self.world_size}) needs an initialised "
+                               f"torch.distributed process group (init_process_group); for one "
+                               f"process use world_size=1")
+        if dist.get_world_size() != self.world_size:
+            raise ValueError(f"ClipLoss(world_size={self.world_size}), but the process group has "
+                             f"{dist.get_world_size()} ranks")
+
     def extra_repr(self):
         return (f"world_size={self.world_size}, learnable={self.logit_scale is not None}, "
                 f"max_scale={math.exp(self.max_log_scale):g}, normalize={self.normalize}, "
@@ -187,7 +209,7 @@ class NTXentLoss(nn.Module):
     """SimCLR NT-Xent with lightly's signature; ``forward(out0 [N, D], out1 [N, D])``.
 
     Equal to ``lightly.loss.NTXentLoss`` and pytorch-metric-learning's ``NTXentLoss`` (with
-    labels marking the pairs) on the same inputs. See :func:`fastcl.losses.nt_xent`.
+    labels marking the pairs) on the same inputs. See :func:`fastcl.functional.nt_xent`.
     """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0,
@@ -212,7 +234,7 @@ class DCLLoss(nn.Module):
 
     One log-sum-exp over all 2N-2 negatives, as in the paper and in ``lightly.loss.DCLLoss``
     1.6 (checked equal); older lightly releases added separate same-view and cross-view
-    log-sum-exps, which :func:`fastcl.losses.dcl` offers as ``negatives="split"``.
+    log-sum-exps, which :func:`fastcl.functional.dcl` offers as ``negatives="split"``.
     ``weight_fn(out0n, out1n) -> [N]`` is called on the normalised views and multiplies the
     positive term as is, gradient included, as in lightly (whose DCLW weight function detaches
     its own inputs; so does :class:`DCLWLoss`).
@@ -226,7 +248,7 @@ class DCLLoss(nn.Module):
         if not (weight_fn is None or isinstance(weight_fn, torch.Tensor) or callable(weight_fn)
                 or (isinstance(weight_fn, str) and weight_fn == "vmf")):  # what losses.dcl's weight takes
             raise TypeError(f"weight_fn must be a callable (out0n, out1n) -> [N] (or 'vmf' or a [N] "
-                            f"tensor, as fastcl.losses.dcl's weight), got {weight_fn!r}")
+                            f"tensor, as fastcl.functional.dcl's weight), got {weight_fn!r}")
         self.temperature, self.weight_fn, self.backend = temperature, weight_fn, backend
 
     def forward(self, out0, out1):
@@ -238,7 +260,9 @@ class DCLLoss(nn.Module):
 
 
 class DCLWLoss(DCLLoss):
-    """DCLW with lightly's signature: DCL weighted by w = 2 - N softmax(<z1_i, z2_i> / sigma)."""
+    """DCLW with lightly's signature, ``forward(out0 [N, D], out1 [N, D])``: DCL with the
+    positive term weighted by w = 2 - N softmax(<z1_i, z2_i> / sigma) (detached; see
+    :func:`fastcl.functional.dcl_weights`)."""
 
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False,
                  backend: str = "auto"):
@@ -255,7 +279,13 @@ class DCLWLoss(DCLLoss):
 
 
 class SupConLoss(nn.Module):
-    """Supervised contrastive loss; ``forward(features [B, D] or [B, V, D], labels [B])``."""
+    """Supervised contrastive loss; ``forward(features [B, D] or [B, V, D], labels [B] = None)``.
+
+    Without labels, the positives are the other views of the same sample (needs V >= 2). With
+    labels, every other vector of the anchor's class; an anchor with none is left out of the
+    mean (all labels distinct with V = 1 gives a loss of 0). See
+    :func:`fastcl.functional.supcon`.
+    """
 
     def __init__(self, temperature: float = 0.1, backend: str = "auto"):
         super().__init__()
@@ -283,6 +313,11 @@ class MultipleNegativesRankingLoss(nn.Module):
         if len(negatives) == 1:
             neg = negatives[0]
         elif negatives:
+            want = tuple(anchor.shape) if isinstance(anchor, torch.Tensor) else None
+            shapes = [tuple(n.shape) if isinstance(n, torch.Tensor) else type(n).__name__ for n in negatives]
+            if want is not None and any(sh != want for sh in shapes):  # else torch.stack's bare error
+                raise ValueError(f"with several negatives, each must be [B, D] like anchor "
+                                 f"{want}; got {shapes}")
             neg = torch.stack(negatives, dim=1)  # [B, M, D]
         return losses.multiple_negatives_ranking(anchor, positive, neg, scale=self.scale,
                                                  backend=self.backend)
@@ -295,7 +330,7 @@ class GroupWhitening(nn.Module):
     """Group whitening layer with running statistics, like BatchNorm.
 
     ``forward(x [N, D]) -> [N, D]``. In training mode it whitens with the batch's statistics
-    (see :func:`fastcl.whitening.group_whiten`) and updates ``running_mean`` [D] and
+    (see :func:`fastcl.functional.group_whiten`) and updates ``running_mean`` [D] and
     ``running_whitening`` [G, g, g] with ``momentum``; in eval mode it applies those:
     y = (x - running_mean) @ running_whitening, group by group.
     """

@@ -180,6 +180,11 @@ def _errors_worker(rank, world, init_file, out_prefix):
             errors.append("no error")
         except ValueError as e:
             errors.append(str(e))
+    try:  # a world_size the group does not have (it gave the 2-rank loss)
+        fastcl.nn.ClipLoss(rank=rank, world_size=world + 1)(torch.randn(4, 3), torch.randn(4, 3), 10.0)
+        errors.append("no error")
+    except ValueError as e:
+        errors.append(str(e))
     # reduction="none" carries the same DDP scaling as the reductions
     q, k = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     per_exact = info_nce_distributed(q, k, reduction="none")
@@ -211,6 +216,8 @@ def _errors_worker(rank, world, init_file, out_prefix):
 def test_distributed_bad_input(tmp_path):
     with pytest.raises(RuntimeError, match="process group"):
         info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match=r"ClipLoss\(world_size=2\) needs an initialised"):
+        fastcl.nn.ClipLoss(world_size=2)(torch.randn(4, 3), torch.randn(4, 3), 10.0)
     mp.spawn(_errors_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2, join=True)
     for rank in range(2):  # every rank raises, including the one whose own inputs were fine
         errors = torch.load(tmp_path / f"rank{rank}.pt")
@@ -218,7 +225,8 @@ def test_distributed_bad_input(tmp_path):
         assert "[0, 8)" in errors[3]
         assert ("empty batch" if rank == 1 else "rank(s) [1]") in errors[4]
         assert "[0, 8)" in errors[5] and "[0, 8)" in errors[6] and "fewer keys" in errors[7]
-        assert errors[8] is True and errors[9] is True
+        assert "ClipLoss(world_size=3), but the process group has 2 ranks" in errors[8]
+        assert errors[9] is True and errors[10] is True
 
 
 def _agreement_worker(rank, world, init_file, out_prefix):

@@ -530,6 +530,14 @@ def test_clip_loss_float_multiplier_keeps_float64():
     (lambda: fastcl.whitening.shuffled_group_whiten(torch.randn(16, 8), 2, perm=torch.arange(8)), TypeError,
      "perm= is group_whiten's"),
     (lambda: fastcl.whitening.shuffled_group_whiten(torch.randn(16, 8).numpy(), 2), TypeError, "torch.Tensor"),
+    # errors that named no received shape or type, or only torch's own message
+    (lambda: fastcl.nn.MultipleNegativesRankingLoss()(torch.randn(8, 4), torch.randn(8, 4), torch.randn(8, 4),
+                                                      torch.randn(7, 4)), ValueError, r"\(8, 4\), \(7, 4\)"),
+    (lambda: FCL.dcl(torch.randn(5, 3), torch.randn(5, 3), weight=torch.ones(6)), ValueError,
+     r"shape \[5\], got \(6,\)"),
+    (lambda: fastcl.nn.SupConLoss()(torch.randn(4)), ValueError, r"\[B, V, D\], got \(4,\)"),
+    (lambda: fastcl.nn.SupConLoss()([torch.randn(4, 3)]), ValueError, "got list"),
+    (lambda: fastcl.nn.InfoNCELoss(temperature=torch.tensor(0.1)), TypeError, "logit_scale"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
