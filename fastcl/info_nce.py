@@ -194,8 +194,9 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
         temperature: fixed temperature tau (logits = q.k / tau). Default 0.07 if neither
             temperature nor logit_scale is given.
         logit_scale: 1-element tensor, logits = exp(logit_scale) * q.k (CLIP's learnable
-            scale); gradients flow to it.
-        labels: int64 [B], column of k holding row i's positive (default: i).
+            scale, the LOG of the multiplier; fastcl.nn.ClipLoss takes the multiplier, as
+            open_clip does); gradients flow to it.
+        labels: int64 (or int32) [B], column of k holding row i's positive (default: i).
         symmetric: CLIP loss, mean of the q->k and k->q cross-entropies; needs N == B and no
             labels. Both directions come from one pass over the tiles.
         normalize: L2-normalise q and k first (gradient flows through the normalisation).
@@ -204,7 +205,7 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
         label_smoothing: epsilon in [0, 1), as in F.cross_entropy: the target puts 1 - eps on
             the positive and eps spread uniformly over all N columns.
         backend: "auto" (on CUDA the fastest measured of cuda/triton/torch for the GPU and
-            the input precision, see fastcl._dispatch.MEASURED_MS; else torch), "cuda" (CUDA
+            the input precision: the figures in fastcl/_dispatch.py; else torch), "cuda" (CUDA
             C++ extension), "triton", "torch" (chunked pure torch), "reference" (naive
             materialised logits).
 
