@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _dispatch, _validation
+from ._common import no_autocast
 from .info_nce import _impl, prepare, row_terms
 
 __all__ = ["info_nce_distributed", "mean_grad_over_ranks"]
@@ -114,6 +115,14 @@ class _RingRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, v, scale, labels, sizes, rank, group, backend):
+        # It calls the backend's lse_forward / lse_backward directly, outside the custom op and
+        # its autocast guard: under autocast the forward's statistics came from bf16 scores and
+        # the backward's recompute from fp32 ones (dq 2e-2 off), or the backward crashed.
+        with no_autocast(u.device):
+            return _RingRows._forward(ctx, u, v, scale, labels, sizes, rank, group, backend)
+
+    @staticmethod
+    def _forward(ctx, u, v, scale, labels, sizes, rank, group, backend):
         impl, world = _impl(backend), len(sizes)
         offs = [sum(sizes[:r]) for r in range(world)]
         cd, unit = scale.dtype, impl.LOG_UNIT
@@ -145,6 +154,11 @@ class _RingRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        with no_autocast(g.device):
+            return _RingRows._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         u, v, scale, labels, m, logl, pos = ctx.saved_tensors
         sizes, rank, group, backend = ctx.cfg
         impl, world = _impl(backend), len(sizes)
@@ -191,8 +205,10 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
                          grad_mode: str = "exact", group=None, backend: str = "auto") -> Tensor:
     """InfoNCE / CLIP loss of the global batch, each rank passing its local q [B_r, D] and k [N_r, D].
 
-    labels: int64 [B_r], GLOBAL column indices (rows of the concatenated k); default: the global
-    row index of each local query. symmetric: the CLIP loss (each rank needs N_r == B_r).
+    labels: int64 (or int32) [B_r], GLOBAL column indices (rows of the concatenated k).
+    Default: as in one process, on each rank: local query i's positive is local key i, and the
+    rank's keys B_r..N_r-1 are extra negatives (so every rank needs N_r >= B_r).
+    symmetric: the CLIP loss (each rank needs N_r == B_r).
     reduction: "mean" (over the global batch), "sum", or "none" (this rank's rows; with
     grad_mode="ddp" these per-row values come multiplied by the world size, like their
     gradients, so that DDP's averaging over the ranks gives the exact gradient).
@@ -246,9 +262,15 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
         if labels is not None:
             raise ValueError("symmetric=True pairs row i with column i; labels are not supported with it")
     if labels is None:
-        if N < B:
-            raise ValueError(f"fewer keys ({N}) than queries ({B}) in the global batch: pass labels")
-        labels = torch.arange(off_q, off_q + q.shape[0], device=q.device)
+        # Local key i, the global row off_k + i: each rank's [positives; hard negatives], as one
+        # process takes them. (The global query index off_q + i paired a rank's queries with
+        # another rank's keys wherever an earlier rank had extra keys.)
+        short = [r for r in range(world) if sizes_k[r] < sizes_q[r]]
+        if short:
+            raise ValueError(f"rank(s) {short} have fewer keys than queries (per rank: "
+                             f"{sizes_k} keys, {sizes_q} queries): without labels, query i's "
+                             f"positive is its rank's key i; pass labels (global rows of k)")
+        labels = torch.arange(off_k, off_k + q.shape[0], device=q.device)
     else:
         # The range needs the global N; the min/max are all-reduced so every rank agrees.
         lo_hi = torch.stack([-labels.min(), labels.max()]).long()

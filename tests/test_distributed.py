@@ -10,8 +10,9 @@ import torch.multiprocessing as mp
 import fastcl
 from fastcl.distributed import info_nce_distributed
 
-# Uneven local batches: queries per rank, and keys per rank for the one-direction loss.
-SIZES = {1: ([6], [8]), 2: ([5, 3], [6, 4]), 3: ([4, 1, 6], [2, 7, 3]), 4: ([3, 5, 2, 4], [4, 4, 6, 1])}
+# Uneven local batches: queries per rank, and keys per rank for the one-direction loss (at
+# least as many as queries: without labels, query i's positive is its rank's key i).
+SIZES = {1: ([6], [8]), 2: ([5, 3], [6, 4]), 3: ([4, 1, 6], [5, 3, 6]), 4: ([3, 5, 2, 4], [4, 5, 6, 4])}
 D = 7
 CONFIGS = [
     # name, gather, symmetric, custom labels, learnable scale, grad_mode, backend
@@ -38,7 +39,14 @@ REDUCTION = {"ring_sum": "sum"}
 SOLVED_FP32 = {"ring_solved", "ring_clip_solved", "gather_solved"}
 
 
+def _default_labels(bq, bk):
+    """The distributed loss's default positives as global rows of k: each rank's key i."""
+    return torch.cat([torch.arange(sum(bk[:r]), sum(bk[:r]) + bq[r]) for r in range(len(bq))])
+
+
 def _global_data(world, symmetric, custom_labels, solved=False):
+    """(bq, bk, Q, K, labels, ref_labels): labels for the distributed call (None: its default),
+    ref_labels the same positives for the single-process reference."""
     bq, bk = SIZES[world]
     if symmetric:
         bk = bq
@@ -46,14 +54,17 @@ def _global_data(world, symmetric, custom_labels, solved=False):
     Q = torch.randn(sum(bq), D, generator=g, dtype=torch.float64)
     K = torch.randn(sum(bk), D, generator=g, dtype=torch.float64)
     labels = torch.randint(0, sum(bk), (sum(bq),), generator=g) if custom_labels else None
-    n = min(len(Q), len(K))
+    y = _default_labels(bq, bk) if labels is None else labels
     if solved:  # each query's positive key is a slightly perturbed copy of it; fp32 values
-        y = torch.arange(n) if labels is None else labels
         K = 0.3 * K
-        K[y] += Q[: len(y)]
-        return bq, bk, Q.float().double(), K.float().double(), labels
-    K[:n] += Q[:n]
-    return bq, bk, Q, K, labels
+        K[y] += Q
+        return bq, bk, Q.float().double(), K.float().double(), labels, y
+    if labels is None:
+        K[y] += Q  # the positives, near their queries
+    else:
+        n = min(len(Q), len(K))
+        K[:n] += Q[:n]
+    return bq, bk, Q, K, labels, y
 
 
 def _settings(name, learn):
@@ -67,7 +78,7 @@ def _worker(rank, world, init_file, out_prefix):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
     for name, gather, sym, custom, learn, mode, backend in CONFIGS:
-        bq, bk, Q, K, labels = _global_data(world, sym, custom, name in SOLVED_FP32)
+        bq, bk, Q, K, labels, _ = _global_data(world, sym, custom, name in SOLVED_FP32)
         dtype, temperature = _settings(name, learn)
         dtype = torch.float32 if backend == "triton" else dtype
         oq, ok = sum(bq[:rank]), sum(bk[:rank])
@@ -81,7 +92,7 @@ def _worker(rank, world, init_file, out_prefix):
         loss.backward()
         results[name] = dict(loss=loss.detach(), dq=q.grad, dk=k.grad, dls=ls.grad)
     # nn.ClipLoss with its own learnable scale, outside any DDP wrapper (see _clip_module_reference)
-    bq, _, Q, K, _ = _global_data(world, True, False)
+    bq, _, Q, K, _, _ = _global_data(world, True, False)
     oq = sum(bq[:rank])
     q, k = Q[oq: oq + bq[rank]].clone().requires_grad_(), K[oq: oq + bq[rank]].clone().requires_grad_()
     m = fastcl.nn.ClipLoss(rank=rank, world_size=world, init_temperature=0.5, normalize=True).double()
@@ -96,7 +107,7 @@ def _worker(rank, world, init_file, out_prefix):
 
 
 def _clip_module_reference(world):
-    bq, _, Q, K, _ = _global_data(world, True, False)
+    bq, _, Q, K, _, _ = _global_data(world, True, False)
     q, k = Q.clone().requires_grad_(), K.clone().requires_grad_()
     m = fastcl.nn.ClipLoss(init_temperature=0.5, normalize=True).double()
     loss = m(q, k)
@@ -109,15 +120,15 @@ def test_distributed_equals_single_process(world, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for name, gather, sym, custom, learn, mode, backend in CONFIGS:
-        bq, bk, Q, K, labels = _global_data(world, sym, custom, name in SOLVED_FP32)
+        bq, bk, Q, K, _, ref_labels = _global_data(world, sym, custom, name in SOLVED_FP32)
         dtype, temperature = _settings(name, learn)
         ref, naive = ({}, {})
         for dt, out in ((torch.float64, ref), (dtype, naive)):  # naive: same-dtype torch, 1 process
             q, k = Q.to(dt).clone().requires_grad_(), K.to(dt).clone().requires_grad_()
             ls = torch.tensor(2.0, dtype=dt, requires_grad=True)
             loss = fastcl.info_nce_reference(q, k, temperature=temperature,
-                                             logit_scale=ls if temperature is None else None, labels=labels,
-                                             symmetric=sym, reduction=REDUCTION.get(name, "mean"))
+                                             logit_scale=ls if temperature is None else None,
+                                             labels=None if sym else ref_labels, symmetric=sym, reduction=REDUCTION.get(name, "mean"))
             loss.backward()
             out.update(loss=loss.detach(), dq=q.grad, dk=k.grad, dls=ls.grad)
         if name in SOLVED_FP32:
@@ -141,9 +152,12 @@ def test_distributed_equals_single_process(world, tmp_path):
         for r, res in enumerate(per_rank):
             out = res[name]
             oq, ok = sum(bq[:r]), sum(bk[:r])
-            assert torch.allclose(out["loss"].double(), ref["loss"], atol=tol), (name, r)
-            assert torch.allclose(out["dq"].double(), scale * ref["dq"][oq: oq + bq[r]], atol=tol), (name, r, "dq")
-            assert torch.allclose(out["dk"].double(), scale * ref["dk"][ok: ok + bk[r]], atol=tol), (name, r, "dk")
+            # rtol=0: allclose's default rtol=1e-5 would hide anything below it
+            assert torch.allclose(out["loss"].double(), ref["loss"], rtol=0, atol=tol), (name, r)
+            assert torch.allclose(out["dq"].double(), scale * ref["dq"][oq: oq + bq[r]], rtol=0, atol=tol), \
+                (name, r, "dq")
+            assert torch.allclose(out["dk"].double(), scale * ref["dk"][ok: ok + bk[r]], rtol=0, atol=tol), \
+                (name, r, "dk")
             if learn:
                 dls_sum += float(out["dls"])
                 if mode == "exact":  # all-reduced once: every rank holds the full gradient
@@ -155,9 +169,9 @@ def test_distributed_equals_single_process(world, tmp_path):
     bq, ref = _clip_module_reference(world)
     for r, res in enumerate(per_rank):
         out, oq = res["clip_module"], sum(bq[:r])
-        assert torch.allclose(out["loss"], ref["loss"], atol=1e-12), r
+        assert torch.allclose(out["loss"], ref["loss"], rtol=0, atol=1e-12), r
         for key in ("dq", "dk"):
-            assert torch.allclose(out[key], world * ref[key][oq: oq + bq[r]], atol=1e-12), (r, key)
+            assert torch.allclose(out[key], world * ref[key][oq: oq + bq[r]], rtol=0, atol=1e-12), (r, key)
         assert abs(float(out["dls"]) - float(ref["dls"])) < 1e-12, (r, float(out["dls"]), float(ref["dls"]))
 
 
@@ -203,6 +217,19 @@ def _errors_worker(rank, world, init_file, out_prefix):
     per.sum().backward()
     errors.append(bool(torch.allclose(per, ref[rows]) and torch.allclose(q.grad, Q.grad[rows])
                        and torch.allclose(k.grad, K.grad[rows])))
+    # The ring under autocast, forward and backward inside it: the same as without. Its lse
+    # calls bypass the op's autocast guard (dq was 2e-2 off, or the backward crashed).
+    g = torch.Generator().manual_seed(1)
+    q0 = torch.randn(8, 6, generator=g)
+    k0 = q0 + 0.3 * torch.randn(8, 6, generator=g)
+    runs = []
+    for amp in (False, True):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = info_nce_distributed(q, k, temperature=0.05, symmetric=True, gather="ring", backend="torch")
+            loss.backward()
+        runs.append((loss.detach(), q.grad, k.grad))
+    errors.append(all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(*runs)))
     torch.save(errors, f"{out_prefix}{rank}.pt")
     dist.barrier()  # every rank is done talking
 
@@ -226,7 +253,7 @@ def test_distributed_bad_input(tmp_path):
         assert ("empty batch" if rank == 1 else "rank(s) [1]") in errors[4]
         assert "[0, 8)" in errors[5] and "[0, 8)" in errors[6] and "fewer keys" in errors[7]
         assert "ClipLoss(world_size=3), but the process group has 2 ranks" in errors[8]
-        assert errors[9] is True and errors[10] is True
+        assert errors[9] is True and errors[10] is True and errors[11] is True
 
 
 def _agreement_worker(rank, world, init_file, out_prefix):
