@@ -199,6 +199,9 @@ class _RingRows(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+_GATHERS, _GRAD_MODES = ("all_gather", "ring"), ("exact", "ddp")
+
+
 def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None,
                          labels: Optional[Tensor] = None, symmetric: bool = False,
                          normalize: bool = True, reduction: str = "mean", gather: str = "all_gather",
@@ -217,18 +220,19 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("info_nce_distributed needs an initialised torch.distributed process group")
-    if gather not in ("all_gather", "ring"):
-        raise ValueError(f"gather must be 'all_gather' or 'ring', got {gather!r}")
-    if grad_mode not in ("exact", "ddp"):
-        raise ValueError(f"grad_mode must be 'exact' or 'ddp', got {grad_mode!r}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Validate collectively: a rank that raised alone would leave its peers blocked in the
     # next collective. In one all_gather, every rank learns whether any rank's inputs are bad,
     # and whether the ranks agree on what the collectives exchange: the dtype and D (gloo
     # aborted the process on a size mismatch; two 16-bit dtypes were silently read as one)
-    # and whether labels are given (their range check is a collective).
-    local_error, meta = None, [1, -1, -1, 0, 0, -1]
+    # whether labels are given (their range check is a collective), and gather and grad_mode
+    # (ranks that differ there run different collectives: a hang until the timeout).
+    local_error, meta = None, [1, -1, -1, 0, 0, -1, -1, -1]
     try:
+        if gather not in _GATHERS:
+            raise ValueError(f"gather must be 'all_gather' or 'ring', got {gather!r}")
+        if grad_mode not in _GRAD_MODES:
+            raise ValueError(f"grad_mode must be 'exact' or 'ddp', got {grad_mode!r}")
         _validation.check_embeddings(q, k)
         _validation.check_reduction(reduction)
         symmetric = _validation.check_bool(symmetric, "symmetric")
@@ -237,7 +241,7 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
             _validation.check_class_ids(labels, q.shape[0], q.device)
         scale = _validation.scale_tensor(temperature, logit_scale, q.device, q.dtype)
         meta = [0, _validation.FLOAT_DTYPES.index(q.dtype), q.shape[1], q.shape[0], k.shape[0],
-                int(labels is not None)]
+                int(labels is not None), _GATHERS.index(gather), _GRAD_MODES.index(grad_mode)]
     except (ValueError, TypeError) as e:
         local_error = e
     metas = _all_ints(meta, q.device if isinstance(q, Tensor) else "cpu", group)
@@ -246,15 +250,16 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
     if any(m[0] for m in metas):
         bad = [r for r, m in enumerate(metas) if m[0]]
         raise ValueError(f"invalid inputs on rank(s) {bad} (see their error)")
-    for i, what in ((1, "dtype"), (2, "feature dimension D"), (5, "labels (given on all ranks or none)")):
+    names = {1: _validation.FLOAT_DTYPES, 5: (False, True), 6: _GATHERS, 7: _GRAD_MODES}
+    for i, what in ((1, "dtype"), (2, "feature dimension D"), (5, "labels (given on all ranks or none)"),
+                    (6, "gather"), (7, "grad_mode")):
         if len({m[i] for m in metas}) > 1:
-            got = [_validation.FLOAT_DTYPES[m[i]] if i == 1 else bool(m[i]) if i == 5 else m[i]
-                   for m in metas]
+            got = [names[i][m[i]] if i in names else m[i] for m in metas]
             raise (TypeError if i == 1 else ValueError)(
                 f"every rank must pass the same {what}; per rank: {got}")
     sizes_q, sizes_k = [m[3] for m in metas], [m[4] for m in metas]
     B, N = sum(sizes_q), sum(sizes_k)
-    off_q, off_k = sum(sizes_q[:rank]), sum(sizes_k[:rank])
+    off_k = sum(sizes_k[:rank])
     if symmetric:
         if sizes_q != sizes_k:
             raise ValueError(f"symmetric=True needs as many keys as queries on every rank, got "

@@ -279,6 +279,10 @@ def _agreement_worker(rank, world, init_file, out_prefix):
         lambda: info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3),
                                      logit_scale=torch.ones(2 if one else 1)),
         lambda: info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3), symmetric="no"),  # was the CLIP loss
+        # valid but different: the ranks ran different collectives and hung until the timeout
+        lambda: info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3), gather="ring" if one else "all_gather"),
+        # invalid on one rank: it raised alone, before the shared check
+        lambda: info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3), grad_mode="sum" if one else "exact"),
         # ClipLoss checked its features locally, before the collective check: the others hung
         lambda: fastcl.nn.ClipLoss(rank=rank, world_size=world)(torch.randn(0 if one else 4, 3),
                                                                 torch.randn(0 if one else 4, 3), 10.0),
@@ -320,8 +324,10 @@ def test_distributed_ranks_must_agree(tmp_path):
         assert "labels" in out[3], out[3]
         assert ("one element" if rank == 1 else "rank(s) [1]") in out[4], out[4]
         assert "symmetric must be True or False" in out[5], out[5]
-        assert ("empty batch" if rank == 1 else "rank(s) [1]") in out[6], out[6]
-        assert out[7:] == ([True] * 4 if rank else []), out[7:]
+        assert "same gather; per rank: ['all_gather', 'ring', 'all_gather', 'all_gather']" in out[6], out[6]
+        assert ("grad_mode must be" if rank == 1 else "rank(s) [1]") in out[7], out[7]
+        assert ("empty batch" if rank == 1 else "rank(s) [1]") in out[8], out[8]
+        assert out[9:] == ([True] * 4 if rank else []), out[9:]
 
 
 if os.name != "posix":  # pragma: no cover - gloo over file:// init is tested on Linux
