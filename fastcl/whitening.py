@@ -91,8 +91,8 @@ def stats_dtype(method: str, xg: Tensor) -> torch.dtype:
     failed ("not positive-definite") on covariance + eps I, and ZCA's W got 1/sqrt(noise)
     instead of 1/sqrt(eps) there (30% off in the detach_stats gradient). The fp64 Gram of the
     fp32 xc is PSD to ~1e-16 (errors then ~1e-3, from xc's own rounding). Its cost, fwd+bwd on
-    a 2-core CPU, D = 768, 12 groups: +2 ms at N = 1024 (of 9-12), +39 ms for Cholesky at
-    N = 8192 (of 59); on a GPU not yet measured. Newton-Schulz (matmuls only) stays in fp32."""
+    a 2-core CPU, D = 768, groups of 64: 1.1-1.6x (benchmarks/ab_whitening_stats.py, figures
+    in benchmarks/RESULTS.md); on a GPU not yet measured. Newton-Schulz (matmuls only) stays in fp32."""
     if method in ("zca", "cholesky") and xg.dtype == torch.float32 and xg.device.type in ("cpu", "cuda"):
         return torch.float64
     return xg.dtype

@@ -148,6 +148,8 @@ has bench && {
   # (fp32, as those libraries are used).
   within 60 $PY -m benchmarks.bench_family --csv "$OUT/family.csv" --plot-dir /tmp/plots
   within 20 $PY -m benchmarks.bench_whitening --csv "$OUT/whitening.csv"
+  # ZCA/Cholesky's fp64 covariance (since 2026-11-24) against the fp32 one, on this GPU (~2 s)
+  within 15 $PY -m benchmarks.ab_whitening_stats
   # What `auto` would choose by on this GPU: the entry for fastcl/_dispatch.py's MEASURED_MS.
   $PY -m benchmarks.measured_figures --arch "sm_${ARCH/./}" --info "$OUT/info_nce.csv" \
     --family "$OUT/family.csv" --whitening "$OUT/whitening.csv"

@@ -306,6 +306,26 @@ def test_auto_figures_come_from_the_committed_csvs():
     assert fig == MEASURED_MS["sm_90"]
 
 
+def test_ab_whitening_stats_times_both_and_restores(monkeypatch):
+    """Both covariance dtypes timed (seen in the dtype group_whiten's S gets), and the default
+    put back, also when a step raises."""
+    from benchmarks import ab_whitening_stats
+    from fastcl import whitening
+    default = whitening.stats_dtype
+    seen = []
+    real = whitening.group_stats
+    monkeypatch.setattr(whitening, "group_stats", lambda xg, eps, ddof, dtype=None: (
+        seen.append(dtype), real(xg, eps, ddof, dtype))[1])
+    rows = ab_whitening_stats.compare([10], 8, 4, 1, CPU, methods=("cholesky",))
+    assert [r[:2] for r in rows] == [("cholesky", 10)] and all(t > 0 for t in rows[0][2:])
+    assert {torch.float32, torch.float64} <= set(seen)
+    assert whitening.stats_dtype is default
+    monkeypatch.setattr(ab_whitening_stats, "_once", lambda *_: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ab_whitening_stats.compare([10], 8, 4, 1, CPU)
+    assert whitening.stats_dtype is default
+
+
 def test_ab_torch_backend_runs_both_revisions_and_restores(monkeypatch):
     """The A/B of the torch backend against a git revision: each loss timed with both sources,
     and fastcl.chunked holds the current functions again afterwards (also on an error)."""
