@@ -69,23 +69,33 @@ def _once(step, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def alternate(step, variants: dict, reps: int, device, once) -> dict:
+    """{variant: median ms of step()}, each variant's install() called before its run, the
+    variants alternating run by run (drift hits all alike), after one warm-up round.
+    once(step, device): one timed run in ms."""
+    times = {v: [] for v in variants}
+    for r in range(reps + 1):
+        for v, install in variants.items():
+            install()
+            t = once(step, device)
+            if r:  # the first round is the warm-up
+                times[v].append(t)
+    return {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+
+
 def compare(old, sizes, D: int, reps: int, device) -> list:
     """[(loss, B, old ms, new ms)]: medians over `reps` alternating runs after one warm-up each."""
     new = {n: getattr(chunked, n) for n in ("lse_forward", "lse_backward")}
-    variants = {"old": {n: getattr(old, n) for n in new}, "new": new}
+
+    def installer(fns):
+        return lambda: [setattr(chunked, n, fn) for n, fn in fns.items()]
+
+    variants = {"old": installer({n: getattr(old, n) for n in new}), "new": installer(new)}
     rows = []
     try:
         for B in sizes:
             for name, step in losses(B, D, device).items():
-                times = {v: [] for v in variants}
-                for r in range(reps + 1):
-                    for v, fns in variants.items():
-                        for n, fn in fns.items():
-                            setattr(chunked, n, fn)
-                        t = _once(step, device)
-                        if r:  # the first round is the warm-up
-                            times[v].append(t)
-                med = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+                med = alternate(step, variants, reps, device, _once)
                 rows.append((name, B, med["old"], med["new"]))
     finally:
         for n, fn in new.items():

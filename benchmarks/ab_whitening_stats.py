@@ -14,7 +14,7 @@ import torch
 
 from fastcl import whitening
 
-from .ab_torch_backend import _once
+from .ab_torch_backend import _once, alternate
 from .common import header
 
 
@@ -35,14 +35,8 @@ def compare(sizes, D: int, group: int, reps: int, device, methods=("zca", "chole
                     xx.grad = None
                     whitening.group_whiten(xx, D // group, method=method, backend="torch").backward(gy)
 
-                times = {v: [] for v in variants}
-                for r in range(reps + 1):
-                    for v, fn in variants.items():
-                        whitening.stats_dtype = fn
-                        t = _once(step, device)
-                        if r:  # the first round is the warm-up
-                            times[v].append(t)
-                med = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+                med = alternate(step, {v: (lambda fn=fn: setattr(whitening, "stats_dtype", fn))
+                                       for v, fn in variants.items()}, reps, device, _once)
                 rows.append((method, N, med["fp32"], med["fp64"]))
     finally:
         whitening.stats_dtype = fp64
