@@ -141,7 +141,7 @@ class ClipLoss(nn.Module):
     def forward(self, image_features, text_features, logit_scale=None, output_dict: bool = False):
         if self.world_size > 1:
             self._check_process_group()
-        if self.world_size == 1:
+        else:
             # Checked first: before the features' device is read, and before the scale is
             # clamped. Across ranks info_nce_distributed checks them on every rank together:
             # a rank that raised here alone would leave the others waiting in a collective.
