@@ -20,6 +20,18 @@ def no_autocast(device: torch.device):
 _AUTOCAST = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta", "xpu", "mps", "hpu")}
 
 
+def refuse_func_transforms(message: str, refused=("Grad",)) -> None:
+    """Raise NotImplementedError(message) inside the torch.func transforms named in `refused`
+    (TransformType names: Grad covers grad, vjp and jacrev). Neither a torch custom op's
+    autograd nor an autograd.Function without setup_context runs under them, and torch's own
+    error names neither fastcl nor the way out."""
+    if torch.compiler.is_compiling():  # Dynamo traces no functorch stack; nothing to ask
+        return
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if any(i.key().name in refused for i in stack):
+        raise NotImplementedError(message)
+
+
 def grad_amp(scale: Tensor, g_row: Tensor, g_col: Optional[Tensor] = None) -> Tensor:
     """The backward kernels' gradient amplification, float32 [1] (Triton and CUDA C++ alike).
 

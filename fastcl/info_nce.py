@@ -12,7 +12,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _dispatch, _validation, chunked, reference
-from ._common import no_autocast, reduce
+from ._common import no_autocast, reduce, refuse_func_transforms
 
 
 def _impl(backend: str):
@@ -147,10 +147,10 @@ def prepare(scale: Tensor, normalize: bool, *xs: Tensor):
     return (*xs, scale.to(chunked.compute_dtype(xs[0].dtype)))
 
 
-def _refuse_forward_ad(*xs: Tensor) -> None:
+def _refuse_unsupported_autodiff(*xs: Tensor) -> None:
     """Forward-mode AD (torch.func.jvp/jacfwd, torch.autograd.forward_ad) must fail loudly: the
     custom op has no jvp rule, and torch then runs it as if no input had a tangent, giving a
-    silent zero tangent."""
+    silent zero tangent. torch.func's reverse mode fails by itself, with torch's message."""
     if torch.compiler.is_compiling():  # dynamo cannot trace unpack_dual; AOT autograd is reverse mode
         return
     if any(fwAD.unpack_dual(x).tangent is not None for x in xs):
@@ -158,6 +158,10 @@ def _refuse_forward_ad(*xs: Tensor) -> None:
             "fastcl's fused log-sum-exp op has no forward-mode AD rule (torch.func.jvp, jacfwd, "
             "torch.autograd.forward_ad): its tangent would silently be zero. Use backend='reference' "
             "for forward-mode derivatives")
+    refuse_func_transforms(
+        "fastcl's fused log-sum-exp op cannot run under torch.func.grad, vjp or jacrev (torch's "
+        "custom ops do not support functorch's reverse-mode transforms). Use loss.backward() or "
+        "torch.autograd.grad, or backend='reference' for torch.func")
 
 
 def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=None, col_cls=None,
@@ -166,7 +170,7 @@ def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=Non
     adds each row's number of positives [B], which the op counted in the tiles."""
     if symmetric and (exclude_diag or exclude_pos or row_cls is not None or labels is not None):
         raise ValueError("the column (symmetric) term is defined without labels, exclusions or class ids")
-    _refuse_forward_ad(u, v, scale)
+    _refuse_unsupported_autodiff(u, v, scale)
     if labels is not None:
         labels = labels.long().contiguous()
     if row_cls is not None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _validation
-from ._common import no_autocast
+from ._common import no_autocast, refuse_func_transforms
 from .chunked import compute_dtype as _cdt
 
 METHODS = ("zca", "cholesky", "newton_schulz")
@@ -325,6 +325,11 @@ def _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend
             W = _matrix(S, method, iters).to(xc.dtype)
             yg, W = xc @ W, W.detach()
         else:
+            refuse_func_transforms(
+                "group_whiten's analytic backward (an autograd.Function) does not run under "
+                "torch.func transforms (grad, vjp, jacrev, jvp, vmap). Use loss.backward() or "
+                "torch.autograd.grad, or backend='reference' for torch.func",
+                refused=("Grad", "Jvp", "Vmap"))
             yg, W = _GroupWhiten.apply(xg, eps, ddof, method, iters, detach_stats, backend)
         y = yg.transpose(0, 1).reshape(N, D).to(x.dtype)
     if perm is not None:

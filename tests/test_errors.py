@@ -340,6 +340,48 @@ def test_forward_mode_ad_through_the_reference():
     torch.testing.assert_close(tangent, (a.grad * t).sum())
 
 
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "vmap_of_grad"])
+def test_torch_func_reverse_mode_names_fastcl_and_the_way_out(transform):
+    """torch.func's reverse mode cannot run a custom op's autograd; torch's own message named
+    neither fastcl nor backend='reference'."""
+    b = k.double()
+    f = lambda a: FCL.info_nce(a, b, symmetric=True, backend="torch")  # noqa: E731
+    run = {"grad": lambda: torch.func.grad(f)(q.double()),
+           "vjp": lambda: torch.func.vjp(f, q.double()),
+           "jacrev": lambda: torch.func.jacrev(f)(q.double()),
+           "vmap_of_grad": lambda: torch.func.vmap(torch.func.grad(f))(q.double()[None])}[transform]
+    with pytest.raises(NotImplementedError, match="torch.func.grad, vjp or jacrev.*backend='reference'"):
+        run()
+
+
+def test_torch_func_through_the_reference_and_vmap_of_the_forward():
+    """The escape hatch the errors name gives backward's gradient; vmap of the forward alone
+    (torch's per-sample fallback) is not refused and gives each sample's loss."""
+    a, b = q.double(), k.double()
+    g = torch.func.grad(lambda x: FCL.info_nce(x, b, backend="reference"))(a)
+    a_ = a.clone().requires_grad_()
+    FCL.info_nce(a_, b, backend="torch").backward()
+    torch.testing.assert_close(g, a_.grad)
+    batch = torch.stack([a, a.flip(0)])
+    got = torch.func.vmap(lambda x: FCL.info_nce(x, b, backend="torch"))(batch)
+    torch.testing.assert_close(got, torch.stack([FCL.info_nce(x, b, backend="reference") for x in batch]))
+
+
+@pytest.mark.parametrize("transform", ["grad", "jvp", "vmap"])
+def test_torch_func_on_whitening_names_fastcl_and_the_way_out(transform):
+    x = torch.randn(16, 8, dtype=torch.float64)
+    f = lambda x: FCL.group_whiten(x, 2, backend="torch")  # noqa: E731
+    run = {"grad": lambda: torch.func.grad(lambda x: f(x).pow(3).sum())(x),
+           "jvp": lambda: torch.func.jvp(f, (x,), (torch.randn_like(x),)),
+           "vmap": lambda: torch.func.vmap(f)(x[None])}[transform]
+    with pytest.raises(NotImplementedError, match="group_whiten.*torch.func.*backend='reference'"):
+        run()
+    x_ = x.clone().requires_grad_()
+    f(x_).pow(3).sum().backward()
+    g = torch.func.grad(lambda x: FCL.group_whiten(x, 2, backend="reference").pow(3).sum())(x)
+    torch.testing.assert_close(g, x_.grad)
+
+
 SHAPE_ONLY_CASES = {
     "info_nce_labels": lambda: FCL.info_nce(torch.randn(4, 8), torch.randn(6, 8),
                                             labels=torch.tensor([0, 1, 2, 5]), reduction="none"),
