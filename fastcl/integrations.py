@@ -7,6 +7,20 @@ from . import _validation, losses
 __all__ = ["MultipleNegativesRankingLoss"]
 
 
+def _is_cosine(fn) -> bool:
+    """Whether fn(a [n, d], b [m, d]) is the [n, m] cosine-similarity matrix, asked of its values
+    (a name can lie: a dot product named cos_sim, or cosine under another name)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, generator=g), 4 * torch.randn(4, 5, generator=g)
+    try:
+        got = fn(a, b)
+    except Exception:  # e.g. a function of other arguments: not cosine as this loss needs it
+        return False
+    want = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+    return (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and torch.allclose(got.detach().float(), want, atol=1e-5))
+
+
 class MultipleNegativesRankingLoss(nn.Module):
     """Fused drop-in for ``sentence_transformers.losses.MultipleNegativesRankingLoss``.
 
@@ -24,8 +38,9 @@ class MultipleNegativesRankingLoss(nn.Module):
                  directions=("query_to_doc",), partition_mode: str = "joint", hardness_mode=None,
                  hardness_strength: float = 0.0, *, backend: str = "auto"):
         super().__init__()
-        if similarity_fct is not None and getattr(similarity_fct, "__name__", "") != "cos_sim":
-            raise NotImplementedError("only cosine similarity (the default) is fused")
+        if similarity_fct is not None and not _is_cosine(similarity_fct):
+            raise NotImplementedError(f"only cosine similarity (the default, util.cos_sim) is fused; "
+                                      f"similarity_fct={similarity_fct!r} is not cosine")
         # sentence-transformers 5+/6 arguments: accepted at their defaults (the plain loss);
         # other values select variants that are not fused here.
         for name, value, default in (("gather_across_devices", gather_across_devices, False),

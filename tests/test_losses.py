@@ -434,6 +434,10 @@ def test_clip_loss_float_multiplier_keeps_float64():
     assert abs(got.item() - expected.item()) < 1e-12
 
 
+def _dot_named_cos_sim(a, b):
+    return a @ b.T
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: FCL.nt_xent(torch.randn(4, 3), torch.randn(5, 3)), ValueError, "same shape"),
     (lambda: FCL.dcl(torch.randn(1, 3), torch.randn(1, 3)), ValueError, "at least 2 pairs"),
@@ -482,6 +486,11 @@ def test_clip_loss_float_multiplier_keeps_float64():
      NotImplementedError, "directions"),
     (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, hardness_mode="hard_negatives"),
      NotImplementedError, "hardness_mode"),
+    # the similarity is asked of its values: a dot product named cos_sim used to pass
+    (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, similarity_fct=_dot_named_cos_sim),
+     NotImplementedError, "not cosine"),
+    (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, similarity_fct=lambda a, b: a @ b.T),
+     NotImplementedError, "not cosine"),
     # symmetric="no" used to compute the symmetric loss silently on backend='reference'
     (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), symmetric="no", backend="reference"), TypeError,
      "symmetric must be True or False"),
@@ -635,6 +644,15 @@ def test_equals_sentence_transformers_mnrl():
     assert torch.allclose(expected, fastcl.nn.MultipleNegativesRankingLoss(scale=20.0)(a, p, n))
     from fastcl.integrations import MultipleNegativesRankingLoss as FusedMNRL
     assert torch.allclose(expected, FusedMNRL(Embedder(), scale=20.0)([{"x": a}, {"x": p}, {"x": n}], None))
+
+
+def test_mnrl_drop_in_accepts_cosine_by_its_values():
+    from fastcl.integrations import MultipleNegativesRankingLoss as FusedMNRL
+    cos = lambda a, b: torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T  # noqa: E731
+    FusedMNRL(None, similarity_fct=cos)
+    if _has("sentence_transformers"):
+        from sentence_transformers import util
+        FusedMNRL(None, similarity_fct=util.cos_sim)
 
 
 @pytest.mark.skipif(not all(_has(m) for m in ("sentence_transformers", "datasets", "accelerate")),
