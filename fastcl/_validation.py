@@ -161,6 +161,9 @@ def reciprocal_tensor(value: float, device, dtype) -> torch.Tensor:
     return (torch.ones((), dtype=torch.float64) / value).to(device=device, dtype=dtype)
 
 
+SCALE_FLOOR = 2.0 ** -100  # s * q.k stays a normal fp32 number for |q.k| >= 2^-26
+
+
 def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch.Tensor:
     """The logit multiplier s as a 0-dim tensor: exp(logit_scale) (differentiable) or 1/temperature."""
     if temperature is not None and logit_scale is not None:
@@ -175,7 +178,12 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
         if logit_scale.device != device:
             raise ValueError(f"logit_scale must be on {device}, got {logit_scale.device}")
         # exp in fp32 at least: a bf16 exp of log(100) is 99.0 (1% off the scale)
-        return logit_scale.reshape(()).to(compute_dtype(logit_scale.dtype)).exp()
+        s = logit_scale.reshape(()).to(compute_dtype(logit_scale.dtype)).exp()
+        # Below logit_scale ~ -104 (fp32) exp underflows to 0, and the backward's dL/ds, formed
+        # as sum(G * S) / s, is 0/0: a NaN that d logit_scale = s dL/ds kept (naive autograd
+        # gives 0). So s is floored at SCALE_FLOOR, its gradient passed straight through: the
+        # loss moves by ~1e-30, and s dL/ds is ~0 as it should be.
+        return s + (s.clamp_min(SCALE_FLOOR) - s).detach()
     if temperature is None:
         temperature = 0.07
     if isinstance(temperature, torch.Tensor):

@@ -79,6 +79,25 @@ def test_shapes_fp32(backend, symmetric, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("log_scale", [-120.0, -800.0, -1e4])
+def test_logit_scale_whose_exp_underflows(backend, dtype, log_scale):
+    """exp(logit_scale) = 0: dL/ds, formed as sum(G S) / s, was 0/0, and d logit_scale = s dL/ds
+    NaN (an SGD step of lr = 10 took ClipLoss's scale there). Naive autograd gives 0, and a loss
+    of log(B) (log(2B) summed both ways) for logits that are all ~0."""
+    if backend != "torch" and dtype == torch.float64:
+        pytest.skip("the kernels take 16- and 32-bit inputs")
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(7, 5, generator=g, dtype=dtype).to(DEVICE) for _ in range(2))
+    ls = torch.tensor(log_scale, dtype=dtype, device=DEVICE, requires_grad=True)
+    loss = FCL.info_nce(q, k, logit_scale=ls, symmetric=True, backend=backend)
+    loss.backward()
+    # d logit_scale = s dL/ds, |dL/ds| a few units here: 0 where s underflows (fp32), ~s in fp64
+    assert abs(ls.grad.item()) <= 10 * math.exp(log_scale)
+    assert loss.item() == pytest.approx(math.log(7), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("temperature", [0.01, 0.07, 1.0])
 @pytest.mark.parametrize("symmetric", [False, True])
