@@ -403,24 +403,44 @@ def test_rank_deficient_fp32_groups_are_refused(method):
 @pytest.mark.parametrize("method", ["zca", "cholesky"])
 @pytest.mark.parametrize("detach_stats", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_fp32_groups_with_fewer_samples_than_channels(method, detach_stats, backend):
-    """N - 1 < g with eps > 0 at feature scale 10: the fp32 Gram's zero eigenvalues round to
-    +-1e-3, far from eps. ZCA whitened that noise to ~1e14, Cholesky refused the matrix as not
-    positive-definite, and the detach_stats gradient took 1/sqrt(noise) for 1/sqrt(eps)."""
+@pytest.mark.parametrize("scale, dtype, budget", [(10, torch.float32, 1e-6), (100, torch.float32, 1e-6),
+                                                  (100, torch.float16, 3e-3)], ids=str)
+def test_groups_with_fewer_samples_than_channels(method, detach_stats, backend, scale, dtype, budget):
+    """N - 1 < g with eps > 0, features at scale 10 to 100 around a mean of 3x that:
+    - the fp32 Gram's zero eigenvalues rounded to +-1e-3, far from eps. ZCA whitened that noise
+      to ~1e14, Cholesky refused the matrix as not positive-definite, and the detach_stats
+      gradient took 1/sqrt(noise) for 1/sqrt(eps);
+    - with the Gram alone in fp64, the fp32 centring (whose rounding W amplifies by eps^-1/2)
+      and the fp32 backward, whose two terms cancel there, left 1e-2 in the output and 0.66
+      (ZCA) and 8.4 (Cholesky) in the gradient at scale 100 (naive fp32 ZCA: 2.4e-2).
+    Against float64 on the same (rounded) values; 16-bit x computes in fp32, so in fp64 too."""
     g = torch.Generator().manual_seed(40)
-    x64 = (torch.randn(16, 128, generator=g, dtype=torch.float64) * 10).float().double()
+    x64 = (torch.randn(16, 128, generator=g, dtype=torch.float64) * scale + 3 * scale).to(dtype).double()
     gy = torch.randn(16, 128, generator=g, dtype=torch.float64)
     outs = []
-    for dtype in (torch.float64, torch.float32):
-        x = x64.to(dtype).detach().requires_grad_()
+    for dt in (torch.float64, dtype):
+        x = x64.to(dt).detach().requires_grad_()
         y = FCL.group_whiten(x, 2, method=method, detach_stats=detach_stats, backend=backend)
-        (y * gy.to(dtype)).sum().backward()
+        (y.double() * gy).sum().backward()
         outs.append((y, x.grad))
-    (y64, g64), (y32, g32) = outs
-    assert y32.dtype == torch.float32
-    # measured 6e-4 (output) and 1e-4 to 1.5e-3 (gradient) relative; 0.3 before
-    assert rel_err(y32, y64) < 5e-3
-    assert rel_err(g32, g64) < 1e-2
+    (y64, g64), (y_, g_) = outs
+    assert y_.dtype == dtype
+    # measured 2e-8 to 5e-8 (fp32), 2e-4 to 6e-4 (fp16); before: 1.3e-3 to 1e-2 (output) and up
+    # to 8.4 (gradient)
+    assert rel_err(y_, y64) < budget
+    assert rel_err(g_, g64) < budget
+
+
+def test_fp64_throughout_only_where_a_group_is_rank_deficient():
+    """fp64 centring, W and backward cost ~3x on a CPU: only for N - 1 < g, and only for the
+    factorising methods on fp32 statistics (the Gram alone is fp64 for those: stats_dtype)."""
+    from fastcl.whitening import run_dtype
+    xg = lambda N, g, dt=torch.float32: torch.zeros(2, N, g, dtype=dt)  # noqa: E731
+    assert run_dtype("zca", xg(64, 64)) == torch.float64
+    assert run_dtype("cholesky", xg(8, 64)) == torch.float64
+    assert run_dtype("zca", xg(65, 64)) == torch.float32
+    assert run_dtype("newton_schulz", xg(8, 64)) == torch.float32
+    assert run_dtype("zca", xg(8, 64, torch.float64)) == torch.float64
 
 
 @pytest.mark.parametrize("method", ["zca", "cholesky"])
