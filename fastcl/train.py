@@ -30,7 +30,9 @@
   statistics) are updated once per chunk, by the first pass; the re-encoding leaves them be.
   Buffers that the recipe's loss updates (a queue, a loss head's statistics) are updated once
   per step, as without ``chunk_size``.
-- Logged per step: loss, temperature, alignment and uniformity (Wang & Isola 2020).
+- Logged per step: loss, temperature, alignment and uniformity (Wang & Isola 2020) of the
+  first two views' embeddings (alignment is NaN for a one-view recipe such as WhitenedCSE,
+  whose whitened views are made inside its loss).
 """
 import contextlib
 import dataclasses
