@@ -130,7 +130,10 @@ class _RingRows(torch.autograd.Function):
         # from its block's own tile, as in one process: the loss (max - pos) + log-sum is then
         # exact when the positive is the maximum. A merged log-sum-exp minus a positive
         # recomputed elsewhere lost every digit of nearly solved rows (their loss is below the
-        # rounding of the logits).
+        # rounding of the logits). They stay in the backend's units (log2 for the kernels):
+        # converting them to natural logs and back for the backward rounded the max by
+        # ~|S| u, and the recomputed P no longer summed to 1 (dq 6x one process's error).
+        logaddexp = torch.logaddexp if unit == 1.0 else torch.logaddexp2
         m = torch.full((u.shape[0],), float("-inf"), dtype=cd, device=u.device)
         logl = torch.zeros(u.shape[0], dtype=cd, device=u.device)
         pos = torch.zeros(u.shape[0], dtype=cd, device=u.device)
@@ -139,18 +142,18 @@ class _RingRows(torch.autograd.Function):
             pending = _ring_exchange([block], rank, world, group) if step < world - 1 else None
             in_b, lab = _block_labels(labels, offs[owner], sizes[owner])
             _, _, stats, _ = impl.lse_forward(u, block[: sizes[owner]], scale, lab, False)
-            mb, lb = (stats[0] * unit).to(cd), (stats[1] * unit).to(cd)
+            mb, lb = stats[0].to(cd), stats[1].to(cd)
             m_new = torch.maximum(m, mb)
-            logl = torch.logaddexp(logl + (m - m_new), lb + (mb - m_new))
+            logl = logaddexp(logl + (m - m_new), lb + (mb - m_new))
             m = m_new
-            pos = torch.where(in_b, (stats[2] * unit).to(cd), pos)
+            pos = torch.where(in_b, stats[2].to(cd), pos)
             if pending is not None:
                 for w in pending[0]:
                     w.wait()
                 block, owner = pending[1][0], (owner - 1) % world
         ctx.save_for_backward(u, v, scale, labels, m, logl, pos)
         ctx.cfg = (sizes, rank, group, backend)
-        return (m - pos) + logl
+        return ((m - pos) + logl) * unit
 
     @staticmethod
     def backward(ctx, g):
@@ -163,9 +166,8 @@ class _RingRows(torch.autograd.Function):
         sizes, rank, group, backend = ctx.cfg
         impl, world = _impl(backend), len(sizes)
         offs = [sum(sizes[:r]) for r in range(world)]
-        unit = impl.LOG_UNIT
-        # The merged statistics in the backend's units: max, log-sum, the positive, 1 positive.
-        stats = torch.stack([m / unit, logl / unit, pos / unit, torch.ones_like(m)])
+        # The merged statistics, in the backend's units: max, log-sum, the positive, 1 positive.
+        stats = torch.stack([m, logl, pos, torch.ones_like(m)])
         stats = stats.to(torch.float32 if backend == "triton" else m.dtype).contiguous()
         g = g.contiguous()
         du = torch.zeros(u.shape, dtype=m.dtype, device=u.device)
