@@ -28,11 +28,7 @@ namespace fastcl {
 // ---------------------------------------------------------------------------------------------
 // Host side.
 // ---------------------------------------------------------------------------------------------
-namespace {
-
-constexpr double LN2 = 0.6931471805599453;
-
-template <typename F> void set_smem(F* kernel, size_t bytes) {
+void set_smem_bytes(const void* kernel, size_t bytes) {
   // sm_86/sm_89 allow 99 KiB per block (sm_80 163, sm_90 227): the fp32 backward needs more
   // there (the 16-bit one takes thinner slabs, with_slab).
   const auto* prop = at::cuda::getCurrentDeviceProperties();
@@ -48,6 +44,14 @@ template <typename F> void set_smem(F* kernel, size_t bytes) {
                 "); rebuild with TORCH_CUDA_ARCH_LIST naming its compute capability");
   }
   C10_CUDA_CHECK(err);
+}
+
+namespace {
+
+constexpr double LN2 = 0.6931471805599453;
+
+template <typename F> void set_smem(F* kernel, size_t bytes) {
+  set_smem_bytes(reinterpret_cast<const void*>(kernel), bytes);
 }
 
 const int64_t* opt_ptr(const c10::optional<at::Tensor>& t) {

@@ -37,6 +37,10 @@ at::Tensor newton_schulz_cuda(const at::Tensor& S, int64_t iters);
 // nvcc's __CUDA_ARCH_LIST__ for this build, e.g. "800,900" (sm_90a shows as 900).
 const char* compiled_archs();
 
+// Lets `kernel` use `bytes` of dynamic shared memory, with clear errors where the GPU has less
+// or where this build has no code for the GPU (csrc/info_nce.cu).
+void set_smem_bytes(const void* kernel, size_t bytes);
+
 // Whether the current GPU runs this build's sm_90a code, where the 16-bit kernels can compute
 // their score tiles with wgmma; and whether they do (only with FASTCL_CUDA_WGMMA=1).
 bool wgmma_available();

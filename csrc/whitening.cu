@@ -33,7 +33,7 @@ at::Tensor newton_schulz_cuda(const at::Tensor& S, int64_t iters) {
   at::Tensor s = S.contiguous();
   at::Tensor W = at::full_like(s, NAN);  // poisoned: every element must be written
   if (G == 0) return W;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(newton_schulz_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+  set_smem_bytes(reinterpret_cast<const void*>(newton_schulz_kernel), bytes);  // a build without this GPU's code says so
   newton_schulz_kernel<<<(unsigned)G, THREADS, bytes, at::cuda::getCurrentCUDAStream()>>>(
       s.data_ptr<float>(), W.data_ptr<float>(), (int)g, (int)iters);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
