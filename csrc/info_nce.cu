@@ -10,6 +10,7 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cctype>
@@ -120,6 +121,11 @@ bool wgmma_available() {
   std::lock_guard<std::mutex> lock(mu);
   auto it = known.find(dev);
   if (it != known.end()) return it->second;
+  // The probe reads its answer back to the host, which a stream being captured cannot do (the
+  // capture would be invalidated with a bare CUDA error).
+  FASTCL_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "fastcl_cuda: with FASTCL_CUDA_WGMMA=1 the first 16-bit call on a GPU probes it for wgmma, "
+              "which cannot run during CUDA graph capture; make one call before capturing");
   at::Tensor out = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, dev));
   wgmma_probe<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<int>());
   bool ok = false;

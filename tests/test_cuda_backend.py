@@ -3,6 +3,7 @@ extension loads (a CUDA torch, even without a GPU), and on a GPU its agreement w
 backend over every flag of the fused op. The loss/gradient-vs-float64 matrices in
 test_info_nce.py and test_losses.py run it too (backend='cuda')."""
 import math
+import os
 
 import pytest
 import torch
@@ -62,6 +63,28 @@ def test_fake_shapes_on_meta(symmetric):
     assert du.shape == u.shape and dv.shape == v.shape and ds.shape == ()
     S = torch.empty(3, 8, 8, device="meta")
     assert torch.ops.fastcl_cuda.newton_schulz(S, 5).shape == (3, 8, 8)
+
+
+@needs_cuda_backend
+def test_wgmma_probe_refuses_a_graph_capture_by_name():
+    """With FASTCL_CUDA_WGMMA=1 the first 16-bit call per GPU probes it and reads the answer back,
+    which a stream being captured cannot do: the capture died with a bare CUDA error. In a fresh
+    process (the probe's answer is cached per process), on the raw op (no Python-side syncs)."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, fastcl.cuda_backend\n"
+        "u = torch.randn(64, 32, device='cuda', dtype=torch.bfloat16)\n"
+        "s = torch.ones(1, device='cuda')\n"
+        "torch.cuda.synchronize()\n"
+        "try:\n"
+        "    with torch.cuda.graph(torch.cuda.CUDAGraph()):\n"
+        "        torch.ops.fastcl_cuda.lse_forward(u, u, s, None, None, None, False, False, False)\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR', e)\n")
+    env = dict(os.environ, FASTCL_CUDA_WGMMA="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "make one call before capturing" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
 @needs_cuda_backend
