@@ -20,16 +20,36 @@ def no_autocast(device: torch.device):
 _AUTOCAST = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta", "xpu", "mps", "hpu")}
 
 
-def refuse_func_transforms(message: str, refused=("Grad",)) -> None:
+def refuse_func_transforms(message: str, *xs: Tensor, refused=("Grad",)) -> None:
     """Raise NotImplementedError(message) inside the torch.func transforms named in `refused`
     (TransformType names: Grad covers grad, vjp and jacrev). Neither a torch custom op's
     autograd nor an autograd.Function without setup_context runs under them, and torch's own
-    error names neither fastcl nor the way out."""
+    error names neither fastcl nor the way out. Given tensors xs, only where one of them is
+    tracked by a refused transform: a loss of tensors that no transform differentiates (a
+    metric inside torch.func.grad) runs as it did."""
     if torch.compiler.is_compiling():  # Dynamo traces no functorch stack; nothing to ask
         return
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    if any(i.key().name in refused for i in stack):
-        raise NotImplementedError(message)
+    F = torch._C._functorch
+    stack = F.get_interpreter_stack() or ()
+    if not any(i.key().name in refused for i in stack):
+        return
+    if xs and not any(_tracked(x, refused) for x in xs):
+        return
+    raise NotImplementedError(message)
+
+
+def _tracked(x: Tensor, refused) -> bool:
+    """Whether a layer of x's functorch wrappers belongs to a refused transform. Under grad
+    every new tensor is wrapped: its layer tracks x only where it requires grad (an outer
+    vmap's wrapper hides that, hence the walk through the layers)."""
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(x):
+        if "Grad" in refused and F.is_gradtrackingtensor(x) and x.requires_grad:
+            return True
+        if "Vmap" in refused and F.is_batchedtensor(x):
+            return True
+        x = F.get_unwrapped(x)
+    return False
 
 
 def grad_amp(scale: Tensor, g_row: Tensor, g_col: Optional[Tensor] = None) -> Tensor:

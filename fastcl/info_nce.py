@@ -150,7 +150,8 @@ def prepare(scale: Tensor, normalize: bool, *xs: Tensor):
 def _refuse_unsupported_autodiff(*xs: Tensor) -> None:
     """Forward-mode AD (torch.func.jvp/jacfwd, torch.autograd.forward_ad) must fail loudly: the
     custom op has no jvp rule, and torch then runs it as if no input had a tangent, giving a
-    silent zero tangent. torch.func's reverse mode fails by itself, with torch's message."""
+    silent zero tangent. torch.func's reverse mode (grad, vjp, jacrev) cannot run the custom
+    op's autograd: refused with a message that names the way out."""
     if torch.compiler.is_compiling():  # dynamo cannot trace unpack_dual; AOT autograd is reverse mode
         return
     if any(fwAD.unpack_dual(x).tangent is not None for x in xs):
@@ -161,7 +162,7 @@ def _refuse_unsupported_autodiff(*xs: Tensor) -> None:
     refuse_func_transforms(
         "fastcl's fused log-sum-exp op cannot run under torch.func.grad, vjp or jacrev (torch's "
         "custom ops do not support functorch's reverse-mode transforms). Use loss.backward() or "
-        "torch.autograd.grad, or backend='reference' for torch.func")
+        "torch.autograd.grad, or backend='reference' for torch.func", *xs)
 
 
 def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=None, col_cls=None,

@@ -18,7 +18,7 @@ def _is_cosine(fn) -> bool:
         return False
     want = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
     return (isinstance(got, torch.Tensor) and got.shape == want.shape
-            and torch.allclose(got.detach().float(), want, atol=1e-5))
+            and torch.allclose(got.detach().float(), want, atol=1e-2))  # a 16-bit cosine passes
 
 
 class MultipleNegativesRankingLoss(nn.Module):

@@ -340,7 +340,7 @@ def test_forward_mode_ad_through_the_reference():
     torch.testing.assert_close(tangent, (a.grad * t).sum())
 
 
-@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "vmap_of_grad"])
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "vmap_of_grad", "grad_of_vmap"])
 def test_torch_func_reverse_mode_names_fastcl_and_the_way_out(transform):
     """torch.func's reverse mode cannot run a custom op's autograd; torch's own message named
     neither fastcl nor backend='reference'."""
@@ -349,7 +349,8 @@ def test_torch_func_reverse_mode_names_fastcl_and_the_way_out(transform):
     run = {"grad": lambda: torch.func.grad(f)(q.double()),
            "vjp": lambda: torch.func.vjp(f, q.double()),
            "jacrev": lambda: torch.func.jacrev(f)(q.double()),
-           "vmap_of_grad": lambda: torch.func.vmap(torch.func.grad(f))(q.double()[None])}[transform]
+           "vmap_of_grad": lambda: torch.func.vmap(torch.func.grad(f))(q.double()[None]),
+           "grad_of_vmap": lambda: torch.func.grad(lambda a: torch.func.vmap(f)(a[None]).sum())(q.double())}[transform]
     with pytest.raises(NotImplementedError, match="torch.func.grad, vjp or jacrev.*backend='reference'"):
         run()
 
@@ -365,6 +366,15 @@ def test_torch_func_through_the_reference_and_vmap_of_the_forward():
     batch = torch.stack([a, a.flip(0)])
     got = torch.func.vmap(lambda x: FCL.info_nce(x, b, backend="torch"))(batch)
     torch.testing.assert_close(got, torch.stack([FCL.info_nce(x, b, backend="reference") for x in batch]))
+    # A loss of tensors that the transform does not differentiate (a metric inside grad) runs,
+    # where torch runs it: torch 2.4.1's functorch refused any custom op's autograd under grad.
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13):
+        return
+    loss = FCL.info_nce(a, b, backend="torch")
+    w = torch.tensor(3.0, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.grad(lambda w: w * FCL.info_nce(a, b, backend="torch"))(w), loss)
+    val, aux = torch.func.grad(lambda x: ((x ** 2).sum(), FCL.info_nce(a, b, backend="torch")), has_aux=True)(w)
+    torch.testing.assert_close(aux, loss)
 
 
 @pytest.mark.parametrize("transform", ["grad", "jvp", "vmap"])

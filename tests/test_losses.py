@@ -438,6 +438,9 @@ def _dot_named_cos_sim(a, b):
     return a @ b.T
 
 
+_dot_named_cos_sim.__name__ = "cos_sim"  # what the check once went by
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: FCL.nt_xent(torch.randn(4, 3), torch.randn(5, 3)), ValueError, "same shape"),
     (lambda: FCL.dcl(torch.randn(1, 3), torch.randn(1, 3)), ValueError, "at least 2 pairs"),
