@@ -24,8 +24,8 @@ def refuse_func_transforms(message: str, *xs: Tensor, refused=("Grad",)) -> None
     """Raise NotImplementedError(message) inside the torch.func transforms named in `refused`
     (TransformType names: Grad covers grad, vjp and jacrev). Neither a torch custom op's
     autograd nor an autograd.Function without setup_context runs under them, and torch's own
-    error names neither fastcl nor the way out. Given tensors xs, only where one of them is
-    tracked by a refused transform: a loss of tensors that no transform differentiates (a
+    error names neither fastcl nor the way out. Given tensors xs (refused=("Grad",)), only
+    where a grad transform differentiates one of them: a loss of tensors that none does (a
     metric inside torch.func.grad) runs as it did."""
     if torch.compiler.is_compiling():  # Dynamo traces no functorch stack; nothing to ask
         return
@@ -33,20 +33,18 @@ def refuse_func_transforms(message: str, *xs: Tensor, refused=("Grad",)) -> None
     stack = F.get_interpreter_stack() or ()
     if not any(i.key().name in refused for i in stack):
         return
-    if xs and not any(_tracked(x, refused) for x in xs):
+    if xs and not any(_grad_tracked(x) for x in xs):
         return
     raise NotImplementedError(message)
 
 
-def _tracked(x: Tensor, refused) -> bool:
-    """Whether a layer of x's functorch wrappers belongs to a refused transform. Under grad
-    every new tensor is wrapped: its layer tracks x only where it requires grad (an outer
-    vmap's wrapper hides that, hence the walk through the layers)."""
+def _grad_tracked(x: Tensor) -> bool:
+    """Whether a grad transform differentiates x. Under grad every new tensor is wrapped: its
+    layer tracks x only where it requires grad (an outer vmap's wrapper hides that, hence the
+    walk through the layers)."""
     F = torch._C._functorch
     while F.is_functorch_wrapped_tensor(x):
-        if "Grad" in refused and F.is_gradtrackingtensor(x) and x.requires_grad:
-            return True
-        if "Vmap" in refused and F.is_batchedtensor(x):
+        if F.is_gradtrackingtensor(x) and x.requires_grad:
             return True
         x = F.get_unwrapped(x)
     return False
