@@ -85,6 +85,19 @@ void check_backward_inputs(const at::Tensor& u, const at::Tensor& v, const at::T
               amp.sizes(), " ", amp.scalar_type(), " on ", amp.device());
 }
 
+void check_smoothing(double label_smoothing, bool excluding, const c10::optional<at::Tensor>& centres,
+                     const at::Tensor& like, int64_t n) {
+  FASTCL_CHECK(label_smoothing >= 0.0 && label_smoothing < 1.0, "fastcl_cuda: label_smoothing must be in [0, 1), got ",
+              label_smoothing);
+  FASTCL_CHECK(label_smoothing == 0.0 || !excluding, "fastcl_cuda: label_smoothing needs every column to be a "
+              "negative (no exclusions or class ids), got ", label_smoothing);
+  if (label_smoothing == 0.0) return;
+  FASTCL_CHECK(centres.has_value() && centres->scalar_type() == at::kFloat && centres->device() == like.device() &&
+                  centres->dim() == 1 && centres->size(0) == n && centres->is_contiguous(),
+              "fastcl_cuda: label_smoothing needs centres, contiguous float32 [", n, "] on ", like.device(),
+              " (fastcl.chunked.smoothing_centres)");
+}
+
 }  // namespace fastcl
 
 TORCH_LIBRARY(fastcl_cuda, m) {
@@ -92,7 +105,7 @@ TORCH_LIBRARY(fastcl_cuda, m) {
         "bool symmetric, bool exclude_diag, bool exclude_pos) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lse_backward(Tensor u, Tensor v, Tensor scale, Tensor row_stats, Tensor col_stats, Tensor g_row, "
         "Tensor g_col, Tensor amp, Tensor? labels, Tensor? row_cls, Tensor? col_cls, bool symmetric, bool exclude_diag, "
-        "bool exclude_pos) -> (Tensor, Tensor, Tensor)");
+        "bool exclude_pos, float label_smoothing=0.0, Tensor? centres=None) -> (Tensor, Tensor, Tensor)");
   m.def("newton_schulz(Tensor S, int iters) -> Tensor");
 }
 

@@ -19,6 +19,7 @@ inline void put(std::string& s, long x) { s += std::to_string(x); }
 inline void put(std::string& s, long long x) { s += std::to_string(x); }
 inline void put(std::string& s, unsigned long x) { s += std::to_string(x); }
 inline void put(std::string& s, unsigned long long x) { s += std::to_string(x); }
+inline void put(std::string& s, double x) { s += std::to_string(x); }  // "%f": 0.100000
 inline void put(std::string& s, const c10::Device& d) { s += d.str(); }
 inline void put(std::string& s, c10::ScalarType t) { s += c10::toString(t); }
 inline void put(std::string& s, c10::IntArrayRef shape) {

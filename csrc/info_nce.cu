@@ -204,9 +204,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
     const at::Tensor& u, const at::Tensor& v, const at::Tensor& scale, const at::Tensor& row_stats,
     const at::Tensor& col_stats, const at::Tensor& g_row_in, const at::Tensor& g_col_in,
     const at::Tensor& amp_in, const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& row_cls,
-    const c10::optional<at::Tensor>& col_cls, bool symmetric, bool exclude_diag, bool exclude_pos) {
+    const c10::optional<at::Tensor>& col_cls, bool symmetric, bool exclude_diag, bool exclude_pos,
+    double label_smoothing, const c10::optional<at::Tensor>& centres) {
   check_forward_inputs(u, v, scale, labels, row_cls, col_cls, symmetric, exclude_diag, exclude_pos);
   check_backward_inputs(u, v, row_stats, col_stats, g_row_in, g_col_in, amp_in, symmetric);
+  check_smoothing(label_smoothing, row_cls.has_value() || exclude_diag || exclude_pos, centres, u,
+                  u.size(0) + (symmetric ? v.size(0) : 0));
   const c10::cuda::CUDAGuard guard(u.device());
   const int64_t B = u.size(0), D = u.size(1), N = v.size(0);
   at::Tensor g_row = g_row_in.to(at::kFloat).contiguous();
@@ -220,6 +223,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
   const bool launch = B > 0 && N > 0 && D > 0;  // else dU, dV and d scale are all zero
   at::Tensor dscale = at::full({std::max<int64_t>(n_rb, 1)}, launch ? NAN : 0.f, u.options().dtype(at::kFloat));
   const int flags = make_flags(symmetric, labels.has_value(), exclude_diag, exclude_pos, row_cls.has_value());
+  // Label smoothing's targets in G (as fastcl.chunked.smoothing_weights): 1 - eps on the
+  // positive, eps / N on every column; (1, 0) leaves G as without smoothing, bit for bit.
+  const bool smooth = label_smoothing != 0.0 && N > 0;
+  const float pos_w = smooth ? (float)(1.0 - label_smoothing) : 1.f;
+  const float uni_w = smooth ? (float)(label_smoothing / (double)N) : 0.f;
+  const float* ctr = smooth ? centres->data_ptr<float>() : nullptr;  // else: centred on the positive
   auto stream = at::cuda::getCurrentCUDAStream();
 
   if (launch) {
@@ -234,13 +243,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
               cptr<T, AT>(u), cptr<T, AT>(v), scale32.data_ptr<float>(), amp.data_ptr<float>(),
               rs.data_ptr<float>(), cs.data_ptr<float>(), g_row.data_ptr<float>(), g_col.data_ptr<float>(),
               opt_ptr(labels), opt_ptr(row_cls), opt_ptr(col_cls), mptr<T, AT>(du),
-              dscale.data_ptr<float>(), B, N, D, B, N, flags);
+              dscale.data_ptr<float>(), B, N, D, B, N, flags, pos_w, uni_w, ctr);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           grad_kernel<T, BD, WG><<<(unsigned)n_cb, THREADS, sm, stream>>>(
               cptr<T, AT>(v), cptr<T, AT>(u), scale32.data_ptr<float>(), amp.data_ptr<float>(),
               rs.data_ptr<float>(), cs.data_ptr<float>(), g_row.data_ptr<float>(), g_col.data_ptr<float>(),
               opt_ptr(labels), opt_ptr(row_cls), opt_ptr(col_cls), mptr<T, AT>(dv),
-              dscale.data_ptr<float>(), N, B, D, B, N, flags | TRANSPOSED);
+              dscale.data_ptr<float>(), N, B, D, B, N, flags | TRANSPOSED, pos_w, uni_w, ctr);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });

@@ -18,7 +18,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
     const at::Tensor& u, const at::Tensor& v, const at::Tensor& scale, const at::Tensor& row_stats,
     const at::Tensor& col_stats, const at::Tensor& g_row, const at::Tensor& g_col, const at::Tensor& amp,
     const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& row_cls,
-    const c10::optional<at::Tensor>& col_cls, bool symmetric, bool exclude_diag, bool exclude_pos);
+    const c10::optional<at::Tensor>& col_cls, bool symmetric, bool exclude_diag, bool exclude_pos,
+    double label_smoothing, const c10::optional<at::Tensor>& centres);
 
 // TORCH_CHECKs with messages that name the argument and what was expected.
 void check_forward_inputs(const at::Tensor& u, const at::Tensor& v, const at::Tensor& scale,
@@ -29,6 +30,10 @@ void check_forward_inputs(const at::Tensor& u, const at::Tensor& v, const at::Te
 void check_backward_inputs(const at::Tensor& u, const at::Tensor& v, const at::Tensor& row_stats,
                            const at::Tensor& col_stats, const at::Tensor& g_row,
                            const at::Tensor& g_col, const at::Tensor& amp, bool symmetric);
+// label_smoothing in [0, 1), and 0 where some columns are not negatives (exclusions, class ids);
+// with it, centres float32 [n] on like's device (fastcl.chunked.smoothing_centres).
+void check_smoothing(double label_smoothing, bool excluding, const c10::optional<at::Tensor>& centres,
+                     const at::Tensor& like, int64_t n);
 
 // Group whitening: W ~= S^-1/2 for S [G, g, g] float32 SPD, g <= 128, by the coupled
 // Newton-Schulz iteration (csrc/whitening.cu).

@@ -5,7 +5,8 @@
 // interchangeable behind fastcl's one dispatch point. For S = s * U @ V^T, never stored:
 //   forward : per row i of S  max, log2-sum-exp2 (log2 units), positive logit, #positives;
 //             per column j (symmetric) partial (max, sum) per block, merged on the host side.
-//   backward: G_ij = gr_i (P_ij - [j pos of i]) + gc_j (Q_ij - [i == j]);
+//   backward: G_ij = gr_i (P_ij - [j pos of i]) + gc_j (Q_ij - [i == j]); with label smoothing
+//             eps the targets are (1 - eps) [..] + eps / N (pos_w, uni_w);
 //             dU = s G V, dV = s G^T U (one kernel, launched over row blocks and over column
 //             blocks), d s = sum_ij G_ij <u_i, v_j> centred on the positive.
 // Offsets are 64-bit: no 2^31-element limit here.
@@ -156,12 +157,16 @@ lse_fwd_kernel(const T* __restrict__ U, const T* __restrict__ V, const float* __
 struct Side {  // what G needs about one row of S (r*) or one column of S (c*)
   float rm, rl, gr, posr, icnt;
   float cm, cl, gc, posc;
+  float ctr;  // d scale's centre of this row (column): its positive, or smoothing's target mean
   int64_t y, rcls, ccls;
 };
+static_assert(sizeof(Side) == 64, "Side's 10 floats fill the 8-byte slot the 9 left padded");
 
+// ctr: [B + N] centres (fastcl.chunked.smoothing_centres, log2 units) with label smoothing,
+// else nullptr: each row (column) is centred on its positive.
 __device__ __forceinline__ void load_row_side(Side& s, const float* row_stats, const float* g_row,
                                               const int64_t* labels, const int64_t* row_cls,
-                                              int64_t i, int64_t B, int flags) {
+                                              const float* ctr, int64_t i, int64_t B, int flags) {
   const bool ok = i < B;
   s.rm = ok ? row_stats[i] : 0.f;
   s.rl = ok ? row_stats[B + i] : 0.f;
@@ -170,12 +175,13 @@ __device__ __forceinline__ void load_row_side(Side& s, const float* row_stats, c
   s.gr = ok ? g_row[i] : 0.f;
   s.y = ok ? ((flags & HAS_LABELS) ? labels[i] : i) : -1;
   s.rcls = (ok && (flags & MULTI_POS)) ? row_cls[i] : -1;
+  s.ctr = ctr ? (ok ? ctr[i] : 0.f) : s.posr;
 }
 
 __device__ __forceinline__ void load_col_side(Side& s, const float* row_stats,
                                               const float* col_stats, const float* g_col,
-                                              const int64_t* col_cls, int64_t j, int64_t B,
-                                              int64_t N, int flags) {
+                                              const int64_t* col_cls, const float* ctr, int64_t j,
+                                              int64_t B, int64_t N, int flags) {
   const bool ok = j < N;
   const bool has_col = (flags & HAS_COL) && ok;
   s.cm = has_col ? col_stats[j] : 0.f;
@@ -183,6 +189,7 @@ __device__ __forceinline__ void load_col_side(Side& s, const float* row_stats,
   s.gc = has_col ? g_col[j] : 0.f;
   s.posc = has_col ? row_stats[2 * B + j] : 0.f;  // column j's positive is S_jj (N == B)
   s.ccls = (ok && (flags & MULTI_POS)) ? col_cls[j] : -2;
+  s.ctr = (ctr && has_col) ? ctr[B + j] : s.posc;
 }
 
 // dA[a] = s * sum_b G[a, b] * Bm[b] for a block of BM rows of A:
@@ -200,7 +207,7 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
             const float* __restrict__ g_col, const int64_t* __restrict__ labels,
             const int64_t* __restrict__ row_cls, const int64_t* __restrict__ col_cls,
             T* __restrict__ dA, float* __restrict__ dscale, int64_t MA, int64_t MB, int64_t D,
-            int64_t B, int64_t N, int flags) {
+            int64_t B, int64_t N, int flags, float pos_w, float uni_w, const float* __restrict__ ctr) {
   extern __shared__ __align__(128) unsigned char smem[];
   Side* side_a = reinterpret_cast<Side*>(smem);
   Side* side_b = side_a + BM;
@@ -222,8 +229,8 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
   if (threadIdx.x < BM) {
     const int64_t a = a0 + threadIdx.x;
     Side sd;
-    if (trans) load_col_side(sd, row_stats, col_stats, g_col, col_cls, a, B, N, flags);
-    else load_row_side(sd, row_stats, g_row, labels, row_cls, a, B, flags);
+    if (trans) load_col_side(sd, row_stats, col_stats, g_col, col_cls, ctr, a, B, N, flags);
+    else load_row_side(sd, row_stats, g_row, labels, row_cls, ctr, a, B, flags);
     side_a[threadIdx.x] = sd;
   }
   float dsc = 0.f;
@@ -235,8 +242,8 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
       if (threadIdx.x < BN) {
         const int64_t b = b0 + threadIdx.x;
         Side sd;
-        if (trans) load_row_side(sd, row_stats, g_row, labels, row_cls, b, B, flags);
-        else load_col_side(sd, row_stats, col_stats, g_col, col_cls, b, B, N, flags);
+        if (trans) load_row_side(sd, row_stats, g_row, labels, row_cls, ctr, b, B, flags);
+        else load_col_side(sd, row_stats, col_stats, g_col, col_cls, ctr, b, B, N, flags);
         side_b[threadIdx.x] = sd;
       }
       // Its barriers publish side_b too. With one slab, the chunks it loads are the slab: Vs
@@ -267,19 +274,19 @@ grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const float* __re
             if (sizeof(T) == 2 && dz > -9.5367431640625e-07f * fmaxf(fabsf(R.rm), 1.f)) dz = 0.f;
             p = keep ? exp2f(dz - R.rl) : 0.f;
           } else {
-            ind = is_pos ? 1.f : 0.f;
+            ind = is_pos ? pos_w : 0.f;  // 1 - eps on the positive (1 without smoothing)
             p = keep ? exp2f(((is_pos ? R.posr : z) - R.rm) - R.rl) : 0.f;
           }
-          g = R.gr * (p - ind);
+          g = R.gr * ((p - ind) - uni_w);  // uni_w = eps / N: exact 0 without smoothing
           // Rows (columns) of each term sum to 0 exactly: centring <u_i, v_j> on the positive
-          // keeps their rounding out of d scale.
-          float ds = g * (acc_ij - R.posr / s2);
+          // (with smoothing, the target's mean) keeps their rounding out of d scale.
+          float ds = g * (acc_ij - R.ctr / s2);
           if (has_col) {
             const bool diag = i == j;
             const float qv = exp2f(((diag ? C.posc : z) - C.cm) - C.cl);
-            const float gq = C.gc * (diag ? qv - 1.f : qv);
+            const float gq = C.gc * ((diag ? qv - pos_w : qv) - uni_w);
             g += gq;
-            ds += gq * (acc_ij - C.posc / s2);
+            ds += gq * (acc_ij - C.ctr / s2);
           }
           if (!trans && d0 == 0) dsc += ds;
           // G goes through the tensor cores in the input dtype; amp (a power of two, exact)

@@ -19,6 +19,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def smoothing_weights(eps: float, n: int):
+    """Label smoothing's target weights in G = P - target (every backend alike): the positive's
+    1 - eps and every column's eps / n; (1.0, 0.0) without smoothing, which leaves G exact."""
+    return (1.0 - eps, eps / n) if eps and n else (1.0, 0.0)
+
+
+def smoothing_centres(u, v, scale, pos, labels, symmetric: bool, eps: float, unit: float):
+    """Where d scale = sum_ij G_ij S_ij centres each row (column) of S with label smoothing, in
+    the statistics' units (unit: their natural log, LOG_UNIT): the target's own mean of it,
+    (1 - eps) S_iy + eps mean_j S_ij, or with the column term (1 - eps) S_jj + eps mean_i S_ij;
+    [B + N] (N = 0 without the column term). A row of G sums to 0, so any centre leaves d scale
+    exact; this one makes the target's part vanish too, which centring on the positive alone
+    did not: the rounding of P's row sums then met a ~1/(1 - eps) larger remainder (d scale
+    7-18x naive fp32's error at eps = 0.9). A row without a positive (a label outside [0, N):
+    its G sums to 1 - eps) takes 0, no centring, as pos_i = 0 gives without smoothing."""
+    cd = compute_dtype(u.dtype)
+    U, V, s = u.to(cd), v.to(cd), scale.to(cd).reshape(())
+    B, N = U.shape[0], V.shape[0]
+    pos_w = 1.0 - eps
+    mean = (U @ (V.sum(0) / max(N, 1))) * (s / unit)
+    has = torch.ones(B, dtype=torch.bool, device=U.device) if labels is None else (labels >= 0) & (labels < N)
+    row = torch.where(has, pos_w * pos.to(cd) + eps * mean, 0.0)
+    if not symmetric:
+        return row
+    col = pos_w * pos.to(cd) + eps * (V @ (U.sum(0) / max(B, 1))) * (s / unit)  # S_jj = row j's positive
+    return torch.cat([row, col])
+
+
 def _chunks(B: int, N: int):
     step = max(1, min(B, CHUNK_ELEMENTS // max(N, 1)))
     for i0 in range(0, B, step):
@@ -96,7 +124,7 @@ def lse_forward(u, v, scale, labels, symmetric: bool, row_cls=None, col_cls=None
 
 
 def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool,
-                 row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False):
+                 row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False, smoothing=0.0):
     """Same contract as fastcl.kernels.info_nce.lse_backward."""
     cd = compute_dtype(u.dtype)
     U, V, s = u.to(cd), v.to(cd), scale.to(cd)
@@ -107,6 +135,12 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     g_col = g_col.to(cd)
     m, logl, pos = row_stats[:3]
     dscale = U.new_zeros(())
+    pos_w, uni_w = smoothing_weights(smoothing, N)
+    # d scale's centres: the positive (exact 0 for rows without one), or smoothing's target mean.
+    ctr_row, ctr_col = pos, pos
+    if uni_w:
+        ctr = smoothing_centres(U, V, s, pos, labels, symmetric, smoothing, LOG_UNIT)
+        ctr_row, ctr_col = ctr[:B], ctr[B:]
     for i0, i1 in _chunks(B, N):
         S = (U[i0:i1] @ V.T).mul_(s)
         y, has = _targets(i0, i1, labels, N, S.device)
@@ -117,20 +151,25 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
         P = (S - m[i0:i1, None]).sub_(logl[i0:i1, None]).exp_()
         _exclude(P, i0, y, has, exclude_diag, exclude_pos, 0.0)
         if row_cls is None:  # the positives, subtracted element-wise (no cancellation later)
-            P.scatter_add_(1, y, -has[:, None].to(cd))
+            P.scatter_add_(1, y, has[:, None].to(cd) * -pos_w)
+            if uni_w:  # label smoothing's uniform target (no exclusions: every column)
+                P.sub_(uni_w)
         else:
             P -= _class_weights(i0, i1, row_cls, col_cls, cd)[0]
         G = P.mul_(g_row[i0:i1, None])
         # dL/ds = sum_ij G_ij S_ij / s. Each row of the row term (column of the column term)
-        # sums to 0 exactly, so centring S_ij on the positive's value changes nothing exactly
-        # but keeps the rounding of those sums out of d scale.
-        T = S - pos[i0:i1, None]
+        # sums to 0 exactly, so centring S_ij on the positive's value (with smoothing: the
+        # target's mean, smoothing_centres) changes nothing exactly but keeps the rounding of
+        # those sums out of d scale.
+        T = S - ctr_row[i0:i1, None]
         dscale += (G * T).sum()
         if symmetric:  # N == B, no labels: column j's positive is S_jj, already in place in S
             Q = (S - col_stats[0]).sub_(col_stats[1]).exp_()
-            Q.diagonal(i0).sub_(1.0)
+            Q.diagonal(i0).sub_(pos_w)
+            if uni_w:
+                Q.sub_(uni_w)
             Q.mul_(g_col)
-            dscale += (Q * torch.sub(S, pos, out=T)).sum()  # column j centred on S_jj, in T's buffer
+            dscale += (Q * torch.sub(S, ctr_col, out=T)).sum()  # column j centred on S_jj (or its target mean), in T's buffer
             G += Q
         dU[i0:i1] = G @ V
         dV.addmm_(G.T, U[i0:i1])

@@ -15,6 +15,7 @@ import math
 import torch
 
 from ._common import grad_amp
+from .chunked import smoothing_centres
 
 LOG_UNIT = math.log(2.0)  # the statistics (max, log-sum) are in log2 units
 
@@ -83,7 +84,7 @@ def _register_fakes():
 
     @torch.library.register_fake("fastcl_cuda::lse_backward")
     def _(u, v, scale, row_stats, col_stats, g_row, g_col, amp, labels, row_cls, col_cls, symmetric,
-          exclude_diag, exclude_pos):
+          exclude_diag, exclude_pos, label_smoothing=0.0, centres=None):
         return torch.empty_like(u), torch.empty_like(v), scale.new_empty((), dtype=torch.float32)
 
 
@@ -98,15 +99,18 @@ def lse_forward(u, v, scale, labels, symmetric: bool, row_cls=None, col_cls=None
 
 
 def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool,
-                 row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False):
+                 row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False, smoothing=0.0):
     """dU [B, D], dV [N, D] (input dtype), d scale [] (float32); the same contract as
     fastcl.kernels.info_nce.lse_backward."""
     if unavailable():
         raise RuntimeError(unavailable())
+    centres = None
+    if smoothing:  # d scale's centres (as the torch and Triton backends take them)
+        centres = smoothing_centres(u, v, scale, row_stats[2], labels, symmetric, smoothing, LOG_UNIT).float()
     return torch.ops.fastcl_cuda.lse_backward(
         u.contiguous(), v.contiguous(), scale, row_stats, col_stats, g_row.contiguous(),
         g_col.contiguous(), grad_amp(scale, g_row, g_col if symmetric else None), labels, row_cls, col_cls,
-        symmetric, exclude_diag, exclude_pos)
+        symmetric, exclude_diag, exclude_pos, float(smoothing), centres)
 
 
 def newton_schulz_whitening_matrix(S: torch.Tensor, iters: int) -> torch.Tensor:

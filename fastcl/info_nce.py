@@ -27,7 +27,7 @@ def _impl(backend: str):
     raise ValueError(f"no log-sum-exp implementation for backend {backend!r}")
 
 
-def _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls):
+def _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, label_smoothing):
     """The raw op's own checks, which need no host sync: shapes, dtypes and devices that the
     kernels would otherwise read past (a D mismatch) or misread. The public losses check more,
     label ranges included; the raw op takes labels outside [0, N) as rows without a positive."""
@@ -47,31 +47,60 @@ def _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls):
                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
     if (row_cls is None) != (col_cls is None):
         raise ValueError("fastcl::info_nce_rows: give both row_cls and col_cls, or neither")
+    if not 0.0 <= label_smoothing < 1.0 or (label_smoothing and (exclude_diag or exclude_pos or row_cls is not None)):
+        raise ValueError(f"fastcl::info_nce_rows: label_smoothing in [0, 1) and only without exclusions or "
+                         f"class ids (every column a negative), got {label_smoothing} with exclude_diag="
+                         f"{exclude_diag}, exclude_pos={exclude_pos}, class ids: {row_cls is not None}")
 
 
 @torch.library.custom_op("fastcl::info_nce_rows", mutates_args=())
 def info_nce_rows(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor], symmetric: bool,
                   row_cls: Optional[Tensor], col_cls: Optional[Tensor], exclude_diag: bool,
-                  exclude_pos: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  exclude_pos: bool, backend: str,
+                  label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row contrastive terms of S = scale * u @ v.T, never storing S.
 
     Returns (row_loss [B], col_loss [N] or [0], row_stats, col_stats):
     row_loss_i = logsumexp_{j in J_i} S_ij - pos_i, with J_i all columns but i (exclude_diag)
     and y_i (exclude_pos); pos_i = S_{i,y_i}, or with class ids the mean of S_ij over the
     other columns j with col_cls[j] == row_cls[i]. col_loss_j = logsumexp_i S_ij - S_jj
-    (symmetric). The stats are the backend's O(B + N) statistics for the backward; no gradient.
+    (symmetric). label_smoothing eps (no exclusions or class ids) adds eps * (pos_i - mean_j S_ij)
+    to row i (eps * (S_jj - mean_i S_ij) to column j): F.cross_entropy's smoothed target, whose
+    gradient the backward forms inside its tiles. The stats are the backend's O(B + N)
+    statistics for the backward; no gradient.
     """
-    _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls)
+    _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, label_smoothing)
     # Autocast must not reach the implementation's matmuls: the backward recomputes S and needs
     # it rounded as the forward rounded it (a bf16 forward against an fp32 backward left rows of
     # P summing to 1 +- 1e-2: silently wrong gradients). The inputs' dtype decides the precision.
     with no_autocast(u.device):
-        return _impl(backend).lse_forward(u, v, scale, labels, symmetric, row_cls, col_cls,
-                                          exclude_diag, exclude_pos)
+        row, col, row_stats, col_stats = _impl(backend).lse_forward(u, v, scale, labels, symmetric, row_cls,
+                                                                    col_cls, exclude_diag, exclude_pos)
+        if label_smoothing:
+            row, col = _add_smoothing(u, v, scale, labels, symmetric, label_smoothing, row, col)
+    return row, col, row_stats, col_stats
+
+
+def _add_smoothing(u, v, scale, labels, symmetric, eps, row, col):
+    """row + eps * (S_iy - mean_j S_ij), col + eps * (S_jj - mean_i S_ij): O((B + N) * D), one
+    dot per row with the difference v_y - mean(v). A label outside [0, N) (a row without a
+    positive) contributes no S_iy, as in the op's log-sum-exp term."""
+    cd = chunked.compute_dtype(u.dtype)
+    U, V, s = u.to(cd), v.to(cd), scale.to(cd).reshape(())
+    B, N = U.shape[0], V.shape[0]
+    if labels is None:
+        Vy = V[:B]
+    else:
+        has = (labels >= 0) & (labels < N)
+        Vy = torch.where(has[:, None], V[labels.clamp(0, max(N - 1, 0))], 0.0) if N else U.new_zeros(B, 0)
+    row = row + eps * s * (U * (Vy - V.sum(0) / max(N, 1))).sum(1)
+    if symmetric:  # N == B, no labels
+        col = col + eps * s * (V * (U - U.sum(0) / max(B, 1))).sum(1)
+    return row, col
 
 
 @info_nce_rows.register_fake
-def _(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, backend):
+def _(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, backend, label_smoothing=0.0):
     cd = chunked.compute_dtype(u.dtype)
     B, N = u.shape[0], (v.shape[0] if symmetric else 0)
     return (u.new_empty(B, dtype=cd), u.new_empty(N, dtype=cd),
@@ -83,41 +112,44 @@ def info_nce_rows_backward(u: Tensor, v: Tensor, scale: Tensor, labels: Optional
                            row_stats: Tensor, col_stats: Tensor, g_row: Tensor, g_col: Tensor,
                            symmetric: bool, row_cls: Optional[Tensor], col_cls: Optional[Tensor],
                            exclude_diag: bool, exclude_pos: bool,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls)
+                           backend: str, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, label_smoothing)
     B, N = u.shape[0], v.shape[0] if symmetric else 0
     if row_stats.shape != (4, B) or col_stats.shape != (2, N) or g_row.shape != (B,) or g_col.shape != (N,):
         raise ValueError(f"fastcl::info_nce_rows_backward: row_stats [4, {B}], col_stats [2, {N}], g_row "
                          f"[{B}] and g_col [{N}] as the forward gave them, got {tuple(row_stats.shape)}, "
                          f"{tuple(col_stats.shape)}, {tuple(g_row.shape)}, {tuple(g_col.shape)}")
+    # smoothing passed only where used: benchmarks.ab_torch_backend swaps in a backend from a git
+    # revision that may predate it.
+    kw = dict(smoothing=label_smoothing) if label_smoothing else {}
     with no_autocast(u.device):  # as in the forward
         du, dv, dscale = _impl(backend).lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col,
                                                      labels, symmetric, row_cls, col_cls,
-                                                     exclude_diag, exclude_pos)
+                                                     exclude_diag, exclude_pos, **kw)
     return du.to(u.dtype), dv.to(v.dtype), dscale.to(scale.dtype)
 
 
 @info_nce_rows_backward.register_fake
 def _(u, v, scale, labels, row_stats, col_stats, g_row, g_col, symmetric, row_cls, col_cls,
-      exclude_diag, exclude_pos, backend):
+      exclude_diag, exclude_pos, backend, label_smoothing=0.0):
     return torch.empty_like(u), torch.empty_like(v), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
-    u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, backend = inputs
+    u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, backend, smoothing = inputs
     ctx.save_for_backward(u, v, scale, labels, row_cls, col_cls, output[2], output[3])
-    ctx.flags = (symmetric, exclude_diag, exclude_pos, backend)
+    ctx.flags = (symmetric, exclude_diag, exclude_pos, backend, smoothing)
 
 
 def _backward(ctx, g_row, g_col, _g_row_stats, _g_col_stats):
     u, v, scale, labels, row_cls, col_cls, row_stats, col_stats = ctx.saved_tensors
-    symmetric, exclude_diag, exclude_pos, backend = ctx.flags
+    symmetric, exclude_diag, exclude_pos, backend, smoothing = ctx.flags
     g_row = torch.zeros_like(row_stats[0]) if g_row is None else g_row.contiguous()
     g_col = torch.zeros_like(col_stats[0]) if g_col is None else g_col.contiguous()
     du, dv, dscale = torch.ops.fastcl.info_nce_rows_backward(
         u, v, scale, labels, row_stats, col_stats, g_row, g_col, symmetric, row_cls, col_cls,
-        exclude_diag, exclude_pos, backend)
-    return du, dv, dscale, None, None, None, None, None, None, None
+        exclude_diag, exclude_pos, backend, smoothing)
+    return du, dv, dscale, None, None, None, None, None, None, None, None
 
 
 info_nce_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -166,7 +198,7 @@ def _refuse_unsupported_autodiff(*xs: Tensor) -> None:
 
 
 def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=None, col_cls=None,
-              exclude_diag=False, exclude_pos=False, with_counts=False):
+              exclude_diag=False, exclude_pos=False, label_smoothing=0.0, with_counts=False):
     """(row_loss [B], col_loss [N] or [0]) from the fused op; see info_nce_rows. with_counts
     adds each row's number of positives [B], which the op counted in the tiles."""
     if symmetric and (exclude_diag or exclude_pos or row_cls is not None or labels is not None):
@@ -177,7 +209,8 @@ def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=Non
     if row_cls is not None:
         row_cls, col_cls = row_cls.long().contiguous(), col_cls.long().contiguous()
     row, col, row_stats, _ = torch.ops.fastcl.info_nce_rows(u, v, scale, labels, symmetric, row_cls,
-                                                            col_cls, exclude_diag, exclude_pos, backend)
+                                                            col_cls, exclude_diag, exclude_pos, backend,
+                                                            float(label_smoothing))
     return (row, col, row_stats[3]) if with_counts else (row, col)
 
 
@@ -246,15 +279,12 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
             label_smoothing=label_smoothing)
 
     u, v, scale = prepare(scale, normalize, q, k)
-    per, col = row_terms(u, v, scale, backend, labels=labels, symmetric=symmetric)
-    if label_smoothing:
-        # CE with smoothing = lse - (1-eps) S_iy - eps mean_j S_ij = row_loss + eps (S_iy - mean_j S_ij);
-        # mean_j S_ij = s <u_i, mean(v)>: O(B*D), no extra pass over the tiles.
-        eps = float(label_smoothing)
-        pos = pair_logit(u, v[labels] if labels is not None else v[:B], scale)
-        per = per + eps * (pos - pair_logit(u, v.mean(0, keepdim=True).expand_as(u), scale))
-        if symmetric:
-            col = col + eps * (pos - pair_logit(v, u.mean(0, keepdim=True).expand_as(v), scale))
+    # Smoothing inside the op: its gradient, G = P - (1 - eps) [positive] - eps / N, is formed in
+    # the tiles as F.cross_entropy forms it. Added outside, as eps * (S_iy - mean_j S_ij) with a
+    # gradient of its own, it nearly cancelled the op's on near-uniform rows (eps >= 0.5: up to
+    # 13x naive fp32's gradient error).
+    per, col = row_terms(u, v, scale, backend, labels=labels, symmetric=symmetric,
+                         label_smoothing=label_smoothing)
     if symmetric:
         per = 0.5 * (per + col)  # N == B, no labels: pair i is row i and column i
     return reduce(per, reduction)

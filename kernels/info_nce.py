@@ -157,9 +157,9 @@ def _col_side(COL_STATS, GC, ROW_STATS, idx, mask, N, B):
 
 
 @triton.jit
-def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS, COL_CLS, DA, DSCALE,
-                MA, MB, D, B, N, s_am, s_ad, s_bm, s_bd,
-                TRANSPOSED: tl.constexpr, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
+def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS, COL_CLS, DA, DSCALE, CTR,
+                MA, MB, D, B, N, s_am, s_ad, s_bm, s_bd, POS_W, UNI_W,
+                TRANSPOSED: tl.constexpr, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr, SMOOTH: tl.constexpr,
                 EXCL_DIAG: tl.constexpr, EXCL_POS: tl.constexpr, MULTI_POS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
                 ONE_SLAB: tl.constexpr, SAME_CHUNKS: tl.constexpr, FWD_ORIENT: tl.constexpr,
@@ -175,6 +175,10 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
     row i's and column i's stored positive: each launch reads it from its own side, loaded once
     per program, instead of the other side's once per tile (registers: the backward spills).
     DSCALE[pid] gets this program's d scale term (each G term times <u_i, v_j>, summed).
+    SMOOTH (label smoothing; no exclusions or class ids): the target is POS_W = 1 - eps on the
+    positive (the diagonal for the column term) plus UNI_W = eps / N on every column, and d
+    scale centres row i (column j) on CTR[i] (CTR[B + j]), the target's mean of it
+    (fastcl.chunked.smoothing_centres), instead of on the positive.
     """
     pid = tl.program_id(0)
     s = tl.load(SCALE).to(tl.float32)
@@ -188,6 +192,7 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
         if HAS_COL:
             cm2, cl2, gc, posc = _col_side(COL_STATS, GC, ROW_STATS, a_idx, amask, N, B)
             CM, CL, GCv, POSC = cm2[:, None], cl2[:, None], gc[:, None], posc[:, None]
+            CTR_A = tl.load(CTR + B + a_idx, mask=amask, other=0.0)[:, None] if SMOOTH else POSC
         C_IDX = a_idx[:, None]
         if MULTI_POS:
             CCLS = tl.load(COL_CLS + a_idx, mask=amask, other=-2)[:, None]
@@ -197,6 +202,8 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
         RM, RL, GRv, Y, POSR = rm2[:, None], rl2[:, None], gr[:, None], y[:, None], posr[:, None]
         ICNT, RCLS = icnt[:, None], rcls[:, None]
         R_IDX = a_idx[:, None]
+        # d scale's centre of each row: the positive, or with smoothing the target's mean
+        CTR_A = tl.load(CTR + a_idx, mask=amask, other=0.0)[:, None] if SMOOTH else POSR
     # d scale summed per row as each tile is done: a [BM, BN] accumulator would hold 16 more
     # registers per thread across the loop, and at BD = 512 the [BM, BD] gradient accumulator
     # takes half of them already (spills per tile: scripts/triton_resources.py, RESULTS.md).
@@ -253,7 +260,10 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
                     dz = tl.where(dz > -9.5367431640625e-07 * tl.maximum(tl.abs(RM), 1.0), 0.0, dz)
                 p = tl.where(keep, tl.exp2(dz - RL), 0.0)
             else:
-                ind = is_pos.to(tl.float32)
+                if SMOOTH:
+                    ind = tl.where(is_pos, POS_W, 0.0) + UNI_W
+                else:
+                    ind = is_pos.to(tl.float32)
                 p = tl.where(keep, tl.exp2((tl.where(is_pos, POSR, z) - RM) - RL), 0.0)
             g = GRv * (p - ind)
             # d scale = sum G_ij <u_i, v_j>, in log2 units here (/ s2 at the end). Rows of the
@@ -261,16 +271,19 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
             # positive keeps the rounding of <u_i, v_j> out of d scale. The dU launch sums the
             # row term, the dV launch the column term: each has its positive loaded once.
             if not TRANSPOSED:
-                ds_tile = g * (z - POSR)
+                ds_tile = g * (z - CTR_A)
             if HAS_COL:
                 is_diag = R_IDX == C_IDX
                 # On the diagonal, column j's stored positive S_jj is row j's (is_pos == is_diag),
                 # and POSR holds it from this launch's own side (dV: POSR = POSC above).
                 q = tl.exp2((tl.where(is_diag, POSR, z) - CM) - CL)
-                gq = GCv * tl.where(is_diag, q - 1.0, q)
+                if SMOOTH:
+                    gq = GCv * (tl.where(is_diag, q - POS_W, q) - UNI_W)
+                else:
+                    gq = GCv * tl.where(is_diag, q - 1.0, q)
                 g += gq
                 if TRANSPOSED:
-                    ds_tile = gq * (z - POSC)
+                    ds_tile = gq * (z - CTR_A)
             g = tl.where(valid, g * (s * amp), 0.0)
             if (not TRANSPOSED) or HAS_COL:
                 if d0 == 0:
@@ -290,6 +303,7 @@ import os  # noqa: E402
 import torch  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 from .._common import grad_amp  # noqa: E402
+from ..chunked import smoothing_centres, smoothing_weights  # noqa: E402
 
 
 def interpreting() -> bool:
@@ -461,10 +475,11 @@ def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, s
 
 
 def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmetric: bool,
-                 row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False):
+                 row_cls=None, col_cls=None, exclude_diag=False, exclude_pos=False, smoothing=0.0):
     """dU [B, D], dV [N, D] (input dtype), d scale [] (float32) of sum_i g_row_i*row_loss_i
     (+ sum_j g_col_j*col_loss_j if symmetric), from lse_forward's stats.
 
+    smoothing: label smoothing's eps (no exclusions or class ids), in G's targets.
     Two launches of one kernel: dU over row blocks, dV over column blocks; each recomputes S
     and uses row and column statistics together. Measured faster than a single pass that
     accumulates dU with atomics (see benchmarks/RESULTS.md).
@@ -489,13 +504,16 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     rcls = g_row if row_cls is None else row_cls
     ccls = g_row if col_cls is None else col_cls
     amp = grad_amp(scale, g_row, g_col if symmetric else None)
-    flags = _flags(symmetric, labels, row_cls, exclude_diag, exclude_pos, u.dtype)
+    pos_w, uni_w = smoothing_weights(smoothing, N)
+    flags = dict(_flags(symmetric, labels, row_cls, exclude_diag, exclude_pos, u.dtype), SMOOTH=bool(uni_w))
+    ctr = (smoothing_centres(u, v, scale, row_stats[2], labels, symmetric, smoothing, LOG_UNIT).float()
+           if uni_w else g_row)  # else a placeholder, never read
     _launch(grad_kernel, (n_rb,),
-            (u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, du, dscale,
-             B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1)),
+            (u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, du, dscale, ctr,
+             B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1), pos_w, uni_w),
             dict(flags, TRANSPOSED=False), cfg, u.device, u.dtype)
     _launch(grad_kernel, (n_cb,),
-            (v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv, dscale[n_rb:],
-             N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1)),
+            (v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv, dscale[n_rb:], ctr,
+             N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1), pos_w, uni_w),
             dict(flags, TRANSPOSED=True), cfg, u.device, u.dtype)
     return du, dv, dscale.sum()

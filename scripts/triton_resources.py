@@ -37,6 +37,9 @@ COUNTED = ("LDL", "STL", "HGMMA", "HMMA", "LDGSTS", "MUFU.EX2")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+FLOAT_ARGS = {"POS_W", "UNI_W"}  # grad_kernel's label-smoothing weights
+
+
 def compile_kernel(fn, ptr_dtypes, aligned_ints, unit_strides, consts, num_warps, num_stages, arch):
     """triton.compile of `fn` specialised like a launch: pointers and `aligned_ints` divisible
     by 16, `unit_strides` equal to 1 (Triton specialises both at launch), `consts` constexprs."""
@@ -48,6 +51,8 @@ def compile_kernel(fn, ptr_dtypes, aligned_ints, unit_strides, consts, num_warps
             sig[name], constexprs[(i,)] = "constexpr", 1
         elif name in ptr_dtypes:
             sig[name], attrs[(i,)] = "*" + ptr_dtypes[name], DIV16
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
             if name in aligned_ints:
@@ -108,10 +113,10 @@ def gradient(dtype: str, arch: int, D: int, **flags):
     cfg = K.backward_config(torch.device("cuda"), TORCH_DTYPES[dtype], D)  # as lse_backward launches
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     consts = dict(TRANSPOSED=False, HAS_COL=True, HAS_LABELS=False, EXCL_DIAG=False, EXCL_POS=False,
-                  MULTI_POS=False, PREC=K._precision(TORCH_DTYPES[dtype]), **cfg)
+                  MULTI_POS=False, SMOOTH=False, PREC=K._precision(TORCH_DTYPES[dtype]), **cfg)
     consts.update(flags)
     ptrs = dict(A=dtype, Bm=dtype, DA=dtype, **{n: "fp32" for n in (
-        "SCALE", "AMP", "ROW_STATS", "COL_STATS", "GR", "GC", "LABELS", "ROW_CLS", "COL_CLS", "DSCALE")})
+        "SCALE", "AMP", "ROW_STATS", "COL_STATS", "GR", "GC", "LABELS", "ROW_CLS", "COL_CLS", "DSCALE", "CTR")})
     return consts, compile_kernel(K.grad_kernel, ptrs, {"MA", "MB", "D", "B", "N", "s_am", "s_bm"},
                                   {"s_ad", "s_bd"}, consts, warps, stages, arch)
 

@@ -25,6 +25,6 @@ def test_check_messages(tmp_path):
                         "-o", out, f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = subprocess.run([out], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert lines == ["u is [3, 5], shape [3, 5] on cpu, Float, 123456 bytes, H100 is 9.0, cuda:1 end",
+    assert lines == ["u is [3, 5], shape [3, 5] on cpu, Float, 123456 bytes, H100 is 9.0, cuda:1, eps 0.250000 end",
                      "n must be 8, got 7 for [3, 5]",
                      "passing check: no throw"]

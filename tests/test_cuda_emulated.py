@@ -65,10 +65,11 @@ def _run(binary, d, mode, dtype, B, N, D, flags, grid, path, smem=None):
 
 
 def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_row, g_col, dtype, grid,
-             path="wmma", smem=None):
+             path="wmma", smem=None, smoothing=0.0):
     """What lse_forward_cuda / lse_backward_cuda do around their kernels (csrc/info_nce.cu).
     path: "wmma", or "wgmma", the kernels' Hopper variant (16-bit dtypes). smem: the emulated
-    GPU's shared memory per block in bytes (default: as much as any GPU has)."""
+    GPU's shared memory per block in bytes (default: as much as any GPU has). smoothing: label
+    smoothing's eps, as the backward's targets (the forward's term is fastcl's, in Python)."""
     B, D = u.shape
     N = v.shape[0]
     flags = ((FLAGS["HAS_COL"] if sym else 0) | (FLAGS["HAS_LABELS"] if labels is not None else 0)
@@ -93,6 +94,10 @@ def emulated(binary, d, u, v, scale, labels, sym, cls, excl_diag, excl_pos, g_ro
     for name, t in (("row_stats.f32", row_stats), ("col_stats.f32", col_stats), ("g_row.f32", g_row),
                     ("g_col.f32", g_col), ("amp.f32", amp.reshape(1))):
         _save(d, name, t)
+    # The launcher's float(1 - eps), float(eps / N), as fastcl.chunked.smoothing_weights gives them.
+    _save(d, "smooth.f32", torch.tensor(chunked.smoothing_weights(smoothing, N), dtype=torch.float64))
+    if smoothing:  # and d scale's centres, as fastcl.cuda_backend computes them (log2 units)
+        _save(d, "ctr.f32", chunked.smoothing_centres(u, v, scale, pos, labels, sym, smoothing, LN2))
     _run(binary, d, "bwd", dtype, B, N, D, flags, grid, path, smem)
     du, dv = _load(d, "du.out", (B, D)), _load(d, "dv.out", (N, D))
     dscale = _load(d, "dscale.out", (-1,)).sum()
@@ -136,6 +141,17 @@ def test_emulated_supcon_near_duplicate_positives(binary, tmp_path, B):
                           scale=1 / 0.05, tight=True)
 
 
+@pytest.mark.parametrize("dtype,path", [PATHS[0], PATHS[2], PATHS[3]], ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("case", ["plain", "labels_extra_negatives", "symmetric"])
+@pytest.mark.parametrize("B,D", [(1, 3), (70, 33)])
+@pytest.mark.parametrize("eps,scale", [(0.9, 1.0), (0.3, 1 / 0.07)])
+def test_emulated_label_smoothing_targets(binary, tmp_path, case, dtype, path, B, D, eps, scale):
+    """Label smoothing's targets in the backward's G (1 - eps on the positive, eps / N on every
+    column), against the torch backend's in float64. eps = 0.9 on near-uniform rows (scale 1)
+    is where a smoothing gradient formed outside the tiles lost digits."""
+    _compare_with_float64(binary, tmp_path, FLAG_CASES[case], dtype, path, B, D, scale=scale, smoothing=eps)
+
+
 # Shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): sm_86/89, sm_80, sm_90.
 SMEM_99K, SMEM_A100, SMEM_H100 = 101376, 166912, 232448
 
@@ -161,7 +177,8 @@ def test_emulated_fp32_backward_does_not_fit_99kb(binary, tmp_path):
                               smem=SMEM_99K)
 
 
-def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.07, tight=False, smem=None):
+def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.07, tight=False, smem=None,
+                          smoothing=0.0):
     g = torch.Generator().manual_seed(B * 7 + D)
     N = B + cfg.get("N_extra", 0)
     # Inputs exactly representable in the dtype, so float64 sees what the kernel sees.
@@ -184,13 +201,13 @@ def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.
     grid = 2  # persistent blocks: with 3 row blocks, one block handles two
 
     ours = emulated(binary, str(tmp_path), u.float(), v.float(), scale.float(), labels, sym, cls, excl_diag,
-                    excl_pos, g_row.float(), g_col.float(), dtype, grid, path, smem)
+                    excl_pos, g_row.float(), g_col.float(), dtype, grid, path, smem, smoothing)
 
     def torch_backend(dt):  # the chunked torch backend: float64 is the oracle, dt the comparator
         uu, vv, ss = u.to(dt), v.to(dt), scale.to(torch.float64 if dt == torch.float64 else torch.float32)
         row, col, rs, cs = chunked.lse_forward(uu, vv, ss, labels, sym, cls, cls, excl_diag, excl_pos)
         du, dv, ds = chunked.lse_backward(uu, vv, ss, rs, cs, g_row.to(ss.dtype), g_col.to(ss.dtype), labels,
-                                          sym, cls, cls, excl_diag, excl_pos)
+                                          sym, cls, cls, excl_diag, excl_pos, smoothing=smoothing)
         return row, col, du, dv, ds
 
     ref, same = torch_backend(torch.float64), torch_backend(dtype)

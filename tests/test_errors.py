@@ -205,6 +205,13 @@ def test_raw_op_checks_what_the_kernels_would_misread(backend):
         op(u, v, torch.tensor([2.0, 3.0], device=dev), None, False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="both row_cls and col_cls"):
         op(u, v, s, None, False, torch.zeros(5, dtype=torch.long, device=dev), None, False, False, backend)
+    # Label smoothing's targets spread over every column: not with exclusions or class ids.
+    for excl_diag, excl_pos in ((True, False), (False, True)):
+        with pytest.raises(ValueError, match="label_smoothing .*only without exclusions"):
+            op(u, v, s, None, False, None, None, excl_diag, excl_pos, backend, 0.1)
+    for eps in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"label_smoothing in \[0, 1\)"):
+            op(u, v, s, None, False, None, None, False, False, backend, eps)
     row, col, rs, cs = op(u, v, s, None, False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="as the forward gave them"):
         torch.ops.fastcl.info_nce_rows_backward(u, v, s, None, rs[:, :4], cs, torch.ones(5, device=dev),

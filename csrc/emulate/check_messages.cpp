@@ -13,7 +13,7 @@ int main() {
   const char name[8] = "H100";  // a char array, as cudaDeviceProp::name is
   std::puts(fastcl::msg("u is [", t.size(0), ", ", t.size(1), "], shape ", t.sizes(), " on ", t.device(),
                         ", ", t.scalar_type(), ", ", bytes, " bytes, ", name, " is ", major, ".", 0, ", ",
-                        c10::Device("cuda:1"), std::string(" end"))
+                        c10::Device("cuda:1"), ", eps ", 0.25, std::string(" end"))
                 .c_str());
   try {
     FASTCL_CHECK(n == 8, "n must be 8, got ", n, " for ", t.sizes());

@@ -7,7 +7,9 @@
 //
 // Reads raw little-endian arrays from DIR: u.f32 [B,D] and v.f32 [N,D] (rounded to the dtype
 // here), scale.f32 [1], and, when present, labels.i64, row_cls.i64, col_cls.i64; bwd also
-// row_stats.f32 [4,B], col_stats.f32 [2,N], g_row.f32, g_col.f32, amp.f32 [1].
+// row_stats.f32 [4,B], col_stats.f32 [2,N], g_row.f32, g_col.f32, amp.f32 [1], and, when
+// present, smooth.f32 [2]: label smoothing's (pos_w, uni_w) (default 1, 0: none) and ctr.f32
+// [B + N (symmetric) or B]: its d scale centres.
 // wg: the kernels' wgmma variant (the Hopper score tile; 16-bit dtypes only).
 // FASTCL_EMU_SMEM (env, bytes): the emulated GPU's shared memory per block (default: all of
 // `smem`, as much as any GPU has); bwd exits with 4 where the launcher's check would raise.
@@ -91,6 +93,10 @@ template <typename T, bool WG> int run(bool fwd, int64_t B, int64_t N, int64_t D
   const auto g_row = read<float>("g_row.f32", B);
   const auto g_col = has_col ? read<float>("g_col.f32", N) : g_row;
   const auto amp = read<float>("amp.f32", 1);
+  auto smooth = read<float>("smooth.f32", 2, true);
+  if (smooth.empty()) smooth = {1.f, 0.f};
+  const auto ctr = read<float>("ctr.f32", B + (has_col ? N : 0), true);
+  const float* ctr_p = ctr.empty() ? nullptr : ctr.data();
   const int64_t n_rb = (B + BM - 1) / BM, n_cb = (N + BM - 1) / BM;
   std::vector<T> du(B * D, from_f<T>(nan)), dv(N * D, from_f<T>(nan));
   std::vector<float> dscale(n_rb, nan);
@@ -104,12 +110,12 @@ template <typename T, bool WG> int run(bool fwd, int64_t B, int64_t N, int64_t D
     emu::launch(n_rb, THREADS, [&] {
       grad_kernel<T, BD, WG>(u.data(), v.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
                          g_row.data(), g_col.data(), ptr_or_null(labels), ptr_or_null(row_cls), ptr_or_null(col_cls),
-                         du.data(), dscale.data(), B, N, D, B, N, flags);
+                         du.data(), dscale.data(), B, N, D, B, N, flags, smooth[0], smooth[1], ctr_p);
     });
     emu::launch(n_cb, THREADS, [&] {
       grad_kernel<T, BD, WG>(v.data(), u.data(), scale.data(), amp.data(), row_stats.data(), col_stats.data(),
                          g_row.data(), g_col.data(), ptr_or_null(labels), ptr_or_null(row_cls), ptr_or_null(col_cls),
-                         dv.data(), dscale.data(), N, B, D, B, N, flags | TRANSPOSED);
+                         dv.data(), dscale.data(), N, B, D, B, N, flags | TRANSPOSED, smooth[0], smooth[1], ctr_p);
     });
   });
   if (bwd_smem<T>(slab) > limit) return 4;
