@@ -35,6 +35,8 @@ for B, D in shapes:
     lab = torch.randint(0, max(B // 3, 1), (B,), generator=g)
     cases = {
         "clip": lambda a, b, **kw: FCL.info_nce(a, b, temperature=0.07, symmetric=True, **kw),
+        "clip_ls": lambda a, b, **kw: FCL.info_nce(a, b, temperature=0.07, symmetric=True, label_smoothing=0.3,
+                                                   **kw),
         "nt_xent": lambda a, b, **kw: FCL.nt_xent(a, b, temperature=0.2, **kw),
         "dcl": lambda a, b, **kw: FCL.dcl(a, b, temperature=0.1, **kw),
         "supcon": lambda a, b, **kw: FCL.supcon(torch.cat([a, b]), torch.cat([lab, lab]).to(a.device),

@@ -21,12 +21,12 @@ namespace fastcl {
     const int64_t*, const int64_t*, float*, float*, float*, int64_t, int64_t, int64_t, int);
 #define BWD(T, BD) template __global__ void grad_kernel<T, BD>(const T*, const T*, const float*, const float*, \
     const float*, const float*, const float*, const float*, const int64_t*, const int64_t*, const int64_t*, T*, \
-    float*, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+    float*, int64_t, int64_t, int64_t, int64_t, int64_t, int, float, float, const float*);
 #define FWD_WG(T) template __global__ void lse_fwd_kernel<T, true>(const T*, const T*, const float*, const int64_t*, \
     const int64_t*, const int64_t*, float*, float*, float*, int64_t, int64_t, int64_t, int);
 #define BWD_WG(T, BD) template __global__ void grad_kernel<T, BD, true>(const T*, const T*, const float*, \
     const float*, const float*, const float*, const float*, const float*, const int64_t*, const int64_t*, \
-    const int64_t*, T*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+    const int64_t*, T*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int, float, float, const float*);
 FWD(__nv_bfloat16) FWD(float)
 BWD(__nv_bfloat16, 128) BWD(__nv_bfloat16, 256) BWD(__nv_bfloat16, 512) BWD(float, 128) BWD(float, 256)
 FWD_WG(__nv_bfloat16) BWD_WG(__nv_bfloat16, 128) BWD_WG(__nv_bfloat16, 256) BWD_WG(__nv_bfloat16, 512)
