@@ -401,7 +401,8 @@ def test_info_nce_label_smoothing_near_uniform_rows(backend, symmetric, eps):
     erred 2-17x naive fp32's. The tiles now form F.cross_entropy's G = P - (1 - eps) onehot -
     eps / N: within the usual 4x of naive fp32, with no floor for the input gradients (their
     errors here are ~2e-7). The loss and d logit_scale keep fp32's floor: their errors at this
-    scale (up to 2e-6, also without smoothing) come from the forward's statistics, not from it."""
+    scale (up to 2e-6, also without smoothing) come from the forward's statistics, not from it.
+    On a GPU Triton's fp32 dots are 3xTF32, rounded unlike naive's IEEE fp32: the floor stays."""
     g = torch.Generator().manual_seed(int(eps * 100) + symmetric)
     q = torch.randn(70, 33, generator=g, dtype=torch.float64)  # 70: across the tiles
     k = torch.randn(70 if symmetric else 90, 33, generator=g, dtype=torch.float64)
@@ -418,7 +419,8 @@ def test_info_nce_label_smoothing_near_uniform_rows(backend, symmetric, eps):
     ours = _run(lambda a, b, s: FCL.info_nce(a, b, logit_scale=s, symmetric=symmetric, labels=lab,
                                              label_smoothing=eps, backend=backend), [q, k, ls], torch.float32, DEVICE)
     for name, a, b, r in zip(["loss", "dq", "dk", "dlogit_scale"], ours, naive, oracle):
-        assert_within_budget(name, a, b, r, torch.float32, floor=0 if name in ("dq", "dk") else None)
+        no_floor = name in ("dq", "dk") and not (backend == "triton" and HAS_CUDA)
+        assert_within_budget(name, a, b, r, torch.float32, floor=0 if no_floor else None)
 
 
 @pytest.mark.parametrize("name", ["nt_xent", "dcl_joint", "dcl_split", "dclw_grad", "supcon"])
