@@ -39,7 +39,7 @@ def smoothing_centres(u, v, scale, pos, labels, symmetric: bool, eps: float, uni
     B, N = U.shape[0], V.shape[0]
     pos_w = 1.0 - eps
     mean = (U @ (V.sum(0) / max(N, 1))) * (s / unit)
-    has = torch.ones(B, dtype=torch.bool, device=U.device) if labels is None else (labels >= 0) & (labels < N)
+    has = targets(0, B, labels, N, U.device)[1]  # without labels, rows i >= N have no positive
     row = torch.where(has, pos_w * pos.to(cd) + eps * mean, 0.0)
     if not symmetric:
         return row
@@ -53,7 +53,7 @@ def _chunks(B: int, N: int):
         yield i0, min(B, i0 + step)
 
 
-def _targets(i0, i1, labels, N, device):
+def targets(i0, i1, labels, N, device):
     """Rows i0..i1-1's positive column y_i (labels, else i), clamped into range, and whether it
     is a column of this key block ([C] bool; a distributed block may hold no positive)."""
     y = torch.arange(i0, i1, device=device) if labels is None else labels[i0:i1]
@@ -98,7 +98,7 @@ def lse_forward(u, v, scale, labels, symmetric: bool, row_cls=None, col_cls=None
         # (U V^T) s, not (s U) V^T: rounding s * u_i shifts all of row i's logits alike, which
         # measurably biased d scale (1.7e-7 against 1.4e-8 relative error at tau = 0.07).
         S = (U[i0:i1] @ V.T).mul_(s)
-        y, has = _targets(i0, i1, labels, N, S.device)
+        y, has = targets(i0, i1, labels, N, S.device)
         if row_cls is None:  # at most one positive per row (none if y is outside this key block)
             row_stats[2, i0:i1] = torch.where(has, S.gather(1, y)[:, 0], 0.0)
             row_stats[3, i0:i1] = 1.0
@@ -143,7 +143,7 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
         ctr_row, ctr_col = ctr[:B], ctr[B:]
     for i0, i1 in _chunks(B, N):
         S = (U[i0:i1] @ V.T).mul_(s)
-        y, has = _targets(i0, i1, labels, N, S.device)
+        y, has = targets(i0, i1, labels, N, S.device)
         if row_cls is None:
             # The positive takes the forward's stored logit, so P - 1 is exact even if this
             # recompute rounds differently from the forward's.

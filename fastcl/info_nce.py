@@ -27,10 +27,11 @@ def _impl(backend: str):
     raise ValueError(f"no log-sum-exp implementation for backend {backend!r}")
 
 
-def _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, label_smoothing):
+def _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, smoothing=None):
     """The raw op's own checks, which need no host sync: shapes, dtypes and devices that the
     kernels would otherwise read past (a D mismatch) or misread. The public losses check more,
-    label ranges included; the raw op takes labels outside [0, N) as rows without a positive."""
+    label ranges included; the raw op takes labels outside [0, N) as rows without a positive.
+    Returns label smoothing's eps as a float (0.0 without)."""
     if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[1]:
         raise ValueError(f"fastcl::info_nce_rows: u [B, D] and v [N, D] with one D, got {tuple(u.shape)} "
                          f"and {tuple(v.shape)}")
@@ -47,29 +48,38 @@ def _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, e
                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
     if (row_cls is None) != (col_cls is None):
         raise ValueError("fastcl::info_nce_rows: give both row_cls and col_cls, or neither")
-    if not 0.0 <= label_smoothing < 1.0 or (label_smoothing and (exclude_diag or exclude_pos or row_cls is not None)):
+    if smoothing is None:
+        return 0.0
+    if smoothing.numel() != 1 or not smoothing.is_floating_point() or smoothing.device.type != "cpu":
+        raise ValueError(f"fastcl::info_nce_rows: smoothing must be a 1-element float tensor on the CPU, got "
+                         f"{smoothing.dtype} {tuple(smoothing.shape)} on {smoothing.device}")
+    eps = float(smoothing)  # a CPU tensor: no device sync
+    if not 0.0 <= eps < 1.0 or (eps and (exclude_diag or exclude_pos or row_cls is not None)):
         raise ValueError(f"fastcl::info_nce_rows: label_smoothing in [0, 1) and only without exclusions or "
-                         f"class ids (every column a negative), got {label_smoothing} with exclude_diag="
+                         f"class ids (every column a negative), got {eps} with exclude_diag="
                          f"{exclude_diag}, exclude_pos={exclude_pos}, class ids: {row_cls is not None}")
+    return eps
 
 
 @torch.library.custom_op("fastcl::info_nce_rows", mutates_args=())
 def info_nce_rows(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor], symmetric: bool,
                   row_cls: Optional[Tensor], col_cls: Optional[Tensor], exclude_diag: bool,
                   exclude_pos: bool, backend: str,
-                  label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  smoothing: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row contrastive terms of S = scale * u @ v.T, never storing S.
 
     Returns (row_loss [B], col_loss [N] or [0], row_stats, col_stats):
     row_loss_i = logsumexp_{j in J_i} S_ij - pos_i, with J_i all columns but i (exclude_diag)
     and y_i (exclude_pos); pos_i = S_{i,y_i}, or with class ids the mean of S_ij over the
     other columns j with col_cls[j] == row_cls[i]. col_loss_j = logsumexp_i S_ij - S_jj
-    (symmetric). label_smoothing eps (no exclusions or class ids) adds eps * (pos_i - mean_j S_ij)
-    to row i (eps * (S_jj - mean_i S_ij) to column j): F.cross_entropy's smoothed target, whose
-    gradient the backward forms inside its tiles. The stats are the backend's O(B + N)
-    statistics for the backward; no gradient.
+    (symmetric). smoothing, label smoothing's eps as a 0-dim float64 CPU tensor (a tensor, so that
+    torch.compile keeps a changing eps symbolic instead of compiling a graph per value; no
+    exclusions or class ids), adds eps * (pos_i - mean_j S_ij) to row i (eps * (S_jj - mean_i S_ij)
+    to column j): F.cross_entropy's smoothed target, whose gradient the backward forms inside its
+    tiles. The stats are the backend's O(B + N) statistics for the backward; no gradient.
     """
-    _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, label_smoothing)
+    label_smoothing = _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos,
+                                 smoothing)
     # Autocast must not reach the implementation's matmuls: the backward recomputes S and needs
     # it rounded as the forward rounded it (a bf16 forward against an fp32 backward left rows of
     # P summing to 1 +- 1e-2: silently wrong gradients). The inputs' dtype decides the precision.
@@ -83,16 +93,13 @@ def info_nce_rows(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor],
 
 def _add_smoothing(u, v, scale, labels, symmetric, eps, row, col):
     """row + eps * (S_iy - mean_j S_ij), col + eps * (S_jj - mean_i S_ij): O((B + N) * D), one
-    dot per row with the difference v_y - mean(v). A label outside [0, N) (a row without a
-    positive) contributes no S_iy, as in the op's log-sum-exp term."""
+    dot per row with the difference v_y - mean(v). A row without a positive (its label outside
+    [0, N); without labels, rows i >= N) contributes no S_iy, as in the op's log-sum-exp term."""
     cd = chunked.compute_dtype(u.dtype)
     U, V, s = u.to(cd), v.to(cd), scale.to(cd).reshape(())
     B, N = U.shape[0], V.shape[0]
-    if labels is None:
-        Vy = V[:B]
-    else:
-        has = (labels >= 0) & (labels < N)
-        Vy = torch.where(has[:, None], V[labels.clamp(0, max(N - 1, 0))], 0.0) if N else U.new_zeros(B, 0)
+    y, has = chunked.targets(0, B, labels, N, U.device)
+    Vy = torch.where(has[:, None], V[y[:, 0]], 0.0) if N else torch.zeros_like(U)
     row = row + eps * s * (U * (Vy - V.sum(0) / max(N, 1))).sum(1)
     if symmetric:  # N == B, no labels
         col = col + eps * s * (V * (U - U.sum(0) / max(B, 1))).sum(1)
@@ -100,7 +107,7 @@ def _add_smoothing(u, v, scale, labels, symmetric, eps, row, col):
 
 
 @info_nce_rows.register_fake
-def _(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, backend, label_smoothing=0.0):
+def _(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, backend, smoothing=None):
     cd = chunked.compute_dtype(u.dtype)
     B, N = u.shape[0], (v.shape[0] if symmetric else 0)
     return (u.new_empty(B, dtype=cd), u.new_empty(N, dtype=cd),
@@ -112,8 +119,9 @@ def info_nce_rows_backward(u: Tensor, v: Tensor, scale: Tensor, labels: Optional
                            row_stats: Tensor, col_stats: Tensor, g_row: Tensor, g_col: Tensor,
                            symmetric: bool, row_cls: Optional[Tensor], col_cls: Optional[Tensor],
                            exclude_diag: bool, exclude_pos: bool,
-                           backend: str, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, label_smoothing)
+                           backend: str, smoothing: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    label_smoothing = _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos,
+                                 smoothing)
     B, N = u.shape[0], v.shape[0] if symmetric else 0
     if row_stats.shape != (4, B) or col_stats.shape != (2, N) or g_row.shape != (B,) or g_col.shape != (N,):
         raise ValueError(f"fastcl::info_nce_rows_backward: row_stats [4, {B}], col_stats [2, {N}], g_row "
@@ -131,19 +139,19 @@ def info_nce_rows_backward(u: Tensor, v: Tensor, scale: Tensor, labels: Optional
 
 @info_nce_rows_backward.register_fake
 def _(u, v, scale, labels, row_stats, col_stats, g_row, g_col, symmetric, row_cls, col_cls,
-      exclude_diag, exclude_pos, backend, label_smoothing=0.0):
+      exclude_diag, exclude_pos, backend, smoothing=None):
     return torch.empty_like(u), torch.empty_like(v), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
     u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos, backend, smoothing = inputs
-    ctx.save_for_backward(u, v, scale, labels, row_cls, col_cls, output[2], output[3])
-    ctx.flags = (symmetric, exclude_diag, exclude_pos, backend, smoothing)
+    ctx.save_for_backward(u, v, scale, labels, row_cls, col_cls, output[2], output[3], smoothing)
+    ctx.flags = (symmetric, exclude_diag, exclude_pos, backend)
 
 
 def _backward(ctx, g_row, g_col, _g_row_stats, _g_col_stats):
-    u, v, scale, labels, row_cls, col_cls, row_stats, col_stats = ctx.saved_tensors
-    symmetric, exclude_diag, exclude_pos, backend, smoothing = ctx.flags
+    u, v, scale, labels, row_cls, col_cls, row_stats, col_stats, smoothing = ctx.saved_tensors
+    symmetric, exclude_diag, exclude_pos, backend = ctx.flags
     g_row = torch.zeros_like(row_stats[0]) if g_row is None else g_row.contiguous()
     g_col = torch.zeros_like(col_stats[0]) if g_col is None else g_col.contiguous()
     du, dv, dscale = torch.ops.fastcl.info_nce_rows_backward(
@@ -208,9 +216,16 @@ def row_terms(u, v, scale, backend, *, labels=None, symmetric=False, row_cls=Non
         labels = labels.long().contiguous()
     if row_cls is not None:
         row_cls, col_cls = row_cls.long().contiguous(), col_cls.long().contiguous()
+    # eps as a tensor (float_tensor: built by arithmetic, so a changing eps stays symbolic under
+    # torch.compile); None without smoothing. On the CPU, read without a device sync; with meta
+    # inputs on meta, or the CPU tensor would send the call to the real kernel, not the shapes'.
+    smoothing = None
+    if label_smoothing:
+        smoothing = _validation.float_tensor(label_smoothing, "meta" if u.device.type == "meta" else "cpu",
+                                             torch.float64)
     row, col, row_stats, _ = torch.ops.fastcl.info_nce_rows(u, v, scale, labels, symmetric, row_cls,
                                                             col_cls, exclude_diag, exclude_pos, backend,
-                                                            float(label_smoothing))
+                                                            smoothing)
     return (row, col, row_stats[3]) if with_counts else (row, col)
 
 

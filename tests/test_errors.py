@@ -206,12 +206,19 @@ def test_raw_op_checks_what_the_kernels_would_misread(backend):
     with pytest.raises(ValueError, match="both row_cls and col_cls"):
         op(u, v, s, None, False, torch.zeros(5, dtype=torch.long, device=dev), None, False, False, backend)
     # Label smoothing's targets spread over every column: not with exclusions or class ids.
+    def eps(e):
+        return torch.tensor(e, dtype=torch.float64)
     for excl_diag, excl_pos in ((True, False), (False, True)):
         with pytest.raises(ValueError, match="label_smoothing .*only without exclusions"):
-            op(u, v, s, None, False, None, None, excl_diag, excl_pos, backend, 0.1)
-    for eps in (-0.1, 1.0, float("nan")):
+            op(u, v, s, None, False, None, None, excl_diag, excl_pos, backend, eps(0.1))
+    cls5, cls7 = torch.zeros(5, dtype=torch.long, device=dev), torch.zeros(7, dtype=torch.long, device=dev)
+    with pytest.raises(ValueError, match="label_smoothing .*only without exclusions or class ids"):
+        op(u, v, s, None, False, cls5, cls7, False, False, backend, eps(0.1))
+    for e in (-0.1, 1.0, float("nan")):
         with pytest.raises(ValueError, match=r"label_smoothing in \[0, 1\)"):
-            op(u, v, s, None, False, None, None, False, False, backend, eps)
+            op(u, v, s, None, False, None, None, False, False, backend, eps(e))
+    with pytest.raises(ValueError, match="smoothing must be a 1-element float tensor on the CPU"):
+        op(u, v, s, None, False, None, None, False, False, backend, torch.tensor([0.1, 0.2]))
     row, col, rs, cs = op(u, v, s, None, False, None, None, False, False, backend)
     with pytest.raises(ValueError, match="as the forward gave them"):
         torch.ops.fastcl.info_nce_rows_backward(u, v, s, None, rs[:, :4], cs, torch.ones(5, device=dev),

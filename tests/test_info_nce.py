@@ -781,6 +781,30 @@ def test_compiled_checks_hold_once_the_floats_are_symbolic():
     torch._dynamo.reset()
 
 
+def test_compiled_label_smoothing_stays_symbolic():
+    """label_smoothing reaches the fused op as a 0-dim tensor: as a float argument of the op,
+    Dynamo guarded on its value and compiled a graph per value (6 values, 6 graphs). Now: the
+    first value, then one symbolic graph, and one for eps = 0 (no smoothing). Where Dynamo
+    specialises every float (torch 2.4), by torch's design, each value compiles anyway."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    if getattr(torch._dynamo.config, "specialize_float", False):
+        pytest.skip("this torch's Dynamo specialises every float")
+    torch._dynamo.reset()
+    counters.clear()
+    q, k = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    h = torch.compile(lambda q, k, e: FCL.info_nce(q, k, label_smoothing=e, symmetric=True, backend="torch"),
+                      backend="aot_eager")
+    for e in (0.1, 0.2, 0.3, 0.0, 0.45, 0.7):
+        got = h(q, k, e)
+        want = FCL.info_nce(q, k, label_smoothing=e, symmetric=True, backend="torch")
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k))):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5),
                     reason="torch 2.4's aot_export refuses any in-place update of a parameter")
 def test_clip_module_exports_with_its_own_scale():
@@ -833,3 +857,37 @@ def test_compile_is_dynamic_in_key_count_and_temperature(compiler):
                                                                   normalize=False, backend="torch"))
     assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("keys", ["fewer_keys", "labels_out_of_range"])
+def test_raw_op_smoothing_on_rows_without_a_positive(backend, keys):
+    """The raw op takes rows without a positive: without labels the rows i >= N, with labels
+    those outside [0, N) (distributed key blocks). With smoothing such a row's G sums to
+    1 - eps, not 0, so d scale must not centre it (a centre there changed d scale itself:
+    18.03 against 18.28), and the forward's eps * mean term must still come without S_iy."""
+    g = torch.Generator().manual_seed(3)
+    B, N, D, eps = 6, 4, 5, 0.3
+    u, v = torch.randn(B, D, generator=g, dtype=torch.float64), torch.randn(N, D, generator=g, dtype=torch.float64)
+    labels = None if keys == "fewer_keys" else torch.tensor([0, 3, -1, 4, 2, 7])
+    w = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    s0 = torch.tensor(1.7, dtype=torch.float64)
+
+    def oracle(u, v, s):
+        S = s * u @ v.T
+        y = torch.arange(B) if labels is None else labels
+        has = (y >= 0) & (y < N)
+        pos = torch.where(has, S.gather(1, y.clamp(0, N - 1)[:, None])[:, 0], 0.0)
+        return torch.logsumexp(S, 1) - (1 - eps) * pos - eps * S.mean(1)
+
+    leaves = [t.clone().requires_grad_() for t in (u, v, s0)]
+    ref = oracle(*leaves)
+    ref_g = torch.autograd.grad((ref * w).sum(), leaves)
+    dev_leaves = [t.to(device=DEVICE, dtype=torch.float32).requires_grad_() for t in (u, v, s0)]
+    lab = None if labels is None else labels.to(DEVICE)
+    row, _, _, _ = torch.ops.fastcl.info_nce_rows(*dev_leaves, lab, False, None, None, False, False, backend,
+                                                  torch.tensor(eps, dtype=torch.float64))
+    got_g = torch.autograd.grad((row * w.to(DEVICE, torch.float32)).sum(), dev_leaves)
+    assert torch.allclose(row.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["du", "dv", "dscale"], got_g, ref_g):
+        assert torch.allclose(a.double().cpu(), b, rtol=1e-4, atol=1e-5), (name, a, b)
