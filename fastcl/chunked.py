@@ -169,7 +169,8 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
             if uni_w:
                 Q.sub_(uni_w)
             Q.mul_(g_col)
-            dscale += (Q * torch.sub(S, ctr_col, out=T)).sum()  # column j centred on S_jj (or its target mean), in T's buffer
+            # column j centred on S_jj (or its target mean), in T's buffer
+            dscale += (Q * torch.sub(S, ctr_col, out=T)).sum()
             G += Q
         dU[i0:i1] = G @ V
         dV.addmm_(G.T, U[i0:i1])

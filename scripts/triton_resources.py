@@ -128,6 +128,8 @@ VARIANTS = {  # name: (kernel, flags) -- the CLIP loss's kernels and the one-dir
     "grad dV symmetric": ("grad", dict(TRANSPOSED=True, HAS_COL=True)),
     "grad dU one-direction": ("grad", dict(TRANSPOSED=False, HAS_COL=False)),
     "grad dV one-direction": ("grad", dict(TRANSPOSED=True, HAS_COL=False)),
+    "grad dU symmetric smoothed": ("grad", dict(TRANSPOSED=False, HAS_COL=True, SMOOTH=True)),
+    "grad dV symmetric smoothed": ("grad", dict(TRANSPOSED=True, HAS_COL=True, SMOOTH=True)),
 }
 
 
