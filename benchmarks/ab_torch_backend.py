@@ -8,6 +8,7 @@ fwd+bwd step of each loss with each, alternating run by run, so that drift of th
 """
 import argparse
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -25,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_revision(rev: str):
-    """fastcl/chunked.py at git revision `rev`, imported as a separate module."""
+    """fastcl/chunked.py at git revision `rev`, imported as a separate module. A revision whose
+    lse_backward predates label smoothing gets one that takes smoothing=0 (all the A/B runs)."""
     src = subprocess.run(["git", "show", f"{rev}:fastcl/chunked.py"], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
@@ -36,7 +38,17 @@ def load_revision(rev: str):
         spec.loader.exec_module(mod)
     finally:
         os.unlink(f.name)
+    if "smoothing" not in inspect.signature(mod.lse_backward).parameters:
+        mod.lse_backward = _without_smoothing(mod.lse_backward)
     return mod
+
+
+def _without_smoothing(lse_backward):
+    def wrapped(*args, smoothing=0.0, **kwargs):
+        if smoothing:
+            raise ValueError("this revision's torch backend predates label smoothing")
+        return lse_backward(*args, **kwargs)
+    return wrapped
 
 
 def losses(B: int, D: int, device):

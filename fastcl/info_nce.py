@@ -127,13 +127,10 @@ def info_nce_rows_backward(u: Tensor, v: Tensor, scale: Tensor, labels: Optional
         raise ValueError(f"fastcl::info_nce_rows_backward: row_stats [4, {B}], col_stats [2, {N}], g_row "
                          f"[{B}] and g_col [{N}] as the forward gave them, got {tuple(row_stats.shape)}, "
                          f"{tuple(col_stats.shape)}, {tuple(g_row.shape)}, {tuple(g_col.shape)}")
-    # smoothing passed only where used: benchmarks.ab_torch_backend swaps in a backend from a git
-    # revision that may predate it.
-    kw = dict(smoothing=label_smoothing) if label_smoothing else {}
     with no_autocast(u.device):  # as in the forward
         du, dv, dscale = _impl(backend).lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col,
                                                      labels, symmetric, row_cls, col_cls,
-                                                     exclude_diag, exclude_pos, **kw)
+                                                     exclude_diag, exclude_pos, smoothing=label_smoothing)
     return du.to(u.dtype), dv.to(v.dtype), dscale.to(scale.dtype)
 
 

@@ -353,6 +353,17 @@ def test_ab_torch_backend_runs_both_revisions_and_restores(monkeypatch):
     assert (chunked.lse_forward, chunked.lse_backward) == current
 
 
+def test_ab_torch_backend_takes_a_revision_before_label_smoothing():
+    """fastcl's op passes smoothing= to every backend's lse_backward; a revision's backend from
+    before label smoothing takes it as 0 (all the A/B runs) and refuses any other value."""
+    from benchmarks import ab_torch_backend
+    seen = []
+    wrapped = ab_torch_backend._without_smoothing(lambda *a, **kw: seen.append((a, kw)) or "ran")
+    assert wrapped(1, 2, exclude_pos=True, smoothing=0.0) == "ran" and seen == [((1, 2), {"exclude_pos": True})]
+    with pytest.raises(ValueError, match="predates label smoothing"):
+        wrapped(1, 2, smoothing=0.1)
+
+
 def test_suite_quick_writes_every_part(tmp_path, monkeypatch):
     """python -m benchmarks --quick: every part runs and appends to its CSV under FASTCL_BENCH_DIR."""
     from benchmarks.__main__ import main
