@@ -14,7 +14,7 @@ from ._common import reduce
 from .info_nce import info_nce, pair_logit, prepare, row_terms
 
 
-def _check_views(z1, z2, min_pairs=1):
+def check_views(z1, z2, min_pairs=1):
     _validation.check_embeddings(z1, z2, "z1", "z2")
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must be two views of the same batch (same shape), "
@@ -29,16 +29,35 @@ def _partner(n, device):
     return torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(device)
 
 
-def _setup(a, temperature, reduction, backend, normalize):
-    """The loss's scale tensor, backend and normalize flag, checked before any backend (the
-    reference's too) runs."""
+def settings(a, temperature, reduction, normalize):
+    """The loss's scale tensor and normalize flag, checked before any backend (the reference's
+    too) runs."""
     _validation.check_reduction(reduction)
     normalize = _validation.check_bool(normalize, "normalize")
     # No None here: these losses have no logit_scale= alternative, and their defaults differ
     # from info_nce's 0.07 that scale_tensor would substitute.
     _validation.positive_number(temperature, "temperature")
-    scale = _validation.scale_tensor(temperature, None, a.device, a.dtype)
+    return _validation.scale_tensor(temperature, None, a.device, a.dtype), normalize
+
+
+def _setup(a, temperature, reduction, backend, normalize):
+    """_settings, and the backend."""
+    scale, normalize = settings(a, temperature, reduction, normalize)
     return scale, _dispatch.resolve(backend, a.device, a.dtype), normalize
+
+
+def local_keys(x: Tensor) -> Tensor:
+    """The keys of one process: its own rows. (fastcl.distributed's hook returns them first,
+    then every other rank's, so that a row's self and partner keep their local indices.)"""
+    return x
+
+
+def nt_xent_rows(u: Tensor, scale: Tensor, backend: str, keys=local_keys) -> Tensor:
+    """Per-anchor NT-Xent [2n] of the stacked views u = [u1; u2] ([2n, D], as the loss sees
+    them) against keys(u): each anchor's positive is its other view, itself excluded."""
+    n = u.shape[0] // 2
+    per, _ = row_terms(u, keys(u), scale, backend, labels=_partner(n, u.device), exclude_diag=True)
+    return per
 
 
 def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool = True,
@@ -57,23 +76,19 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
         backend: "auto" | "triton" | "cuda" | "torch" | "reference", as in
             :func:`fastcl.functional.info_nce`.
     """
-    _check_views(z1, z2)
+    check_views(z1, z2)
     scale, backend, normalize = _setup(z1, temperature, reduction, backend, normalize)
     if backend == "reference":
         return reference.nt_xent_reference(z1, z2, temperature=temperature, normalize=normalize,
                                            reduction=reduction)
-    n = z1.shape[0]
-    z = torch.cat([z1, z2])
-    u, scale = prepare(scale, normalize, z)
-    partner = _partner(n, z.device)
-    per, _ = row_terms(u, u, scale, backend, labels=partner, exclude_diag=True)
-    return reduce(per, reduction)
+    u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
+    return reduce(nt_xent_rows(u, scale, backend), reduction)
 
 
 def dcl_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
     """DCLW's weights w [N] (in the views' dtype), w_i = 2 - N softmax_i(<u1_i, u2_i> / sigma),
     of two views z1, z2 [N, D] of the same batch, normalised here. The weights have mean 1."""
-    _check_views(z1, z2)
+    check_views(z1, z2)
     sigma = _validation.positive_number(sigma, "sigma")
     return reference.vmf_weights(F.normalize(z1, dim=-1), F.normalize(z2, dim=-1), sigma)
 
@@ -104,64 +119,88 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
             releases: log-sum-exp over the N-1 same-view negatives plus log-sum-exp over the
             N-1 cross-view negatives.
     """
-    _check_views(z1, z2, min_pairs=2)
+    check_views(z1, z2, min_pairs=2)
     if negatives not in ("joint", "split"):
         raise ValueError(f"negatives must be 'joint' or 'split', got {negatives!r}")
     scale, backend, normalize = _setup(z1, temperature, reduction, backend, normalize)
     n = z1.shape[0]
     if backend == "reference":
         n1, n2 = (F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)) if normalize else (z1, z2)
-        w1, w2 = _dcl_weights(n1, n2, weight, sigma, detach_weight)
+        w1, w2 = dcl_weights_for(n1, n2, weight, sigma, detach_weight)
         return reference.dcl_reference(z1, z2, temperature=temperature,
                                        weight=None if w1 is None else torch.cat([w1, w2]),
                                        negatives=negatives, normalize=normalize, reduction=reduction)
 
     u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
+    w1, w2 = dcl_weights_for(u[:n], u[n:], weight, sigma, detach_weight)  # the views as the loss sees them
+    return reduce(dcl_rows(u, scale, backend, negatives, w1, w2), reduction)
+
+
+def dcl_rows(u: Tensor, scale: Tensor, backend: str, negatives: str, w1: Optional[Tensor],
+             w2: Optional[Tensor], keys=local_keys) -> Tensor:
+    """Per-anchor DCL [2n] of the stacked views u = [u1; u2] ([2n, D]) against keys(...) of
+    the views, with positive weights w1, w2 ([n] each, or None: 1)."""
+    n = u.shape[0] // 2
     u1, u2 = u[:n], u[n:]
-    w1, w2 = _dcl_weights(u1, u2, weight, sigma, detach_weight)  # the views as the loss sees them
     if negatives == "joint":
-        partner = _partner(n, u.device)
         # row_loss = lse over the negatives - S(anchor, partner)
-        per, _ = row_terms(u, u, scale, backend, labels=partner, exclude_diag=True, exclude_pos=True)
+        per, _ = row_terms(u, keys(u), scale, backend, labels=_partner(n, u.device), exclude_diag=True,
+                           exclude_pos=True)
     else:
-        parts = []
-        for a, b in ((u1, u2), (u2, u1)):
+        parts, k1, k2 = [], keys(u1), keys(u2)
+        for a, ka, kb in ((u1, k1, k2), (u2, k2, k1)):
             # lse over same-view others - S_ii (self), and lse over other-view non-partners - S_ii'.
-            same, _ = row_terms(a, a, scale, backend, exclude_diag=True)
-            cross, _ = row_terms(a, b, scale, backend, exclude_pos=True)
+            same, _ = row_terms(a, ka, scale, backend, exclude_diag=True)
+            cross, _ = row_terms(a, kb, scale, backend, exclude_pos=True)
             parts.append(same + pair_logit(a, a, scale) + cross)  # add the self logit back
         per = torch.cat(parts)
     if w1 is not None:  # -w * pos = -pos + (1 - w) * pos
         pos = pair_logit(u, torch.cat([u2, u1]), scale)
         per = per + (1 - torch.cat([w1, w2]).to(per.dtype)) * pos
-    return reduce(per, reduction)
+    return per
 
 
-def _dcl_weights(n1, n2, weight, sigma, detach):
-    """Per-anchor weights (view 1's, view 2's) from the views as the loss sees them."""
+def check_dcl_weight(weight, sigma, detach, n, device):
+    """The weight argument's checks that need no views (a callable's result is checked once
+    called); returns detach as a bool."""
     detach = _validation.check_bool(detach, "detach_weight")
-    if weight is None:
-        return None, None
     if isinstance(weight, str):
         if weight != "vmf":
             raise ValueError(f"weight must be None, 'vmf', a tensor or a callable, got {weight!r}")
-        sigma = _validation.positive_number(sigma, "sigma")
-        w1 = reference.vmf_weights(n1, n2, sigma)
-        w2 = reference.vmf_weights(n2, n1, sigma)
+        _validation.positive_number(sigma, "sigma")
+    elif isinstance(weight, Tensor):
+        _check_weights(weight, n, device)
+    elif not (weight is None or callable(weight)):
+        raise TypeError(f"weight must be None, 'vmf', a tensor or a callable, got {type(weight).__name__}")
+    return detach
+
+
+def _check_weights(w, n, device):
+    if not isinstance(w, Tensor) or w.shape != (n,):
+        raise ValueError(f"DCL weights must be a tensor of shape [{n}], got "
+                         f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"DCL weights must be a floating tensor, got {w.dtype}")
+    if w.device != device:
+        raise ValueError(f"DCL weights must be on the features' device {device}, got {w.device}")
+
+
+def dcl_weights_for(n1, n2, weight, sigma, detach, keys=local_keys):
+    """Per-anchor weights (view 1's, view 2's) from the views as the loss sees them. "vmf"'s
+    softmax runs over keys(similarities): every rank's pairs under torch.distributed, its own
+    first. A callable sees this process's views only (lightly's convention)."""
+    detach = check_dcl_weight(weight, sigma, detach, n1.shape[0], n1.device)
+    if weight is None:
+        return None, None
+    if isinstance(weight, str):
+        # <u1_i, u2_i> is symmetric: both views' anchors get the same weights
+        w1 = w2 = reference.vmf_weights_of(keys((n1 * n2).sum(-1)), sigma)[: n1.shape[0]]
     elif isinstance(weight, Tensor):
         w1 = w2 = weight
-    elif callable(weight):
-        w1, w2 = weight(n1, n2), weight(n2, n1)
     else:
-        raise TypeError(f"weight must be None, 'vmf', a tensor or a callable, got {type(weight).__name__}")
-    for w in (w1, w2):
-        if not isinstance(w, Tensor) or w.shape != (n1.shape[0],):
-            raise ValueError(f"DCL weights must be a tensor of shape [{n1.shape[0]}], got "
-                             f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
-        if not w.is_floating_point():
-            raise TypeError(f"DCL weights must be a floating tensor, got {w.dtype}")
-        if w.device != n1.device:
-            raise ValueError(f"DCL weights must be on the features' device {n1.device}, got {w.device}")
+        w1, w2 = weight(n1, n2), weight(n2, n1)
+        for w in (w1, w2):
+            _check_weights(w, n1.shape[0], n1.device)
     return (w1.detach(), w2.detach()) if detach else (w1, w2)
 
 
@@ -179,6 +218,20 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, *, temperature: fl
     mean is 0, with zero gradients).
     reduction: "mean" | "sum" | "none". backend: as in :func:`fastcl.functional.info_nce`.
     """
+    flat, labels, views = supcon_inputs(features, labels)
+    cls = labels.repeat(views)
+    scale, backend, normalize = _setup(flat, temperature, reduction, backend, normalize)
+    if backend == "reference":
+        return reference.supcon_reference(flat, cls, temperature=temperature, normalize=normalize,
+                                          reduction=reduction)
+    u, scale = prepare(scale, normalize, flat)
+    per, has_positive = supcon_rows(u, cls, scale, backend)
+    return reduce(per, reduction, has_positive)
+
+
+def supcon_inputs(features, labels):
+    """(features flattened view by view [B * V, D], labels [B]: the given ones, checked, or
+    arange(B), the sample ids, when None; V)."""
     if not isinstance(features, Tensor) or features.dim() not in (2, 3):
         got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
         raise ValueError(f"features must be a tensor [B, D] or [B, V, D], got {got}")
@@ -193,15 +246,15 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, *, temperature: fl
     flat = torch.cat(features.unbind(1)) if features.dim() == 3 else features
     _validation.check_embeddings(flat, flat, "features", "features")
     _validation.check_class_ids(labels, B, features.device)
-    cls = labels.repeat(views)
-    scale, backend, normalize = _setup(flat, temperature, reduction, backend, normalize)
-    if backend == "reference":
-        return reference.supcon_reference(flat, cls, temperature=temperature, normalize=normalize,
-                                          reduction=reduction)
-    u, scale = prepare(scale, normalize, flat)
-    per, _, positives = row_terms(u, u, scale, backend, row_cls=cls, col_cls=cls, exclude_diag=True,
-                                  with_counts=True)
-    return reduce(per, reduction, positives > 0)  # anchors with at least one positive
+    return flat, labels, views
+
+
+def supcon_rows(u: Tensor, cls: Tensor, scale: Tensor, backend: str, keys=local_keys):
+    """Per-anchor SupCon [M] of u [M, D] with class ids cls [M] against keys(u), keys(cls), and
+    whether each anchor has a positive (the others are left out of the mean)."""
+    per, _, positives = row_terms(u, keys(u), scale, backend, row_cls=cls, col_cls=keys(cls),
+                                  exclude_diag=True, with_counts=True)
+    return per, positives > 0
 
 
 def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor] = None, *,

@@ -48,7 +48,12 @@ def nt_xent_reference(z1, z2, *, temperature=0.5, normalize=True, reduction="mea
 
 def vmf_weights(u1, u2, sigma=0.5):
     """DCLW's negative von Mises-Fisher weights w_i = 2 - N softmax(<u1_i, u2_i> / sigma)_i."""
-    return 2 - u1.shape[0] * torch.softmax((u1 * u2).sum(-1) / sigma, dim=0)
+    return vmf_weights_of((u1 * u2).sum(-1), sigma)
+
+
+def vmf_weights_of(similarity, sigma=0.5):
+    """vmf_weights from the pairs' similarities <u1_i, u2_i> [N]."""
+    return 2 - similarity.shape[0] * torch.softmax(similarity / sigma, dim=0)
 
 
 def dcl_reference(z1, z2, *, temperature=0.1, weight=None, negatives="joint", normalize=True,
