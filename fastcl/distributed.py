@@ -11,6 +11,10 @@ rank order, and batches may be uneven. Two ways to see the global negatives:
   merge online. In the backward each block travels again with its dk accumulator, which lands
   back at its owner after world_size hops. Memory O(max local batch * D) per rank.
 
+The loss family (``nt_xent_distributed``, ``dcl_distributed``, ``supcon_distributed``) gathers
+every rank's views the all_gather way, this rank's first, and runs fastcl.losses' own rows on
+them: the fused op's exclusions (self, partner) and labels keep their local indices.
+
 Gradient convention (``grad_mode``):
 - ``"exact"`` (default): every rank returns the GLOBAL loss value. The gradients w.r.t. its
   local q and k, and w.r.t. logit_scale (all-reduced once), equal those of the single-process
@@ -27,11 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _dispatch, _validation
+from . import _dispatch, _validation, losses
 from ._common import no_autocast
 from .info_nce import _impl, prepare, row_terms
 
-__all__ = ["info_nce_distributed", "mean_grad_over_ranks"]
+__all__ = ["info_nce_distributed", "nt_xent_distributed", "dcl_distributed", "supcon_distributed",
+           "mean_grad_over_ranks"]
 
 
 def _all_ints(values, device, group):
@@ -204,6 +209,89 @@ class _RingRows(torch.autograd.Function):
 _GATHERS, _GRAD_MODES = ("all_gather", "ring"), ("exact", "ddp")
 
 
+def _world_and_rank(group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("fastcl's distributed losses need an initialised torch.distributed process group")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _check_grad_mode(grad_mode):
+    if grad_mode not in _GRAD_MODES:
+        raise ValueError(f"grad_mode must be 'exact' or 'ddp', got {grad_mode!r}")
+
+
+def _validate_collectively(validate, x, group):
+    """(validate()'s result, every rank's metadata). validate() checks this rank's inputs and
+    returns (its result, [dtype, D, B_r, N_r, labels given, gather index, grad_mode]).
+
+    A rank that raised alone would leave its peers blocked in the next collective. In one
+    all_gather, every rank learns whether any rank's inputs are bad, and whether the ranks
+    agree on what the collectives exchange: the dtype and D (gloo aborted the process on a size
+    mismatch; two 16-bit dtypes were silently read as one), whether labels are given (their
+    range check is a collective), and gather and grad_mode (ranks that differ there run
+    different collectives: a hang until the timeout)."""
+    local_error, meta, result = None, [1, -1, -1, 0, 0, -1, -1, -1], None
+    try:
+        result, (dtype, d, b, n, has_labels, gather, grad_mode) = validate()
+        meta = [0, _validation.FLOAT_DTYPES.index(dtype), d, b, n, int(has_labels), gather,
+                _GRAD_MODES.index(grad_mode)]
+    except (ValueError, TypeError) as e:
+        local_error = e
+    metas = _all_ints(meta, x.device if isinstance(x, Tensor) else "cpu", group)
+    if local_error is not None:
+        raise local_error
+    if any(m[0] for m in metas):
+        bad = [r for r, m in enumerate(metas) if m[0]]
+        raise ValueError(f"invalid inputs on rank(s) {bad} (see their error)")
+    names = {1: _validation.FLOAT_DTYPES, 5: (False, True), 6: _GATHERS, 7: _GRAD_MODES}
+    for i, what in ((1, "dtype"), (2, "feature dimension D"), (5, "labels (given on all ranks or none)"),
+                    (6, "gather"), (7, "grad_mode")):
+        if len({m[i] for m in metas}) > 1:
+            got = [names[i][m[i]] if i in names else m[i] for m in metas]
+            raise (TypeError if i == 1 else ValueError)(
+                f"every rank must pass the same {what}; per rank: {got}")
+    return result, metas
+
+
+def _fused_backend(backend, x):
+    backend = _dispatch.resolve(backend, x.device, x.dtype)
+    if backend == "reference":
+        raise _dispatch.BackendUnavailable("backend='reference' is not usable here: the distributed "
+                                           "losses run on the fused op ('torch', 'triton' or 'cuda')")
+    return backend
+
+
+def _global_reduce(per, reduction, count, grad_mode, group, valid=None):
+    """The global loss from this rank's per-row terms: mean over `count` rows (of all ranks),
+    sum, or this rank's rows ("none"); rows where valid is False count for nothing. Its value is
+    the global one on every rank, its gradient that of the local part (x world_size for DDP)."""
+    world = dist.get_world_size(group)
+    if valid is not None:
+        per = torch.where(valid, per, torch.zeros_like(per))
+    if reduction == "none":
+        return per * world if grad_mode == "ddp" else per  # the same DDP scaling as the reductions
+    local = per.sum() / (max(count, 1) if reduction == "mean" else 1)
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    if grad_mode == "ddp":
+        local = local * world
+    return local + (total - local.detach())  # the global value; gradients of the local part
+
+
+def _keys_own_first(n_local, sizes, rank, group):
+    """The loss family's keys hook (fastcl.losses.local_keys across ranks): x [m * n_local, ...]
+    -> every rank's rows [m * sum(sizes), ...], with gradient, this rank's first. A row's self
+    and partner then keep their local indices, which the fused op's exclusions and labels use;
+    the order of the other ranks' rows changes no loss."""
+    def keys(x):
+        m = x.shape[0] // n_local
+        rows = [m * s for s in sizes]
+        everyone = _AllGatherRows.apply(x.contiguous(), rows, rank, group)
+        off = sum(rows[:rank])
+        return torch.cat([everyone[off: off + rows[rank]], everyone[:off], everyone[off + rows[rank]:]])
+    return keys
+
+
 def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None,
                          labels: Optional[Tensor] = None, symmetric: bool = False,
                          normalize: bool = True, reduction: str = "mean", gather: str = "all_gather",
@@ -220,45 +308,23 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
     gather: "all_gather" or "ring"; grad_mode: "exact" or "ddp" (see the module docstring).
     Every rank must call this collectively with the same arguments except the tensors.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("info_nce_distributed needs an initialised torch.distributed process group")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    # Validate collectively: a rank that raised alone would leave its peers blocked in the
-    # next collective. In one all_gather, every rank learns whether any rank's inputs are bad,
-    # and whether the ranks agree on what the collectives exchange: the dtype and D (gloo
-    # aborted the process on a size mismatch; two 16-bit dtypes were silently read as one)
-    # whether labels are given (their range check is a collective), and gather and grad_mode
-    # (ranks that differ there run different collectives: a hang until the timeout).
-    local_error, meta = None, [1, -1, -1, 0, 0, -1, -1, -1]
-    try:
+    world, rank = _world_and_rank(group)
+
+    def validate():
         if gather not in _GATHERS:
             raise ValueError(f"gather must be 'all_gather' or 'ring', got {gather!r}")
-        if grad_mode not in _GRAD_MODES:
-            raise ValueError(f"grad_mode must be 'exact' or 'ddp', got {grad_mode!r}")
+        _check_grad_mode(grad_mode)
         _validation.check_embeddings(q, k)
         _validation.check_reduction(reduction)
-        symmetric = _validation.check_bool(symmetric, "symmetric")
-        normalize = _validation.check_bool(normalize, "normalize")
+        sym = _validation.check_bool(symmetric, "symmetric")
+        norm = _validation.check_bool(normalize, "normalize")
         if labels is not None:
             _validation.check_class_ids(labels, q.shape[0], q.device)
         scale = _validation.scale_tensor(temperature, logit_scale, q.device, q.dtype)
-        meta = [0, _validation.FLOAT_DTYPES.index(q.dtype), q.shape[1], q.shape[0], k.shape[0],
-                int(labels is not None), _GATHERS.index(gather), _GRAD_MODES.index(grad_mode)]
-    except (ValueError, TypeError) as e:
-        local_error = e
-    metas = _all_ints(meta, q.device if isinstance(q, Tensor) else "cpu", group)
-    if local_error is not None:
-        raise local_error
-    if any(m[0] for m in metas):
-        bad = [r for r, m in enumerate(metas) if m[0]]
-        raise ValueError(f"invalid inputs on rank(s) {bad} (see their error)")
-    names = {1: _validation.FLOAT_DTYPES, 5: (False, True), 6: _GATHERS, 7: _GRAD_MODES}
-    for i, what in ((1, "dtype"), (2, "feature dimension D"), (5, "labels (given on all ranks or none)"),
-                    (6, "gather"), (7, "grad_mode")):
-        if len({m[i] for m in metas}) > 1:
-            got = [names[i][m[i]] if i in names else m[i] for m in metas]
-            raise (TypeError if i == 1 else ValueError)(
-                f"every rank must pass the same {what}; per rank: {got}")
+        return (sym, norm, scale), [q.dtype, q.shape[1], q.shape[0], k.shape[0], labels is not None,
+                                    _GATHERS.index(gather), grad_mode]
+
+    (symmetric, normalize, scale), metas = _validate_collectively(validate, q, group)
     sizes_q, sizes_k = [m[3] for m in metas], [m[4] for m in metas]
     B, N = sum(sizes_q), sum(sizes_k)
     off_k = sum(sizes_k[:rank])
@@ -288,10 +354,7 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
         labels = labels.long()
     if logit_scale is not None and grad_mode == "exact":
         scale = _SumGradOverRanks.apply(scale, group)
-    backend = _dispatch.resolve(backend, q.device, q.dtype)
-    if backend == "reference":
-        raise _dispatch.BackendUnavailable("backend='reference' is not usable here: the distributed "
-                                           "loss runs on the fused op ('torch' or 'triton')")
+    backend = _fused_backend(backend, q)
     u, v, scale = prepare(scale, normalize, q, k)
     diag = torch.arange(off_k, off_k + k.shape[0], device=k.device)  # key j's positive: query j
     if gather == "all_gather":
@@ -304,11 +367,116 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
             col = _RingRows.apply(v, u, scale, diag, sizes_q, rank, group, backend)
     if symmetric:
         per = 0.5 * (per + col)
-    if reduction == "none":
-        return per * world if grad_mode == "ddp" else per  # the same DDP scaling as the reductions
-    local = per.sum() / (B if reduction == "mean" else 1)
-    total = local.detach().clone()
-    dist.all_reduce(total, group=group)
-    if grad_mode == "ddp":
-        local = local * world
-    return local + (total - local.detach())  # the global value; gradients of the local part
+    return _global_reduce(per, reduction, B, grad_mode, group)
+
+
+# ----------------------------------------------------------------------------- the loss family
+# NT-Xent, DCL/DCLW and SupCon across ranks: each rank's anchors against every rank's views,
+# gathered with gradient (all_gather; the ring carries InfoNCE's positives only). The rows are
+# fastcl.losses' own (nt_xent_rows, dcl_rows, supcon_rows) with the gathered keys: the same
+# fused op, exclusions and positives as in one process.
+
+def _pairs_setup(z1, z2, temperature, reduction, normalize, grad_mode, group, min_pairs, check=None):
+    """Collective checks of two views [n_r, D] per rank, and check()'s of the loss's own
+    arguments: (world, rank, scale, normalize, sizes)."""
+    world, rank = _world_and_rank(group)
+
+    def validate():
+        _check_grad_mode(grad_mode)
+        losses.check_views(z1, z2)
+        if check is not None:
+            check()
+        return (losses.settings(z1, temperature, reduction, normalize),
+                [z1.dtype, z1.shape[1], z1.shape[0], z1.shape[0], False, 0, grad_mode])
+
+    (scale, normalize), metas = _validate_collectively(validate, z1, group)
+    sizes = [m[3] for m in metas]
+    if sum(sizes) < min_pairs:
+        raise ValueError(f"this loss needs at least {min_pairs} pairs over all ranks (its negatives "
+                         f"would be empty), got {sizes} per rank")
+    return world, rank, scale, normalize, sizes
+
+
+def nt_xent_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool = True,
+                        reduction: str = "mean", grad_mode: str = "exact", group=None,
+                        backend: str = "auto") -> Tensor:
+    """SimCLR's NT-Xent over the global batch, each rank passing its two views z1, z2 [n_r, D].
+
+    Every anchor's negatives are the 2N - 2 other views of all ranks (N = sum of n_r; uneven
+    n_r allowed), its positive its other view: :func:`fastcl.functional.nt_xent` of the
+    concatenated views. reduction: "mean" (over the 2N anchors), "sum", or "none" (this rank's
+    [2 n_r], z1's rows first). grad_mode: "exact" or "ddp", as in :func:`info_nce_distributed`.
+    lightly's ``NTXentLoss(gather_distributed=True)`` has ddp's gradients for equal n_r, but
+    returns each rank's local mean as the value; this returns the global one.
+    """
+    world, rank, scale, normalize, sizes = _pairs_setup(z1, z2, temperature, reduction, normalize,
+                                                        grad_mode, group, 1)
+    backend = _fused_backend(backend, z1)
+    u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
+    per = losses.nt_xent_rows(u, scale, backend, _keys_own_first(z1.shape[0], sizes, rank, group))
+    return _global_reduce(per, reduction, 2 * sum(sizes), grad_mode, group)
+
+
+def dcl_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight=None, sigma: float = 0.5,
+                    detach_weight: bool = True, negatives: str = "joint", normalize: bool = True,
+                    reduction: str = "mean", grad_mode: str = "exact", group=None,
+                    backend: str = "auto") -> Tensor:
+    """DCL / DCLW (:func:`fastcl.functional.dcl`) over the global batch, each rank passing its
+    two views z1, z2 [n_r, D] (at least 2 pairs over all ranks).
+
+    weight: None; "vmf" (DCLW), whose softmax runs over the global batch, so that the loss and
+    its gradients equal one process's on the concatenated views (lightly's DCLW under
+    ``gather_distributed=True`` takes it over each rank's batch); a tensor [n_r] (this rank's
+    pairs); or a callable, called on this rank's normalised views, as lightly calls it.
+    Other arguments as in :func:`fastcl.functional.dcl` and :func:`nt_xent_distributed`.
+    """
+    def check():
+        if negatives not in ("joint", "split"):
+            raise ValueError(f"negatives must be 'joint' or 'split', got {negatives!r}")
+        if isinstance(z1, Tensor):
+            losses.check_dcl_weight(weight, sigma, detach_weight, z1.shape[0], z1.device)
+
+    world, rank, scale, normalize, sizes = _pairs_setup(z1, z2, temperature, reduction, normalize,
+                                                        grad_mode, group, 2, check)
+    backend = _fused_backend(backend, z1)
+    n = z1.shape[0]
+    keys = _keys_own_first(n, sizes, rank, group)
+    u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
+    # A vmf weight's softmax gathers the pairs' similarities (a collective of its own). A
+    # callable's result is checked after the call, on each rank alone: one that returned a bad
+    # weight on one rank only would leave the others waiting in the next collective.
+    w1, w2 = losses.dcl_weights_for(u[:n], u[n:], weight, sigma, detach_weight, keys)
+    per = losses.dcl_rows(u, scale, backend, negatives, w1, w2, keys)
+    return _global_reduce(per, reduction, 2 * sum(sizes), grad_mode, group)
+
+
+def supcon_distributed(features: Tensor, labels: Optional[Tensor] = None, *, temperature: float = 0.1,
+                       normalize: bool = True, reduction: str = "mean", grad_mode: str = "exact",
+                       group=None, backend: str = "auto") -> Tensor:
+    """SupCon (:func:`fastcl.functional.supcon`) over the global batch, each rank passing its
+    features [b_r, D] or [b_r, V, D] and class ids labels [b_r].
+
+    An anchor's positives are the other vectors of its class on every rank; without labels,
+    the other views of its sample. reduction: "mean" over the anchors of all ranks that have a
+    positive, "sum", or "none" (this rank's [b_r * V], view by view, 0 for anchors without a
+    positive). grad_mode: as in :func:`info_nce_distributed`.
+    """
+    world, rank = _world_and_rank(group)
+
+    def validate():
+        _check_grad_mode(grad_mode)
+        flat, ids, views = losses.supcon_inputs(features, labels)
+        scale, norm = losses.settings(flat, temperature, reduction, normalize)
+        return ((flat, ids, views, scale, norm),
+                [flat.dtype, flat.shape[1], features.shape[0], flat.shape[0], labels is not None, 0, grad_mode])
+
+    (flat, ids, views, scale, normalize), metas = _validate_collectively(validate, features, group)
+    if labels is None:  # sample ids, unique over the ranks
+        ids = ids + sum(m[3] for m in metas[:rank])
+    backend = _fused_backend(backend, flat)
+    u, scale = prepare(scale, normalize, flat)
+    per, has_positive = losses.supcon_rows(u, ids.repeat(views), scale, backend,
+                                           _keys_own_first(flat.shape[0], [m[4] for m in metas], rank, group))
+    count = has_positive.sum().reshape(1)
+    dist.all_reduce(count, group=group)
+    return _global_reduce(per, reduction, int(count), grad_mode, group, valid=has_positive)

@@ -199,10 +199,11 @@ class ClipLoss(nn.Module):
                 f"backend={self.backend!r}")
 
 
-def _no_gather(gather_distributed):
-    if gather_distributed:
-        raise NotImplementedError("gather_distributed=True is not supported yet: fastcl's "
-                                  "distributed losses are a separate feature (all_gather / ring)")
+def _gathering(gather_distributed) -> bool:
+    """lightly's rule: gather_distributed=True takes every rank's views as negatives where a
+    process group of more than one rank exists, and is the local loss elsewhere."""
+    import torch.distributed as dist
+    return gather_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class NTXentLoss(nn.Module):
@@ -210,6 +211,10 @@ class NTXentLoss(nn.Module):
 
     Equal to ``lightly.loss.NTXentLoss`` and pytorch-metric-learning's ``NTXentLoss`` (with
     labels marking the pairs) on the same inputs. See :func:`fastcl.functional.nt_xent`.
+    ``gather_distributed=True`` (under torch.distributed with more than one rank) takes every
+    rank's views as negatives, with gradients scaled for DDP's averaging, as lightly's are
+    (:func:`fastcl.distributed.nt_xent_distributed`, grad_mode="ddp"; uneven local batches
+    allowed). The value returned is the global loss, where lightly returns each rank's own mean.
     """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0,
@@ -218,15 +223,20 @@ class NTXentLoss(nn.Module):
         if memory_bank_size:
             raise NotImplementedError("a memory bank is not supported; pass the negatives as extra "
                                       "keys to fastcl.functional.info_nce instead")
-        _no_gather(gather_distributed)
         _check_settings(backend, temperature=temperature)
         self.temperature, self.backend = temperature, backend
+        self.gather_distributed = _validation.check_bool(gather_distributed, "gather_distributed")
 
     def forward(self, out0, out1):
+        if _gathering(self.gather_distributed):
+            from .distributed import nt_xent_distributed
+            return nt_xent_distributed(out0, out1, temperature=self.temperature, grad_mode="ddp",
+                                       backend=self.backend)
         return losses.nt_xent(out0, out1, temperature=self.temperature, backend=self.backend)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, backend={self.backend!r}"
+        return (f"temperature={self.temperature}, gather_distributed={self.gather_distributed}, "
+                f"backend={self.backend!r}")
 
 
 class DCLLoss(nn.Module):
@@ -237,32 +247,43 @@ class DCLLoss(nn.Module):
     log-sum-exps, which :func:`fastcl.functional.dcl` offers as ``negatives="split"``.
     ``weight_fn(out0n, out1n) -> [N]`` is called on the normalised views and multiplies the
     positive term as is, gradient included, as in lightly (whose DCLW weight function detaches
-    its own inputs; so does :class:`DCLWLoss`).
+    its own inputs; so does :class:`DCLWLoss`). ``gather_distributed=True``: every rank's views
+    are negatives, as in :class:`NTXentLoss` (:func:`fastcl.distributed.dcl_distributed`);
+    ``weight_fn`` is called on the rank's own views, as lightly calls it.
     """
 
     def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        _no_gather(gather_distributed)
         _check_settings(backend, temperature=temperature)
         if not (weight_fn is None or isinstance(weight_fn, torch.Tensor) or callable(weight_fn)
                 or (isinstance(weight_fn, str) and weight_fn == "vmf")):  # what losses.dcl's weight takes
             raise TypeError(f"weight_fn must be a callable (out0n, out1n) -> [N] (or 'vmf' or a [N] "
                             f"tensor, as fastcl.functional.dcl's weight), got {weight_fn!r}")
         self.temperature, self.weight_fn, self.backend = temperature, weight_fn, backend
+        self.gather_distributed = _validation.check_bool(gather_distributed, "gather_distributed")
+
+    def _dcl(self, out0, out1, **kw):
+        if _gathering(self.gather_distributed):
+            from .distributed import dcl_distributed
+            return dcl_distributed(out0, out1, temperature=self.temperature, grad_mode="ddp",
+                                   backend=self.backend, **kw)
+        return losses.dcl(out0, out1, temperature=self.temperature, backend=self.backend, **kw)
 
     def forward(self, out0, out1):
-        return losses.dcl(out0, out1, temperature=self.temperature, weight=self.weight_fn,
-                          detach_weight=False, backend=self.backend)
+        return self._dcl(out0, out1, weight=self.weight_fn, detach_weight=False)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, weight_fn={self.weight_fn!r}, backend={self.backend!r}"
+        return (f"temperature={self.temperature}, weight_fn={self.weight_fn!r}, "
+                f"gather_distributed={self.gather_distributed}, backend={self.backend!r}")
 
 
 class DCLWLoss(DCLLoss):
     """DCLW with lightly's signature, ``forward(out0 [N, D], out1 [N, D])``: DCL with the
     positive term weighted by w = 2 - N softmax(<z1_i, z2_i> / sigma) (detached; see
-    :func:`fastcl.functional.dcl_weights`)."""
+    :func:`fastcl.functional.dcl_weights`). With ``gather_distributed=True`` the softmax runs
+    over the global batch, so that the loss is one process's on the concatenated views;
+    lightly's runs over each rank's batch."""
 
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False,
                  backend: str = "auto"):
@@ -271,11 +292,11 @@ class DCLWLoss(DCLLoss):
         self.sigma = sigma
 
     def forward(self, out0, out1):
-        return losses.dcl(out0, out1, temperature=self.temperature, weight="vmf", sigma=self.sigma,
-                          backend=self.backend)
+        return self._dcl(out0, out1, weight="vmf", sigma=self.sigma)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, sigma={self.sigma}, backend={self.backend!r}"
+        return (f"temperature={self.temperature}, sigma={self.sigma}, "
+                f"gather_distributed={self.gather_distributed}, backend={self.backend!r}")
 
 
 class SupConLoss(nn.Module):

@@ -16,7 +16,9 @@
 - ``amp="bf16" | "fp16"`` runs the encoders under autocast (fp16 with a GradScaler); the loss
   runs in fp32 on the embeddings.
 - Under torch.distributed (initialised by the caller), the encoders are wrapped in DDP and the
-  InfoNCE/CLIP losses see the global batch (``fastcl.distributed``, gradients scaled for DDP).
+  InfoNCE/CLIP, NT-Xent and DCL/DCLW losses see the global batch (``fastcl.distributed``,
+  gradients scaled for DDP). WhitenedCSE raises there: its whitening statistics would be each
+  rank's, not the global batch's.
 - ``checkpoint_path`` saves model, optimizer, scaler, history and every rank's RNG states
   (torch CPU, the trainer's CUDA device, Python ``random``, NumPy); ``resume=True`` (which
   needs ``checkpoint_path``) loads it if the file exists, so that a preemptible job restarts
@@ -83,8 +85,8 @@ class Recipe(nn.Module):
 
     def _local_only(self, name):
         if _distributed():
-            raise NotImplementedError(f"the {name} loss is not distributed yet; use loss='info_nce' "
-                                      f"(or the CLIP recipe) with torch.distributed")
+            raise NotImplementedError(f"the {name} recipe is not distributed (its whitening statistics "
+                                      f"would be each rank's); SimCLR, SimCSE and CLIP are")
 
 
 class SimCLR(Recipe):
@@ -108,10 +110,14 @@ class SimCLR(Recipe):
     def loss(self, z):
         if self.kind == "info_nce":
             return self._info_nce(z[0], z[1], temperature=self.tau, symmetric=True)
-        self._local_only(self.kind)
-        if self.kind == "nt_xent":
-            return FCL.nt_xent(z[0], z[1], temperature=self.tau)
-        return FCL.dcl(z[0], z[1], temperature=self.tau, weight="vmf" if self.kind == "dclw" else None)
+        kw = dict(temperature=self.tau)
+        if self.kind != "nt_xent":
+            kw["weight"] = "vmf" if self.kind == "dclw" else None
+        if _distributed():  # every rank's views are negatives; gradients scaled for DDP
+            from . import distributed
+            fn = distributed.nt_xent_distributed if self.kind == "nt_xent" else distributed.dcl_distributed
+            return fn(z[0], z[1], grad_mode="ddp", **kw)
+        return (FCL.nt_xent if self.kind == "nt_xent" else FCL.dcl)(z[0], z[1], **kw)
 
 
 class SimCSE(Recipe):

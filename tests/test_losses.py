@@ -485,7 +485,8 @@ _dot_named_cos_sim.__name__ = "cos_sim"  # what the check once went by
      ValueError, "B=4"),
     (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), label_smoothing=1.0), ValueError, "label_smoothing"),
     (lambda: fastcl.nn.NTXentLoss(memory_bank_size=128), NotImplementedError, "memory bank"),
-    (lambda: fastcl.nn.DCLLoss(gather_distributed=True), NotImplementedError, "gather_distributed"),
+    (lambda: fastcl.nn.DCLLoss(gather_distributed="yes"), TypeError, "gather_distributed"),
+    (lambda: fastcl.nn.NTXentLoss(gather_distributed="yes"), TypeError, "gather_distributed"),
     (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight="vmf", sigma=0.0), ValueError, "sigma"),
     (lambda: FCL.dcl_weights(torch.randn(4, 3), torch.randn(4, 3), sigma=-1.0), ValueError, "sigma"),
     # dcl_weights checked nothing: a 1-D pair gave a number, [4, 3] with [5, 3] torch's broadcast error

@@ -445,9 +445,26 @@ def test_metrics_check_their_inputs():
 
 # --- DDP on gloo: two ranks with half the batch each equal one process on the whole batch ---
 
+class _Alternating:
+    """A deterministic SimCLR augmentation: its calls alternate between two transforms, so the
+    two views differ, and alike on every rank and in one process."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return x + 0.1 if self.calls % 2 else 0.9 * x
+
+
 def _ddp_recipe(kind):
-    # CLIP: two towers; SimCSE: one encoder used twice per step (deterministic: no dropout).
-    return T.CLIP(_mlp(seed=1), _mlp(seed=2)).double() if kind == "clip" else T.SimCSE(_mlp(seed=3))
+    # CLIP: two towers; SimCSE: one encoder used twice per step (deterministic: no dropout);
+    # SimCLR with NT-Xent and DCLW, whose distributed losses gather every rank's two views.
+    if kind == "clip":
+        return T.CLIP(_mlp(seed=1), _mlp(seed=2)).double()
+    if kind.startswith("simclr_"):
+        return T.SimCLR(_mlp(seed=4), _Alternating(), loss=kind[len("simclr_"):], temperature=0.3)
+    return T.SimCSE(_mlp(seed=3))
 
 
 def _ddp_data(kind):
@@ -469,7 +486,7 @@ def _ddp_worker(rank, world, init_file, out, chunk, kind):
     os._exit(0)
 
 
-@pytest.mark.parametrize("kind", ["clip", "simcse"])
+@pytest.mark.parametrize("kind", ["clip", "simcse", "simclr_nt_xent", "simclr_dclw"])
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_ddp_equals_single_process(tmp_path, chunk, kind):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), chunk, kind), nprocs=2, join=True)
