@@ -53,4 +53,5 @@ fi
 print('fastcl._C loads; kernels for sm', c.compiled_archs(), 'from', fastcl.__file__)"
 "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider --rootdir "$ROOT" \
   "$ROOT/tests/test_cuda_backend.py" "$ROOT/tests/test_errors.py" "$ROOT/tests/test_build.py" "$ROOT/tests/test_compile.py" \
-  "$ROOT/tests/test_losses.py::test_equals_lightly" "$ROOT/tests/test_info_nce.py::test_clip_module_equals_open_clip"
+  "$ROOT/tests/test_losses.py::test_equals_lightly" "$ROOT/tests/test_info_nce.py::test_clip_module_equals_open_clip" \
+  "$ROOT/tests/test_distributed_family.py::test_gather_distributed_equals_lightly"

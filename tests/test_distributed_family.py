@@ -1,6 +1,7 @@
 """NT-Xent, DCL/DCLW and SupCon across gloo ranks (CPU): every rank's loss and gradients vs one
 process on the concatenated batch, with uneven local batches. One spawn per world size runs
 every configuration, to keep CI short."""
+import importlib.util
 import os
 
 import pytest
@@ -209,3 +210,49 @@ def test_family_distributed_needs_a_process_group():
     for fn, args in ((nt_xent_distributed, (z, z)), (dcl_distributed, (z, z)), (supcon_distributed, (z, None))):
         with pytest.raises(RuntimeError, match="initialised torch.distributed"):
             fn(*args)
+
+
+def _lightly_worker(rank, world, init_file, out_prefix):
+    from lightly import loss as ll
+    from lightly.loss.dcl_loss import negative_mises_fisher_weights
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(5)
+    Z1 = torch.randn(4 * world, D, generator=g, dtype=torch.float64)  # lightly gathers equal batches
+    Z2 = Z1 + 0.5 * torch.randn(4 * world, D, generator=g, dtype=torch.float64)
+    sl = slice(4 * rank, 4 * rank + 4)
+    pairs = [
+        ("NTXentLoss", ll.NTXentLoss(0.3, gather_distributed=True), fastcl.nn.NTXentLoss(0.3, gather_distributed=True)),
+        ("DCLLoss", ll.DCLLoss(0.2, gather_distributed=True), fastcl.nn.DCLLoss(0.2, gather_distributed=True)),
+        # lightly's DCLW weights come from the rank's own views: fastcl's DCLLoss calls a
+        # weight_fn there too (its DCLWLoss takes the softmax over the global batch)
+        ("DCLLoss_vmf", ll.DCLLoss(0.2, weight_fn=negative_mises_fisher_weights, gather_distributed=True),
+         fastcl.nn.DCLLoss(0.2, weight_fn=negative_mises_fisher_weights, gather_distributed=True)),
+    ]
+    results = {}
+    for name, theirs, ours in pairs:
+        out = []
+        for module in (theirs, ours):
+            a, b = Z1[sl].clone().requires_grad_(), Z2[sl].clone().requires_grad_()
+            loss = module(a, b)
+            loss.backward()
+            out.append((loss.detach(), a.grad, b.grad))
+        results[name] = out
+    torch.save(results, f"{out_prefix}{rank}.pt")
+    dist.barrier()
+    os._exit(0)  # as in _worker
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightly") is None, reason="lightly not installed")
+def test_gather_distributed_equals_lightly(tmp_path):
+    """lightly's modules with gather_distributed=True, 2 gloo ranks: the same gradients on every
+    rank (DDP's convention); lightly returns each rank's own mean, fastcl the global one."""
+    world = 2
+    mp.spawn(_lightly_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name in per_rank[0]:
+        mean_of_theirs = sum(res[name][0][0] for res in per_rank) / world
+        for r, res in enumerate(per_rank):
+            (l_theirs, *g_theirs), (l_ours, *g_ours) = res[name]
+            assert torch.allclose(l_ours, mean_of_theirs, rtol=0, atol=1e-12), (name, r)
+            for x, y in zip(g_ours, g_theirs):
+                assert torch.allclose(x, y, rtol=0, atol=1e-12), (name, r, (x - y).abs().max())
