@@ -14,6 +14,8 @@ rank order, and batches may be uneven. Two ways to see the global negatives:
 The loss family (``nt_xent_distributed``, ``dcl_distributed``, ``supcon_distributed``) gathers
 every rank's views the all_gather way, this rank's first, and runs fastcl.losses' own rows on
 them: the fused op's exclusions (self, partner) and labels keep their local indices.
+``multiple_negatives_ranking_distributed`` is InfoNCE with each rank's positives and negatives
+as its keys.
 
 Gradient convention (``grad_mode``):
 - ``"exact"`` (default): every rank returns the GLOBAL loss value. The gradients w.r.t. its
@@ -25,6 +27,8 @@ Gradient convention (``grad_mode``):
   batches. open_clip's ``local_loss=True, gather_with_grad=True`` equals this only when every
   rank has the same batch size (it averages per-rank means).
 """
+import numbers
+import zlib
 from typing import Optional
 
 import torch
@@ -36,7 +40,7 @@ from ._common import no_autocast
 from .info_nce import _impl, prepare, row_terms
 
 __all__ = ["info_nce_distributed", "nt_xent_distributed", "dcl_distributed", "supcon_distributed",
-           "mean_grad_over_ranks"]
+           "multiple_negatives_ranking_distributed", "mean_grad_over_ranks"]
 
 
 def _all_ints(values, device, group):
@@ -220,24 +224,50 @@ def _check_grad_mode(grad_mode):
         raise ValueError(f"grad_mode must be 'exact' or 'ddp', got {grad_mode!r}")
 
 
-def _validate_collectively(validate, x, group):
+def _digest(value) -> int:
+    """A rank-independent int of an argument every rank must pass alike: a tensor or a callable
+    counts by its kind (its values may differ by rank), a number by its float value."""
+    if isinstance(value, Tensor):
+        value = "tensor"
+    elif callable(value):
+        value = "callable"
+    elif isinstance(value, numbers.Real):  # 1, 1.0 and True alike, as the checks read them
+        value = float(value)
+    return zlib.crc32(repr(value).encode())
+
+
+def _raise_together(error, x, group):
+    """Raise on every rank when `error` (this rank's exception, or None) is set on any rank, in
+    one all_gather: a rank that raised alone would leave its peers blocked in the next collective."""
+    flags = _all_ints([int(error is not None)], x.device if isinstance(x, Tensor) else "cpu", group)
+    if error is not None:
+        raise error
+    bad = [r for r, f in enumerate(flags) if f[0]]
+    if bad:
+        raise ValueError(f"invalid inputs on rank(s) {bad} (see their error)")
+
+
+def _validate_collectively(validate, x, group, agree=()):
     """(validate()'s result, every rank's metadata). validate() checks this rank's inputs and
-    returns (its result, [dtype, D, B_r, N_r, labels given, gather index, grad_mode]).
+    returns (its result, [dtype, D, B_r, N_r, labels given, gather index, grad_mode]); agree is
+    ((name, value), ...) of the arguments every rank must pass alike.
 
     A rank that raised alone would leave its peers blocked in the next collective. In one
     all_gather, every rank learns whether any rank's inputs are bad, and whether the ranks
     agree on what the collectives exchange: the dtype and D (gloo aborted the process on a size
     mismatch; two 16-bit dtypes were silently read as one), whether labels are given (their
-    range check is a collective), and gather and grad_mode (ranks that differ there run
-    different collectives: a hang until the timeout)."""
+    range check is a collective), gather and grad_mode (ranks that differ there run different
+    collectives: a hang until the timeout), and agree's (a different reduction aborted gloo, a
+    different temperature returned a mix of the two losses)."""
     local_error, meta, result = None, [1, -1, -1, 0, 0, -1, -1, -1], None
     try:
         result, (dtype, d, b, n, has_labels, gather, grad_mode) = validate()
         meta = [0, _validation.FLOAT_DTYPES.index(dtype), d, b, n, int(has_labels), gather,
                 _GRAD_MODES.index(grad_mode)]
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, _dispatch.BackendUnavailable) as e:
         local_error = e
-    metas = _all_ints(meta, x.device if isinstance(x, Tensor) else "cpu", group)
+    metas = _all_ints(meta + [_digest(v) for _, v in agree], x.device if isinstance(x, Tensor) else "cpu",
+                      group)
     if local_error is not None:
         raise local_error
     if any(m[0] for m in metas):
@@ -250,6 +280,9 @@ def _validate_collectively(validate, x, group):
             got = [names[i][m[i]] if i in names else m[i] for m in metas]
             raise (TypeError if i == 1 else ValueError)(
                 f"every rank must pass the same {what}; per rank: {got}")
+    for i, (name, value) in enumerate(agree, start=8):
+        if len({m[i] for m in metas}) > 1:
+            raise ValueError(f"every rank must pass the same {name}; the ranks differ (this rank's: {value!r})")
     return result, metas
 
 
@@ -321,10 +354,12 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
         if labels is not None:
             _validation.check_class_ids(labels, q.shape[0], q.device)
         scale = _validation.scale_tensor(temperature, logit_scale, q.device, q.dtype)
-        return (sym, norm, scale), [q.dtype, q.shape[1], q.shape[0], k.shape[0], labels is not None,
-                                    _GATHERS.index(gather), grad_mode]
+        return (sym, norm, scale, _fused_backend(backend, q)), [
+            q.dtype, q.shape[1], q.shape[0], k.shape[0], labels is not None, _GATHERS.index(gather), grad_mode]
 
-    (symmetric, normalize, scale), metas = _validate_collectively(validate, q, group)
+    (symmetric, normalize, scale, backend), metas = _validate_collectively(
+        validate, q, group, (("temperature", temperature), ("logit_scale", logit_scale), ("symmetric", symmetric),
+                             ("normalize", normalize), ("reduction", reduction)))
     sizes_q, sizes_k = [m[3] for m in metas], [m[4] for m in metas]
     B, N = sum(sizes_q), sum(sizes_k)
     off_k = sum(sizes_k[:rank])
@@ -354,7 +389,6 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
         labels = labels.long()
     if logit_scale is not None and grad_mode == "exact":
         scale = _SumGradOverRanks.apply(scale, group)
-    backend = _fused_backend(backend, q)
     u, v, scale = prepare(scale, normalize, q, k)
     diag = torch.arange(off_k, off_k + k.shape[0], device=k.device)  # key j's positive: query j
     if gather == "all_gather":
@@ -376,9 +410,11 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
 # fastcl.losses' own (nt_xent_rows, dcl_rows, supcon_rows) with the gathered keys: the same
 # fused op, exclusions and positives as in one process.
 
-def _pairs_setup(z1, z2, temperature, reduction, normalize, grad_mode, group, min_pairs, check=None):
+def _pairs_setup(z1, z2, temperature, reduction, normalize, grad_mode, group, backend, min_pairs,
+                 check=None, agree=()):
     """Collective checks of two views [n_r, D] per rank, and check()'s of the loss's own
-    arguments: (world, rank, scale, normalize, sizes)."""
+    arguments (agree: those every rank must pass alike): (world, rank, scale, normalize, sizes,
+    backend)."""
     world, rank = _world_and_rank(group)
 
     def validate():
@@ -386,15 +422,17 @@ def _pairs_setup(z1, z2, temperature, reduction, normalize, grad_mode, group, mi
         losses.check_views(z1, z2)
         if check is not None:
             check()
-        return (losses.settings(z1, temperature, reduction, normalize),
+        return (losses.settings(z1, temperature, reduction, normalize) + (_fused_backend(backend, z1),),
                 [z1.dtype, z1.shape[1], z1.shape[0], z1.shape[0], False, 0, grad_mode])
 
-    (scale, normalize), metas = _validate_collectively(validate, z1, group)
+    (scale, normalize, backend), metas = _validate_collectively(
+        validate, z1, group, (("temperature", temperature), ("normalize", normalize), ("reduction", reduction))
+        + tuple(agree))
     sizes = [m[3] for m in metas]
     if sum(sizes) < min_pairs:
         raise ValueError(f"this loss needs at least {min_pairs} pairs over all ranks (its negatives "
                          f"would be empty), got {sizes} per rank")
-    return world, rank, scale, normalize, sizes
+    return world, rank, scale, normalize, sizes, backend
 
 
 def nt_xent_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool = True,
@@ -405,13 +443,15 @@ def nt_xent_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, nor
     Every anchor's negatives are the 2N - 2 other views of all ranks (N = sum of n_r; uneven
     n_r allowed), its positive its other view: :func:`fastcl.functional.nt_xent` of the
     concatenated views. reduction: "mean" (over the 2N anchors), "sum", or "none" (this rank's
-    [2 n_r], z1's rows first). grad_mode: "exact" or "ddp", as in :func:`info_nce_distributed`.
+    [2 n_r], z1's rows first; x world_size with grad_mode="ddp", like their gradients).
+    grad_mode: "exact" or "ddp", as in :func:`info_nce_distributed`. Every rank calls this
+    collectively, with at least one pair and the same arguments except the tensors (checked:
+    an error is raised on every rank rather than a hang).
     lightly's ``NTXentLoss(gather_distributed=True)`` has ddp's gradients for equal n_r, but
     returns each rank's local mean as the value; this returns the global one.
     """
-    world, rank, scale, normalize, sizes = _pairs_setup(z1, z2, temperature, reduction, normalize,
-                                                        grad_mode, group, 1)
-    backend = _fused_backend(backend, z1)
+    world, rank, scale, normalize, sizes, backend = _pairs_setup(z1, z2, temperature, reduction, normalize,
+                                                                 grad_mode, group, backend, 1)
     u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
     per = losses.nt_xent_rows(u, scale, backend, _keys_own_first(z1.shape[0], sizes, rank, group))
     return _global_reduce(per, reduction, 2 * sum(sizes), grad_mode, group)
@@ -428,7 +468,8 @@ def dcl_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight=
     its gradients equal one process's on the concatenated views (lightly's DCLW under
     ``gather_distributed=True`` takes it over each rank's batch); a tensor [n_r] (this rank's
     pairs); or a callable, called on this rank's normalised views, as lightly calls it.
-    Other arguments as in :func:`fastcl.functional.dcl` and :func:`nt_xent_distributed`.
+    Other arguments, and the collective call, as in :func:`fastcl.functional.dcl` and
+    :func:`nt_xent_distributed`.
     """
     def check():
         if negatives not in ("joint", "split"):
@@ -436,16 +477,25 @@ def dcl_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight=
         if isinstance(z1, Tensor):
             losses.check_dcl_weight(weight, sigma, detach_weight, z1.shape[0], z1.device)
 
-    world, rank, scale, normalize, sizes = _pairs_setup(z1, z2, temperature, reduction, normalize,
-                                                        grad_mode, group, 2, check)
-    backend = _fused_backend(backend, z1)
+    world, rank, scale, normalize, sizes, backend = _pairs_setup(
+        z1, z2, temperature, reduction, normalize, grad_mode, group, backend, 2, check,
+        (("weight", weight), ("sigma", sigma), ("detach_weight", detach_weight), ("negatives", negatives)))
     n = z1.shape[0]
     keys = _keys_own_first(n, sizes, rank, group)
     u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
     # A vmf weight's softmax gathers the pairs' similarities (a collective of its own). A
-    # callable's result is checked after the call, on each rank alone: one that returned a bad
-    # weight on one rank only would leave the others waiting in the next collective.
-    w1, w2 = losses.dcl_weights_for(u[:n], u[n:], weight, sigma, detach_weight, keys)
+    # callable runs the user's code on this rank's views: its error (or a result of the wrong
+    # shape) is raised on every rank, which would otherwise wait in the next collective.
+    if callable(weight) and not isinstance(weight, Tensor):
+        error, w = None, (None, None)
+        try:
+            w = losses.dcl_weights_for(u[:n], u[n:], weight, sigma, detach_weight, keys)
+        except Exception as e:  # re-raised below, on this rank
+            error = e
+        _raise_together(error, z1, group)
+        w1, w2 = w
+    else:
+        w1, w2 = losses.dcl_weights_for(u[:n], u[n:], weight, sigma, detach_weight, keys)
     per = losses.dcl_rows(u, scale, backend, negatives, w1, w2, keys)
     return _global_reduce(per, reduction, 2 * sum(sizes), grad_mode, group)
 
@@ -459,7 +509,8 @@ def supcon_distributed(features: Tensor, labels: Optional[Tensor] = None, *, tem
     An anchor's positives are the other vectors of its class on every rank; without labels,
     the other views of its sample. reduction: "mean" over the anchors of all ranks that have a
     positive, "sum", or "none" (this rank's [b_r * V], view by view, 0 for anchors without a
-    positive). grad_mode: as in :func:`info_nce_distributed`.
+    positive; x world_size with grad_mode="ddp"). grad_mode and the collective call: as in
+    :func:`nt_xent_distributed`.
     """
     world, rank = _world_and_rank(group)
 
@@ -467,16 +518,47 @@ def supcon_distributed(features: Tensor, labels: Optional[Tensor] = None, *, tem
         _check_grad_mode(grad_mode)
         flat, ids, views = losses.supcon_inputs(features, labels)
         scale, norm = losses.settings(flat, temperature, reduction, normalize)
-        return ((flat, ids, views, scale, norm),
+        return ((flat, ids, views, scale, norm, _fused_backend(backend, flat)),
                 [flat.dtype, flat.shape[1], features.shape[0], flat.shape[0], labels is not None, 0, grad_mode])
 
-    (flat, ids, views, scale, normalize), metas = _validate_collectively(validate, features, group)
+    (flat, ids, views, scale, normalize, backend), metas = _validate_collectively(
+        validate, features, group, (("temperature", temperature), ("normalize", normalize), ("reduction", reduction)))
+    # int64 on every rank: the ids are gathered, and gloo aborts on an int32 / int64 mix
+    ids = ids.long()
     if labels is None:  # sample ids, unique over the ranks
         ids = ids + sum(m[3] for m in metas[:rank])
-    backend = _fused_backend(backend, flat)
     u, scale = prepare(scale, normalize, flat)
     per, has_positive = losses.supcon_rows(u, ids.repeat(views), scale, backend,
                                            _keys_own_first(flat.shape[0], [m[4] for m in metas], rank, group))
     count = has_positive.sum().reshape(1)
     dist.all_reduce(count, group=group)
     return _global_reduce(per, reduction, int(count), grad_mode, group, valid=has_positive)
+
+
+def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor] = None,
+                                           *, scale: float = 20.0, reduction: str = "mean",
+                                           grad_mode: str = "exact", group=None,
+                                           backend: str = "auto") -> Tensor:
+    """sentence-transformers' MNRL (:func:`fastcl.functional.multiple_negatives_ranking`) over
+    the global batch, each rank passing its anchor, positive [b_r, D] and negatives (None,
+    [b_r, M, D] hard negatives or a pool [P_r, D]; ranks may differ in M, P_r, or None).
+
+    Every anchor is scored against the positives and negatives of all ranks, its target its
+    own positive: one process's loss on the concatenated batch (uneven b_r allowed). This is
+    :func:`info_nce_distributed` with each rank's [positives; negatives] as its keys.
+    reduction, grad_mode and the collective call: as there. sentence-transformers'
+    ``gather_across_devices=True`` has ddp's gradients for equal b_r, but returns each rank's
+    local mean; this returns the global one.
+    """
+    _world_and_rank(group)
+
+    def validate():
+        _check_grad_mode(grad_mode)
+        cands = losses.mnrl_candidates(anchor, positive, negatives)
+        s = _validation.positive_number(scale, "scale")
+        return (cands, s), [anchor.dtype, anchor.shape[1], anchor.shape[0], cands.shape[0],
+                            False, 0, grad_mode]
+
+    (cands, s), _ = _validate_collectively(validate, anchor, group, (("scale", scale), ("reduction", reduction)))
+    return info_nce_distributed(anchor, cands, temperature=1.0 / s, reduction=reduction,
+                                grad_mode=grad_mode, group=group, backend=backend)

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from . import _validation, losses
+from .nn import _gathering
 
 __all__ = ["MultipleNegativesRankingLoss"]
 
@@ -25,13 +26,15 @@ class MultipleNegativesRankingLoss(nn.Module):
     """Fused drop-in for ``sentence_transformers.losses.MultipleNegativesRankingLoss``.
 
     Same constructor and forward as sentence-transformers' loss, so it plugs into
-    ``SentenceTransformerTrainer``. The constructor's newer options (``gather_across_devices``,
-    ``directions``, ``partition_mode``, ``hardness_mode``, ``hardness_strength``) are accepted at
-    their defaults and refused otherwise; ``similarity_fct`` must be cosine (the default).
+    ``SentenceTransformerTrainer``. The constructor's newer options (``directions``,
+    ``partition_mode``, ``hardness_mode``, ``hardness_strength``) are accepted at their defaults
+    and refused otherwise; ``similarity_fct`` must be cosine (the default).
     ``forward(sentence_features, labels)`` embeds each column (anchor, positive, negative_1,
     ...) with ``model(features)["sentence_embedding"]``. It then scores every anchor against all
     positives and negatives of the batch (cosine x scale) without building the [B, B*(1+k)]
-    score matrix.
+    score matrix. ``gather_across_devices=True`` takes the candidates of every rank, as in
+    :class:`fastcl.nn.MultipleNegativesRankingLoss` (the global loss as the value; gradients
+    as sentence-transformers' under DDP).
     """
 
     def __init__(self, model, scale: float = 20.0, similarity_fct=None, gather_across_devices: bool = False,
@@ -43,8 +46,7 @@ class MultipleNegativesRankingLoss(nn.Module):
                                       f"similarity_fct={similarity_fct!r} is not cosine")
         # sentence-transformers 5+/6 arguments: accepted at their defaults (the plain loss);
         # other values select variants that are not fused here.
-        for name, value, default in (("gather_across_devices", gather_across_devices, False),
-                                     ("directions", tuple(directions), ("query_to_doc",)),
+        for name, value, default in (("directions", tuple(directions), ("query_to_doc",)),
                                      ("partition_mode", partition_mode, "joint"),
                                      ("hardness_mode", hardness_mode, None),
                                      ("hardness_strength", hardness_strength, 0.0)):
@@ -52,6 +54,7 @@ class MultipleNegativesRankingLoss(nn.Module):
                 raise NotImplementedError(f"{name}={value!r} is not supported by the fused loss "
                                           f"(only the default, {default!r})")
         self.model, self.scale, self.backend = model, _validation.positive_number(scale, "scale"), backend
+        self.gather_across_devices = _validation.check_bool(gather_across_devices, "gather_across_devices")
 
     def forward(self, sentence_features, labels=None):
         reps = [self.model(f)["sentence_embedding"] for f in sentence_features]
@@ -59,8 +62,13 @@ class MultipleNegativesRankingLoss(nn.Module):
             raise ValueError("need at least (anchor, positive) columns")
         anchor, positive, *negatives = reps
         neg = torch.cat(negatives) if negatives else None
+        if _gathering(self.gather_across_devices):
+            from .distributed import multiple_negatives_ranking_distributed
+            return multiple_negatives_ranking_distributed(anchor, positive, neg, scale=self.scale,
+                                                          grad_mode="ddp", backend=self.backend)
         return losses.multiple_negatives_ranking(anchor, positive, neg, scale=self.scale,
                                                  backend=self.backend)
 
     def get_config_dict(self):
-        return {"scale": self.scale, "similarity_fct": "cos_sim"}
+        return {"scale": self.scale, "similarity_fct": "cos_sim",
+                "gather_across_devices": self.gather_across_devices}

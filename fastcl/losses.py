@@ -269,11 +269,18 @@ def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Opti
     reduction: "mean" (0-dim), "sum", or "none" ([B], one value per anchor).
     backend: as in :func:`fastcl.functional.info_nce`.
     """
+    cands = mnrl_candidates(anchor, positive, negatives)
+    scale = _validation.positive_number(scale, "scale")
+    return info_nce(anchor, cands, temperature=1.0 / scale, reduction=reduction, backend=backend)
+
+
+def mnrl_candidates(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor]) -> Tensor:
+    """MNRL's checked candidates [B + B*M or B + P, D]: the positives (anchor i's target is
+    row i), then the negatives, hard ones (negatives [B, M, D]) negative by negative."""
     _validation.check_embeddings(anchor, positive, "anchor", "positive")
     if anchor.shape != positive.shape:
         raise ValueError(f"anchor and positive must have the same shape, got {tuple(anchor.shape)} "
                          f"and {tuple(positive.shape)}")
-    scale = _validation.positive_number(scale, "scale")
     cands = positive
     if negatives is not None:
         if not isinstance(negatives, Tensor):
@@ -285,4 +292,4 @@ def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Opti
             negatives = negatives.transpose(0, 1).reshape(-1, negatives.shape[-1])
         _validation.check_embeddings(anchor, negatives, "anchor", "negatives")
         cands = torch.cat([positive, negatives])
-    return info_nce(anchor, cands, temperature=1.0 / scale, reduction=reduction, backend=backend)
+    return cands

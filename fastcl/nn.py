@@ -305,29 +305,46 @@ class SupConLoss(nn.Module):
     Without labels, the positives are the other views of the same sample (needs V >= 2). With
     labels, every other vector of the anchor's class; an anchor with none is left out of the
     mean (all labels distinct with V = 1 gives a loss of 0). See
-    :func:`fastcl.functional.supcon`.
+    :func:`fastcl.functional.supcon`. ``gather_distributed=True`` (under torch.distributed with
+    more than one rank): every rank's vectors are positives (same class) or negatives, with
+    gradients scaled for DDP's averaging (:func:`fastcl.distributed.supcon_distributed`,
+    grad_mode="ddp"); the value returned is the global loss.
     """
 
-    def __init__(self, temperature: float = 0.1, backend: str = "auto"):
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False, backend: str = "auto"):
         super().__init__()
         _check_settings(backend, temperature=temperature)
         self.temperature, self.backend = temperature, backend
+        self.gather_distributed = _validation.check_bool(gather_distributed, "gather_distributed")
 
     def forward(self, features, labels=None):
+        if _gathering(self.gather_distributed):
+            from .distributed import supcon_distributed
+            return supcon_distributed(features, labels, temperature=self.temperature, grad_mode="ddp",
+                                      backend=self.backend)
         return losses.supcon(features, labels, temperature=self.temperature, backend=self.backend)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, backend={self.backend!r}"
+        return (f"temperature={self.temperature}, gather_distributed={self.gather_distributed}, "
+                f"backend={self.backend!r}")
 
 
 class MultipleNegativesRankingLoss(nn.Module):
     """sentence-transformers' MNRL on tensors: ``forward(anchor, positive, *negatives)``, each
-    negative [B, D] (or one [B, M, D] / [P, D] tensor). Cosine similarity x ``scale``."""
+    negative [B, D] (or one [B, M, D] / [P, D] tensor). Cosine similarity x ``scale``.
 
-    def __init__(self, scale: float = 20.0, backend: str = "auto"):
+    ``gather_across_devices=True`` (sentence-transformers' name; under torch.distributed with
+    more than one rank): every rank's positives and negatives are candidates, with gradients
+    scaled for DDP's averaging, as sentence-transformers' are for equal local batches
+    (:func:`fastcl.distributed.multiple_negatives_ranking_distributed`, grad_mode="ddp"). The
+    value returned is the global loss, where sentence-transformers returns each rank's mean.
+    """
+
+    def __init__(self, scale: float = 20.0, gather_across_devices: bool = False, backend: str = "auto"):
         super().__init__()
         _check_settings(backend, scale=scale)
         self.scale, self.backend = scale, backend
+        self.gather_across_devices = _validation.check_bool(gather_across_devices, "gather_across_devices")
 
     def forward(self, anchor, positive, *negatives):
         neg = None
@@ -340,11 +357,16 @@ class MultipleNegativesRankingLoss(nn.Module):
                 raise ValueError(f"with several negatives, each must be [B, D] like anchor "
                                  f"{want}; got {shapes}")
             neg = torch.stack(negatives, dim=1)  # [B, M, D]
+        if _gathering(self.gather_across_devices):
+            from .distributed import multiple_negatives_ranking_distributed
+            return multiple_negatives_ranking_distributed(anchor, positive, neg, scale=self.scale,
+                                                          grad_mode="ddp", backend=self.backend)
         return losses.multiple_negatives_ranking(anchor, positive, neg, scale=self.scale,
                                                  backend=self.backend)
 
     def extra_repr(self):
-        return f"scale={self.scale}, backend={self.backend!r}"
+        return (f"scale={self.scale}, gather_across_devices={self.gather_across_devices}, "
+                f"backend={self.backend!r}")
 
 
 class GroupWhitening(nn.Module):

@@ -1,6 +1,7 @@
-"""NT-Xent, DCL/DCLW and SupCon across gloo ranks (CPU): every rank's loss and gradients vs one
+"""NT-Xent, DCL/DCLW, SupCon and MNRL across gloo ranks (CPU): every rank's loss and gradients vs one
 process on the concatenated batch, with uneven local batches. One spawn per world size runs
 every configuration, to keep CI short."""
+import datetime
 import importlib.util
 import os
 
@@ -12,10 +13,12 @@ import torch.multiprocessing as mp
 import fastcl
 import fastcl.functional as FCL
 from fastcl import train as T
-from fastcl.distributed import dcl_distributed, nt_xent_distributed, supcon_distributed
+from fastcl.distributed import (dcl_distributed, info_nce_distributed, multiple_negatives_ranking_distributed,
+                                nt_xent_distributed, supcon_distributed)
 
 SIZES = {1: [5], 2: [5, 3], 3: [4, 1, 6]}  # pairs (samples for SupCon) per rank
-D, V = 7, 2
+POOL = {1: [3], 2: [2, 0], 3: [1, 4, 0]}  # MNRL's shared negatives per rank (0: None there)
+D, V, M = 7, 2, 2  # M: MNRL's hard negatives per anchor
 
 
 def _per_row(a, b):
@@ -44,11 +47,17 @@ CONFIGS = {
     "supcon_views": ("supcon", {}, "exact", torch.float64, "torch"),
     "supcon_none_ddp": ("supcon", dict(labels=True, reduction="none"), "ddp", torch.float64, "torch"),
     "supcon_triton": ("supcon", dict(labels=True), "exact", torch.float32, "triton"),
+    "mnrl": ("mnrl", {}, "exact", torch.float64, "torch"),
+    "mnrl_hard_none_ddp": ("mnrl", dict(negatives="hard", reduction="none", scale=5.0), "ddp",
+                           torch.float64, "torch"),
+    "mnrl_pool_sum": ("mnrl", dict(negatives="pool", reduction="sum"), "exact", torch.float64, "torch"),
+    "mnrl_triton": ("mnrl", dict(negatives="hard"), "exact", torch.float32, "triton"),
 }
 
 
 def _global_data(world, name):
-    """(sizes, Z1, Z2 [N, D] float64, features [N, V, D], labels [N], weights [N])."""
+    """(sizes, Z1, Z2 [N, D] float64, features [N, V, D], labels [N], weights [N], hard
+    negatives [N, M, D], pool [sum(POOL), D])."""
     sizes = SIZES[world]
     n = sum(sizes)
     g = torch.Generator().manual_seed(10 * world + len(name))
@@ -57,7 +66,22 @@ def _global_data(world, name):
     feats = torch.stack([Z1, Z2], dim=1)
     labels = torch.randint(0, 3, (n,), generator=g)
     weights = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
-    return sizes, Z1.float().double(), Z2.float().double(), feats.float().double(), labels, weights
+    hard = torch.randn(n, M, D, generator=g, dtype=torch.float64).float().double()
+    pool = torch.randn(sum(POOL[world]), D, generator=g, dtype=torch.float64).float().double()
+    return sizes, Z1.float().double(), Z2.float().double(), feats.float().double(), labels, weights, hard, pool
+
+
+def _negatives(kind, world, rank, hard, pool, dtype):
+    """This rank's MNRL negatives (rank None: all of them, for one process)."""
+    if kind == "hard":
+        sl = slice(sum(SIZES[world][:rank]), sum(SIZES[world][: rank + 1])) if rank is not None else slice(None)
+        return hard[sl].to(dtype)
+    if kind == "pool":
+        p = POOL[world]
+        if rank is None:
+            return pool.to(dtype)
+        return pool[sum(p[:rank]): sum(p[: rank + 1])].to(dtype) if p[rank] else None
+    return None
 
 
 def _kwargs(kw, weights):
@@ -69,13 +93,18 @@ def _kwargs(kw, weights):
 
 
 def _run(loss, kw, inputs, labels, weights, backend, grad_mode=None):
-    """(loss, input gradients) of one configuration; distributed when grad_mode is given."""
+    """(loss, input gradients) of one configuration; distributed when grad_mode is given.
+    MNRL's inputs: anchor, positive and, if any, its negatives."""
     kw = dict(_kwargs(kw, weights), backend=backend)
     if grad_mode is not None:
         kw["grad_mode"] = grad_mode
     if loss == "supcon":
         fn = supcon_distributed if grad_mode else FCL.supcon
         out = fn(inputs[0], labels, **kw)
+    elif loss == "mnrl":
+        kw.pop("negatives", None)
+        fn = multiple_negatives_ranking_distributed if grad_mode else FCL.multiple_negatives_ranking
+        out = fn(*inputs, **kw)
     else:
         fn = {"nt_xent": (nt_xent_distributed, FCL.nt_xent), "dcl": (dcl_distributed, FCL.dcl)}[loss]
         out = fn[0 if grad_mode else 1](*inputs, **kw)
@@ -83,27 +112,57 @@ def _run(loss, kw, inputs, labels, weights, backend, grad_mode=None):
     return out.detach(), [x.grad for x in inputs]
 
 
+def _inputs(name, world, rank):
+    """A configuration's leaf tensors: rank's (rank None: the whole batch, for one process)."""
+    loss, kw, _, dtype, _ = CONFIGS[name]
+    sizes, Z1, Z2, feats, labels, weights, hard, pool = _global_data(world, name)
+    sl = slice(sum(sizes[:rank]), sum(sizes[: rank + 1])) if rank is not None else slice(None)
+    if loss == "supcon":
+        return [feats[sl].to(dtype).requires_grad_()]
+    out = [Z1[sl].to(dtype).requires_grad_(), Z2[sl].to(dtype).requires_grad_()]
+    if loss == "mnrl":
+        neg = _negatives(kw.get("negatives"), world, rank, hard, pool, dtype)
+        if neg is not None:
+            out.append(neg.requires_grad_())
+    return out
+
+
+def _modules(gather):
+    """(name, module, inputs kind) of the modules with a distributed flag."""
+    return (("NTXentLoss", fastcl.nn.NTXentLoss(0.3, gather_distributed=gather), "pairs"),
+            ("DCLWLoss", fastcl.nn.DCLWLoss(0.2, sigma=0.4, gather_distributed=gather), "pairs"),
+            ("SupConLoss", fastcl.nn.SupConLoss(0.2, gather_distributed=gather), "supcon"),
+            ("MultipleNegativesRankingLoss",
+             fastcl.nn.MultipleNegativesRankingLoss(7.0, gather_across_devices=gather), "mnrl"))
+
+
+def _module_run(module, kind, world, rank):
+    sizes, Z1, Z2, feats, labels, weights, hard, pool = _global_data(world, "modules")
+    sl = slice(sum(sizes[:rank]), sum(sizes[: rank + 1])) if rank is not None else slice(None)
+    if kind == "supcon":
+        x = [feats[sl].clone().requires_grad_()]
+        out = module(x[0], labels[sl])
+    else:
+        x = [Z1[sl].clone().requires_grad_(), Z2[sl].clone().requires_grad_()]
+        if kind == "mnrl":  # forward(anchor, positive, *negatives): two [b, D] hard negatives
+            x += [h.clone().requires_grad_() for h in hard[sl].unbind(1)]
+        out = module(*x)
+    out.backward()
+    return out.detach(), [t.grad for t in x]
+
+
 def _worker(rank, world, init_file, out_prefix):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
     for name, (loss, kw, mode, dtype, backend) in CONFIGS.items():
-        sizes, Z1, Z2, feats, labels, weights = _global_data(world, name)
+        sizes, *_, labels, weights, _, _ = _global_data(world, name)
         sl = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        if loss == "supcon":
-            inputs = [feats[sl].to(dtype).requires_grad_()]
-        else:
-            inputs = [Z1[sl].to(dtype).requires_grad_(), Z2[sl].to(dtype).requires_grad_()]
-        results[name] = _run(loss, kw, inputs, labels[sl] if kw.get("labels") else None, weights[sl],
-                             backend, mode)
-    # lightly's signatures with gather_distributed=True: DDP's convention
-    sizes, Z1, Z2, *_ = _global_data(world, "modules")
-    sl = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    for name, module in (("NTXentLoss", fastcl.nn.NTXentLoss(0.3, gather_distributed=True)),
-                         ("DCLWLoss", fastcl.nn.DCLWLoss(0.2, sigma=0.4, gather_distributed=True))):
-        a, b = Z1[sl].clone().requires_grad_(), Z2[sl].clone().requires_grad_()
-        out = module(a, b)
-        out.backward()
-        results[name] = (out.detach(), [a.grad, b.grad])
+        results[name] = _run(loss, kw, _inputs(name, world, rank),
+                             labels[sl] if kw.get("labels") else None, weights[sl], backend, mode)
+    # the modules' distributed flags (lightly's gather_distributed, sentence-transformers'
+    # gather_across_devices): DDP's convention
+    for name, module, kind in _modules(True):
+        results[name] = _module_run(module, kind, world, rank)
     torch.save(results, f"{out_prefix}{rank}.pt")
     dist.barrier()  # every rank is done talking
     # Results are on disk; skip the process-group teardown, whose C++ destructors race with
@@ -111,11 +170,20 @@ def _worker(rank, world, init_file, out_prefix):
     os._exit(0)
 
 
-def _rows(sizes, r):
+def _rows(loss, sizes, r):
     """Rank r's rows of the single-process reduction="none" output: its anchors of view 1, then
-    of view 2 (z1's, z2's; SupCon's features view by view)."""
+    of view 2 (z1's, z2's; SupCon's features view by view); MNRL's anchors."""
     n, off, b = sum(sizes), sum(sizes[:r]), sizes[r]
-    return torch.cat([torch.arange(off, off + b) + v * n for v in range(V)])
+    return torch.cat([torch.arange(off, off + b) + v * n for v in range(1 if loss == "mnrl" else V)])
+
+
+def _grad_rows(name, world, r, i):
+    """Rank r's rows of one process's gradient of input i (a pool's own rows; None: no input)."""
+    sizes = SIZES[world]
+    if i == 2 and CONFIGS.get(name, ("",))[0] == "mnrl" and CONFIGS[name][1].get("negatives") == "pool":
+        p = POOL[world]
+        return slice(sum(p[:r]), sum(p[: r + 1])) if p[r] else None
+    return slice(sum(sizes[:r]), sum(sizes[: r + 1]))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -123,39 +191,47 @@ def test_family_distributed_equals_single_process(world, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for name, (loss, kw, mode, dtype, backend) in CONFIGS.items():
-        sizes, Z1, Z2, feats, labels, weights = _global_data(world, name)
-        inputs = ([feats.to(dtype).requires_grad_()] if loss == "supcon"
-                  else [Z1.to(dtype).requires_grad_(), Z2.to(dtype).requires_grad_()])
-        ref, ref_grads = _run(loss, kw, inputs, labels if kw.get("labels") else None, weights, backend)
+        sizes, *_, labels, weights, _, _ = _global_data(world, name)
+        ref, ref_grads = _run(loss, kw, _inputs(name, world, None), labels if kw.get("labels") else None,
+                              weights, backend)
         tol = 1e-5 if dtype == torch.float32 else 1e-10
         scale = world if mode == "ddp" else 1  # DDP averages: its ranks carry world x the gradient
         for r, res in enumerate(per_rank):
             out, grads = res[name]
-            sl = slice(sum(sizes[:r]), sum(sizes[: r + 1]))
             if ref.dim():  # reduction="none": this rank's anchors, scaled like their gradients
-                expected = scale * ref[_rows(sizes, r)]
+                expected = scale * ref[_rows(loss, sizes, r)]
             else:  # the global value on every rank
                 expected = ref
             # rtol=0: allclose's default rtol=1e-5 would hide anything below it
             assert torch.allclose(out, expected, rtol=0, atol=tol), (name, r, out, expected)
-            for x, g in zip(grads, ref_grads):
-                assert torch.allclose(x, scale * g[sl], rtol=0, atol=tol), (name, r, (x - scale * g[sl]).abs().max())
+            rows = [_grad_rows(name, world, r, i) for i in range(len(ref_grads))]
+            assert len(grads) == sum(x is not None for x in rows), (name, r)
+            for x, g in zip(grads, [g[sl] for g, sl in zip(ref_grads, rows) if sl is not None]):
+                assert torch.allclose(x, scale * g, rtol=0, atol=tol), (name, r, (x - scale * g).abs().max())
     # the modules: the global value, and gradients scaled for DDP's averaging
-    sizes, Z1, Z2, *_ = _global_data(world, "modules")
-    for name, module in (("NTXentLoss", fastcl.nn.NTXentLoss(0.3)), ("DCLWLoss", fastcl.nn.DCLWLoss(0.2, sigma=0.4))):
-        a, b = Z1.clone().requires_grad_(), Z2.clone().requires_grad_()
-        ref = module(a, b)
-        ref.backward()
+    for name, module, kind in _modules(False):
+        ref, ref_grads = _module_run(module, kind, world, None)
         for r, res in enumerate(per_rank):
             out, grads = res[name]
-            sl = slice(sum(sizes[:r]), sum(sizes[: r + 1]))
-            assert torch.allclose(out, ref.detach(), rtol=0, atol=1e-12), (name, r)
-            for x, g in zip(grads, (a.grad, b.grad)):
+            sl = _grad_rows(name, world, r, 0)
+            assert torch.allclose(out, ref, rtol=0, atol=1e-12), (name, r)
+            assert len(grads) == len(ref_grads)
+            for x, g in zip(grads, ref_grads):
                 assert torch.allclose(x, world * g[sl], rtol=0, atol=1e-12), (name, r)
 
 
+def _raises_on_rank1(rank):
+    def weight(a, b):  # e.g. a weight fn written for a fixed batch, on an uneven last batch
+        if rank == 1:
+            raise RuntimeError("weight fn failed")
+        return torch.ones(a.shape[0], dtype=a.dtype)
+    return weight
+
+
 def _errors_worker(rank, world, init_file, out_prefix):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a short timeout: a rank left waiting in a collective fails the test instead of hanging CI
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     z = torch.randn(4, 3, dtype=torch.float64)
     bad_on_rank1 = [
         (nt_xent_distributed, (z, z[:3] if rank == 1 else z), {}),                       # views differ
@@ -169,13 +245,28 @@ def _errors_worker(rank, world, init_file, out_prefix):
         (dcl_distributed, (z, z), dict(weight="cosine")),
         (supcon_distributed, (torch.randn(4, 3, dtype=torch.float64),), {}),                # no labels, one view
         (supcon_distributed, (z, torch.arange(3 if rank == 1 else 4)), {}),
+        (multiple_negatives_ranking_distributed, (z, z[:3] if rank == 1 else z), {}),
+        (multiple_negatives_ranking_distributed, (z, z), dict(scale=0.0 if rank == 1 else 20.0)),
+        (multiple_negatives_ranking_distributed, (z, z, torch.randn(3 if rank == 1 else 4, 2, 3, dtype=z.dtype)), {}),
+        # arguments the ranks must pass alike: a different reduction aborted gloo, a different
+        # temperature returned a mix of two losses, a different weight kind ran other collectives
+        (nt_xent_distributed, (z, z), dict(reduction="sum" if rank == 1 else "mean")),
+        (supcon_distributed, (z, torch.arange(4)), dict(temperature=0.2 if rank == 1 else 0.1)),
+        (dcl_distributed, (z, z), dict(weight="vmf" if rank == 1 else None)),
+        (multiple_negatives_ranking_distributed, (z, z), dict(scale=10 if rank == 1 else 20)),
+        # errors after the argument checks, on one rank: its backend, a weight fn's own
+        (nt_xent_distributed, (z, z), dict(backend="reference" if rank == 1 else "torch")),
+        (dcl_distributed, (z, z), dict(weight=_raises_on_rank1(rank))),
+        (dcl_distributed, (z, z), dict(weight=lambda a, b: torch.ones(3 if rank == 1 else 4, dtype=a.dtype))),
+        (info_nce_distributed, (z, z), dict(temperature=0.1, backend="reference" if rank == 1 else "torch")),
+        (info_nce_distributed, (z, z), dict(temperature=0.1, symmetric=rank == 1)),
     ]
     errors = []
     for fn, args, kw in bad_on_rank1:
         try:
             fn(*args, **kw)
             errors.append("no error")
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RuntimeError) as e:
             errors.append(f"{type(e).__name__}: {e}")
     # the trainer's WhitenedCSE recipe would whiten with each rank's statistics: refused
     try:
@@ -186,6 +277,11 @@ def _errors_worker(rank, world, init_file, out_prefix):
     # a loss over a single pair per rank is fine across ranks: the other ranks' views are its negatives
     one = dcl_distributed(z[rank: rank + 1], z[rank + 1: rank + 2] + 0.1)
     errors.append(bool(torch.isfinite(one)))
+    # int32 labels on one rank, int64 on the other (gloo aborted on the mixed gather): the loss
+    # of int64 labels everywhere; 1 and 1.0, the same temperature
+    labels = torch.tensor([0, 1, 0, 2])
+    mixed = supcon_distributed(z, labels.int() if rank == 1 else labels, temperature=1 if rank == 1 else 1.0)
+    errors.append(bool(torch.equal(mixed, supcon_distributed(z, labels, temperature=1.0))))
     torch.save(errors, f"{out_prefix}{rank}.pt")
     dist.barrier()
     os._exit(0)  # as in _worker
@@ -195,19 +291,24 @@ def test_family_distributed_bad_input(tmp_path):
     mp.spawn(_errors_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2, join=True)
     out = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     expected = ["same shape", "temperature", "empty batch", "grad_mode must be", "same grad_mode",
-                "same dtype", "shape [", "negatives must be", "weight must be", "several views", "labels"]
+                "same dtype", "shape [", "negatives must be", "weight must be", "several views", "labels",
+                "same shape", "scale", "must have B=4", "same reduction", "same temperature", "same weight",
+                "same scale", "'reference' is not usable", "weight fn failed", "got (3,)",
+                "'reference' is not usable", "same symmetric"]
     for i, what in enumerate(expected):
         # rank 1 names the problem; rank 0 (whose inputs were fine, unless every rank's were bad)
         # is told which rank's were not, instead of blocking in a collective
         assert what in out[1][i], (i, out[1][i])
         assert out[0][i] != "no error", (i, out[0][i])
-    assert all("not distributed" in o[-2] for o in out), out
-    assert out[0][-1] is True and out[1][-1] is True
+    assert len(out[1]) == len(expected) + 3, out[1]
+    assert all("not distributed" in o[-3] for o in out), out
+    assert all(o[-2] is True and o[-1] is True for o in out), out
 
 
 def test_family_distributed_needs_a_process_group():
     z = torch.randn(4, 3)
-    for fn, args in ((nt_xent_distributed, (z, z)), (dcl_distributed, (z, z)), (supcon_distributed, (z, None))):
+    for fn, args in ((nt_xent_distributed, (z, z)), (dcl_distributed, (z, z)), (supcon_distributed, (z, None)),
+                     (multiple_negatives_ranking_distributed, (z, z))):
         with pytest.raises(RuntimeError, match="initialised torch.distributed"):
             fn(*args)
 
@@ -256,3 +357,49 @@ def test_gather_distributed_equals_lightly(tmp_path):
             assert torch.allclose(l_ours, mean_of_theirs, rtol=0, atol=1e-12), (name, r)
             for x, y in zip(g_ours, g_theirs):
                 assert torch.allclose(x, y, rtol=0, atol=1e-12), (name, r, (x - y).abs().max())
+
+
+def _st_worker(rank, world, init_file, out_prefix):
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:  # releases before the module move
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from fastcl.integrations import MultipleNegativesRankingLoss as FusedMNRL
+
+    class Embedder(torch.nn.Module):  # stands in for a SentenceTransformer: features -> embeddings
+        def forward(self, features):
+            return {"sentence_embedding": features["x"]}
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(6)
+    cols = [torch.randn(4 * world, D, generator=g, dtype=torch.float64) for _ in range(3)]  # equal batches
+    sl = slice(4 * rank, 4 * rank + 4)
+    results = {}
+    for ncols in (2, 3):  # (anchor, positive) pairs and triplets
+        out = []
+        for cls in (MultipleNegativesRankingLoss, FusedMNRL):
+            x = [c[sl].clone().requires_grad_() for c in cols[:ncols]]
+            loss = cls(Embedder(), scale=10.0, gather_across_devices=True)([{"x": t} for t in x], None)
+            loss.backward()
+            out.append((loss.detach(), [t.grad for t in x]))
+        results[ncols] = out
+    torch.save(results, f"{out_prefix}{rank}.pt")
+    dist.barrier()
+    os._exit(0)  # as in _worker
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None,
+                    reason="sentence-transformers not installed")
+def test_gather_across_devices_equals_sentence_transformers(tmp_path):
+    """sentence-transformers' MNRL with gather_across_devices=True, 2 gloo ranks: the same
+    gradients on every rank; it returns each rank's own mean, fastcl the global one."""
+    world = 2
+    mp.spawn(_st_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for ncols in per_rank[0]:
+        mean_of_theirs = sum(res[ncols][0][0] for res in per_rank) / world
+        for r, res in enumerate(per_rank):
+            (l_theirs, g_theirs), (l_ours, g_ours) = res[ncols]
+            assert torch.allclose(l_ours, mean_of_theirs, rtol=0, atol=1e-12), (ncols, r)
+            for x, y in zip(g_ours, g_theirs):
+                assert torch.allclose(x, y, rtol=0, atol=1e-12), (ncols, r, (x - y).abs().max())

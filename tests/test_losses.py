@@ -487,6 +487,10 @@ _dot_named_cos_sim.__name__ = "cos_sim"  # what the check once went by
     (lambda: fastcl.nn.NTXentLoss(memory_bank_size=128), NotImplementedError, "memory bank"),
     (lambda: fastcl.nn.DCLLoss(gather_distributed="yes"), TypeError, "gather_distributed"),
     (lambda: fastcl.nn.NTXentLoss(gather_distributed="yes"), TypeError, "gather_distributed"),
+    (lambda: fastcl.nn.SupConLoss(gather_distributed="yes"), TypeError, "gather_distributed"),
+    (lambda: fastcl.nn.MultipleNegativesRankingLoss(gather_across_devices="no"), TypeError, "gather_across_devices"),
+    (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, gather_across_devices="yes"), TypeError,
+     "gather_across_devices"),
     (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight="vmf", sigma=0.0), ValueError, "sigma"),
     (lambda: FCL.dcl_weights(torch.randn(4, 3), torch.randn(4, 3), sigma=-1.0), ValueError, "sigma"),
     # dcl_weights checked nothing: a 1-D pair gave a number, [4, 3] with [5, 3] torch's broadcast error
