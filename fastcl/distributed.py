@@ -15,7 +15,8 @@ The loss family (``nt_xent_distributed``, ``dcl_distributed``, ``supcon_distribu
 every rank's views the all_gather way, this rank's first, and runs fastcl.losses' own rows on
 them: the fused op's exclusions (self, partner) and labels keep their local indices.
 ``multiple_negatives_ranking_distributed`` is InfoNCE with each rank's positives and negatives
-as its keys.
+as its keys. ``group_whiten_distributed`` whitens with the global batch's statistics
+(SyncBatchNorm-like: all-reduced mean and Gram, and their gradients in the backward).
 
 Gradient convention (``grad_mode``):
 - ``"exact"`` (default): every rank returns the GLOBAL loss value. The gradients w.r.t. its
@@ -35,12 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _dispatch, _validation, losses
+from . import _dispatch, _validation, losses, whitening
 from ._common import no_autocast
 from .info_nce import _impl, prepare, row_terms
 
 __all__ = ["info_nce_distributed", "nt_xent_distributed", "dcl_distributed", "supcon_distributed",
-           "multiple_negatives_ranking_distributed", "mean_grad_over_ranks"]
+           "multiple_negatives_ranking_distributed", "group_whiten_distributed",
+           "shuffled_group_whiten_distributed", "mean_grad_over_ranks"]
 
 
 def _all_ints(values, device, group):
@@ -562,3 +564,79 @@ def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, neg
     (cands, s), _ = _validate_collectively(validate, anchor, group, (("scale", scale), ("reduction", reduction)))
     return info_nce_distributed(anchor, cands, temperature=1.0 / s, reduction=reduction,
                                 grad_mode=grad_mode, group=group, backend=backend)
+
+
+# ----------------------------------------------------------------------------- group whitening
+def _allsum(group):
+    def allsum(t):
+        t = t.contiguous().clone()
+        dist.all_reduce(t, group=group)
+        return t
+    return allsum
+
+
+@torch.compiler.disable  # collectives in an autograd.Function: run eagerly (a graph break)
+def group_whiten_distributed(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str = "zca",
+                             iters: Optional[int] = None, perm: Optional[Tensor] = None, ddof: int = 0,
+                             detach_stats: bool = False, group=None, backend: str = "auto",
+                             return_matrix: bool = False):
+    """Group whitening (:func:`fastcl.functional.group_whiten`) with the statistics of the
+    global batch, like SyncBatchNorm: each rank passes its x [n_r, D] (uneven n_r, 0 included)
+    and gets its rows of one process's output on the concatenated batch.
+
+    The mean and the centred Gram are all-reduced (two passes, as in one process), so every
+    rank computes the same W [G, g, g]. The backward all-reduces W's and the mean's gradients:
+    each rank's x gets the gradient of the sum of every rank's loss, whatever the loss's own
+    convention (an exact global loss, or DDP's scaled one: this op is linear in them).
+    Arguments as in group_whiten (perm: the same on every rank), with the backends' analytic
+    backward ("torch", and the Newton-Schulz kernels of "triton" / "cuda"; not "reference").
+    Every rank calls this collectively with the same arguments except x (checked).
+    """
+    _world_and_rank(group)
+    iters_ = whitening.DEFAULT_NS_ITERS if iters is None else iters
+
+    def validate():
+        whitening.check_input(x, num_groups, eps, ddof, method, iters, perm)
+        d = _validation.check_bool(detach_stats, "detach_stats")
+        r = _validation.check_bool(return_matrix, "return_matrix")
+        b = whitening.resolve_backend(backend, x, method, x.shape[1] // num_groups)
+        if b == "reference":
+            raise _dispatch.BackendUnavailable("backend='reference' is not usable here: the distributed "
+                                               "whitening runs the analytic backward ('torch', 'triton' or 'cuda')")
+        return (d, r, b), [x.dtype, x.shape[1], x.shape[0], x.shape[0], False, 0, "exact"]
+
+    perm_key = perm.tolist() if isinstance(perm, Tensor) and perm.dim() == 1 else perm
+    (detach, want_w, backend), metas = _validate_collectively(
+        validate, x, group, (("num_groups", num_groups), ("eps", eps), ("method", method), ("iters", iters),
+                             ("ddof", ddof), ("detach_stats", detach_stats), ("perm", perm_key)))
+    n = sum(m[3] for m in metas)
+    whitening.check_samples(n, x.shape[1] // num_groups, eps, ddof)  # the same verdict on every rank
+    with no_autocast(x.device):
+        y, W = whitening._whiten(x, num_groups, eps, ddof, method, iters_, perm, detach, backend,
+                                 over=(_allsum(group), n))
+    return (y, W) if want_w else y
+
+
+def shuffled_group_whiten_distributed(x: Tensor, num_groups: int, k: int = 3, *, generator=None, group=None,
+                                      **kwargs) -> Tensor:
+    """:func:`fastcl.functional.shuffled_group_whiten` with global statistics: k views [k, n_r, D]
+    of this rank's x ([n_r, D], or [k, n_r, D]), each whitened by :func:`group_whiten_distributed`
+    with its own channel permutation. The permutations are rank 0's (drawn from its generator
+    and broadcast), so that every rank whitens the same channel groups."""
+    _world_and_rank(group)
+    error, views, perms = None, None, None
+    try:
+        views, perms = whitening.shuffled_views(x, k, generator, kwargs)
+        if "group" in kwargs:
+            raise TypeError("group is this function's own argument")
+    except (ValueError, TypeError) as e:
+        error = e
+    _raise_together(error, x, group)
+    # k and D must agree before the broadcast, whose sizes they set
+    metas = _all_ints([k, x.shape[-1]], x.device, group)
+    if len({tuple(m) for m in metas}) > 1:
+        raise ValueError(f"every rank must pass the same k and D; per rank: {metas}")
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast(perms, src=src, group=group)
+    return torch.stack([group_whiten_distributed(v, num_groups, perm=p, group=group, **kwargs)
+                        for v, p in zip(views, perms)])

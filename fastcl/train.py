@@ -17,8 +17,7 @@
   runs in fp32 on the embeddings.
 - Under torch.distributed (initialised by the caller), the encoders are wrapped in DDP and the
   InfoNCE/CLIP, NT-Xent and DCL/DCLW losses see the global batch (``fastcl.distributed``,
-  gradients scaled for DDP). WhitenedCSE raises there: its whitening statistics would be each
-  rank's, not the global batch's.
+  gradients scaled for DDP); WhitenedCSE whitens with the global batch's statistics.
 - ``checkpoint_path`` saves model, optimizer, scaler, history and every rank's RNG states
   (torch CPU, the trainer's CUDA device, Python ``random``, NumPy); ``resume=True`` (which
   needs ``checkpoint_path``) loads it if the file exists, so that a preemptible job restarts
@@ -83,11 +82,6 @@ class Recipe(nn.Module):
             return info_nce_distributed(a, b, grad_mode="ddp", **kw)
         return FCL.info_nce(a, b, **kw)
 
-    def _local_only(self, name):
-        if _distributed():
-            raise NotImplementedError(f"the {name} recipe is not distributed (its whitening statistics "
-                                      f"would be each rank's); SimCLR, SimCSE and CLIP are")
-
 
 class SimCLR(Recipe):
     """Two augmented views of each sample; loss "info_nce" (symmetric), "nt_xent", "dcl" or "dclw"."""
@@ -139,7 +133,9 @@ class SimCSE(Recipe):
 class WhitenedCSE(Recipe):
     """WhitenedCSE: k views from shuffled group whitening of the embeddings (each view with its
     own channel permutation), and a multi-positive InfoNCE whose positives are the other views
-    of the same sample (the fused SupCon loss)."""
+    of the same sample (the fused SupCon loss). Under torch.distributed the whitening takes the
+    global batch's statistics (SyncBatchNorm-like; the permutations are rank 0's) and SupCon
+    every rank's views, as one process on the concatenated batch."""
 
     def __init__(self, encoder: nn.Module, num_groups: int, k: int = 3, temperature: float = 0.05,
                  method: str = "zca", detach_stats: bool = True, eps: float = 1e-5):
@@ -164,7 +160,10 @@ class WhitenedCSE(Recipe):
         return [("encoder", x)]
 
     def loss(self, z):
-        self._local_only("WhitenedCSE")
+        if _distributed():  # the whitening's backward sums the ranks' gradients of W and the mean
+            from . import distributed
+            views = distributed.shuffled_group_whiten_distributed(z[0], self.num_groups, self.k, **self.whiten_kw)
+            return distributed.supcon_distributed(views.transpose(0, 1), temperature=self.tau, grad_mode="ddp")
         views = FCL.shuffled_group_whiten(z[0], self.num_groups, self.k, **self.whiten_kw)  # [k, N, D]
         return FCL.supcon(views.transpose(0, 1), temperature=self.tau)
 

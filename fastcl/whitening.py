@@ -99,7 +99,7 @@ def stats_dtype(method: str, xg: Tensor) -> torch.dtype:
     return xg.dtype
 
 
-def run_dtype(method: str, xg: Tensor) -> torch.dtype:
+def run_dtype(method: str, xg: Tensor, n: Optional[int] = None) -> torch.dtype:
     """The dtype the op runs in, for xg [G, N, g] in the compute dtype: xg's, but fp64 for ZCA
     and Cholesky of fp32 statistics (stats_dtype) when N - 1 < g. There the covariance has
     zero eigenvalues (eps after the shift), and fp32 centring leaves ~1e-3 of rounding in
@@ -109,17 +109,26 @@ def run_dtype(method: str, xg: Tensor) -> torch.dtype:
     fp64 both are within 1e-7. Such batches are small (N <= g), so fp64 costs little; with more
     samples fp64 throughout would cost ~3x the fp32 op on a CPU (2026-11-24), and the Gram
     alone in fp64 serves (stats_dtype)."""
-    if stats_dtype(method, xg) == torch.float64 and xg.shape[1] - 1 < xg.shape[2]:
+    n = xg.shape[1] if n is None else n  # the samples over all ranks (fastcl.distributed)
+    if stats_dtype(method, xg) == torch.float64 and n - 1 < xg.shape[2]:
         return torch.float64
     return xg.dtype
 
 
-def group_stats(xg: Tensor, eps: float, ddof: int, dtype: Optional[torch.dtype] = None):
+def group_stats(xg: Tensor, eps: float, ddof: int, dtype: Optional[torch.dtype] = None, over=None):
     """xg [G, N, g] in the compute dtype -> (xc, S) with the mean removed before the Gram;
-    S in `dtype` (default xg's: see stats_dtype)."""
-    xc = xg - xg.mean(dim=1, keepdim=True)
+    S in `dtype` (default xg's: see stats_dtype). over: None (this batch), or (allsum, n): the
+    statistics of n samples spread over processes, allsum(t) summing t over them (the mean's
+    sum first, then the centred Gram: two passes, as here)."""
+    if over is None:
+        xc = xg - xg.mean(dim=1, keepdim=True)
+        n = xg.shape[1]
+    else:
+        allsum, n = over
+        xc = xg - allsum(xg.sum(dim=1, keepdim=True)) / n
     xs = xc if dtype is None else xc.to(dtype)
-    S = xs.transpose(-1, -2) @ xs / (xg.shape[1] - ddof)
+    S = xs.transpose(-1, -2) @ xs
+    S = (S if over is None else over[0](S)) / (n - ddof)
     if eps:
         S = S + eps * torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
     return xc, S
@@ -182,8 +191,8 @@ class _GroupWhiten(torch.autograd.Function):
     """xg [G, N, g] in run_dtype -> (y, W) in xg's dtype. data_dtype: the dtype xg's values
     were computed in, whose machine epsilon the eps = 0 rank test takes."""
     @staticmethod
-    def forward(ctx, xg, eps, ddof, method, iters, detach_stats, backend, data_dtype):
-        xc, S = group_stats(xg, eps, ddof, stats_dtype(method, xg))
+    def forward(ctx, xg, eps, ddof, method, iters, detach_stats, backend, data_dtype, over=None):
+        xc, S = group_stats(xg, eps, ddof, stats_dtype(method, xg), over)
         _check_not_singular(S, eps, data_dtype)  # before eigh, which fails to converge on NaN
         if method == "zca":
             W, (U, sigma) = zca_matrix(S, eps)
@@ -195,7 +204,7 @@ class _GroupWhiten(torch.autograd.Function):
             else:
                 W = _matrix(S, method, iters).to(xc.dtype)
             ctx.save_for_backward(xc, W, S)
-        ctx.cfg = (ddof, method, iters, detach_stats)
+        ctx.cfg = (ddof, method, iters, detach_stats, over)
         ctx.mark_non_differentiable(W)
         return xc @ W, W  # W for running statistics (GroupWhitening); it gets no gradient
 
@@ -209,12 +218,14 @@ class _GroupWhiten(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, gy):
-        ddof, method, iters, detach_stats = ctx.cfg
+        ddof, method, iters, detach_stats, over = ctx.cfg
         xc, W = ctx.saved_tensors[:2]
+        # Across processes, W's and the mean's gradients sum every process's contributions
+        allsum, n = ((lambda t: t), xc.shape[1]) if over is None else over
         if detach_stats:
             gxc = gy @ W.transpose(-1, -2)
         else:
-            G_W = xc.transpose(-1, -2) @ gy
+            G_W = allsum(xc.transpose(-1, -2) @ gy)
             if method == "zca":
                 U, sigma = ctx.saved_tensors[2:]
                 G_S = zca_grad_cov(G_W.to(U.dtype), U, sigma).to(xc.dtype)
@@ -228,8 +239,9 @@ class _GroupWhiten(torch.autograd.Function):
                 # same W. The kernels' W (Triton, CUDA) differs from this one by rounding, which
                 # the cancellation made 10-130x naive's gradient error.
             gxc = gy @ W.detach().transpose(-1, -2)
-            gxc = gxc + xc @ (G_S + G_S.transpose(-1, -2)) / (xc.shape[1] - ddof)
-        return gxc - gxc.mean(dim=1, keepdim=True), None, None, None, None, None, None, None
+            gxc = gxc + xc @ (G_S + G_S.transpose(-1, -2)) / (n - ddof)
+        mean = gxc.mean(dim=1, keepdim=True) if over is None else allsum(gxc.sum(dim=1, keepdim=True)) / n
+        return gxc - mean, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -253,25 +265,33 @@ def check_options(D, num_groups, eps, ddof, method, iters):
 
 
 def _check(x, num_groups, eps, ddof, method, iters, perm):
+    check_input(x, num_groups, eps, ddof, method, iters, perm)
+    check_samples(x.shape[0], x.shape[1] // num_groups, eps, ddof)
+
+
+def check_input(x, num_groups, eps, ddof, method, iters, perm):
+    """Everything but the number of samples (the distributed op's is the sum over ranks)."""
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [N, D], got {getattr(x, 'shape', type(x))}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"x must be a floating tensor, got {x.dtype}")
-    N, D = x.shape
+    D = x.shape[1]
     check_options(D, num_groups, eps, ddof, method, iters)
-    g = D // num_groups
-    if N - ddof < 1:
-        raise ValueError(f"need N - ddof >= 1 samples, got N={N}, ddof={ddof}")
-    if N - 1 < g and eps == 0:  # centring leaves N - 1 degrees of freedom, whatever ddof is
-        raise ValueError(f"the group covariance is singular: N = {N} centred samples span at most "
-                         f"{N - 1} < group size {g} dimensions; use more samples, fewer channels "
-                         f"per group, or eps > 0")
     if perm is not None:
         if not isinstance(perm, Tensor) or perm.shape != (D,) or perm.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"perm must be an integer tensor of shape [{D}]")
         if _validation.has_values(perm):
             _validation.require((torch.sort(perm).values == torch.arange(D, device=perm.device)).all(),
                                 "perm must be a permutation of range(D)")
+
+
+def check_samples(N, g, eps, ddof):
+    if N - ddof < 1:
+        raise ValueError(f"need N - ddof >= 1 samples, got N={N}, ddof={ddof}")
+    if N - 1 < g and eps == 0:  # centring leaves N - 1 degrees of freedom, whatever ddof is
+        raise ValueError(f"the group covariance is singular: N = {N} centred samples span at most "
+                         f"{N - 1} < group size {g} dimensions; use more samples, fewer channels "
+                         f"per group, or eps > 0")
 
 
 def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str = "zca",
@@ -305,25 +325,33 @@ def group_whiten(x: Tensor, num_groups: int, *, eps: float = 1e-5, method: str =
     detach_stats = _validation.check_bool(detach_stats, "detach_stats")
     return_matrix = _validation.check_bool(return_matrix, "return_matrix")
     iters = DEFAULT_NS_ITERS if iters is None else iters
-    N, D = x.shape
-    g = D // num_groups
-    # The kernels see only the statistics, in the compute dtype (fp32 for 16-bit x): dispatch on
-    # it, so that 16-bit inputs take fp32's measured figures (and the Triton interpreter, which
-    # refuses bf16 operands, runs them).
-    backend = _dispatch.resolve(backend, x.device, _cdt(x.dtype), {"triton": _kernel_limits(method, g, "triton"),
-                                                            "cuda": _cuda_limits(method, g, x.device)},
-                                op="group_whiten")
+    backend = resolve_backend(backend, x, method, x.shape[1] // num_groups)
     with no_autocast(x.device):  # fp32 statistics under autocast too (its bf16 Gram was 1e-2 off)
         y, W = _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend)
     return (y, W) if return_matrix else y
 
 
-def _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend):
+def resolve_backend(backend, x, method, g):
+    # The kernels see only the statistics, in the compute dtype (fp32 for 16-bit x): dispatch on
+    # it, so that 16-bit inputs take fp32's measured figures (and the Triton interpreter, which
+    # refuses bf16 operands, runs them).
+    return _dispatch.resolve(backend, x.device, _cdt(x.dtype), {"triton": _kernel_limits(method, g, "triton"),
+                                                         "cuda": _cuda_limits(method, g, x.device)},
+                             op="group_whiten")
+
+
+def _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend, over=None):
+    """over: None, or (allsum, n) for statistics over processes (fastcl.distributed: the
+    analytic backward only; the reference and the compiled path are one process's)."""
     N, D = x.shape
     g = D // num_groups
     xp = x[:, perm] if perm is not None else x
     xg = xp.to(_cdt(x.dtype)).reshape(N, num_groups, g).transpose(0, 1)
-    if backend == "reference":
+    if over is not None:
+        yg, W = _GroupWhiten.apply(xg.to(run_dtype(method, xg, over[1])), eps, ddof, method, iters, detach_stats,
+                                   backend, xg.dtype, over)
+        y, W = yg.transpose(0, 1).reshape(N, D).to(x.dtype), W.to(xg.dtype)
+    elif backend == "reference":
         if eps == 0:  # refused as the other backends refuse it (the reference gave NaN)
             _check_not_singular(group_stats(xg.detach(), eps, ddof)[1], eps)
         # in the statistics' dtype, as the other backends (eigh and Cholesky have no 16-bit
@@ -413,12 +441,8 @@ def whiten_reference(x, num_groups, *, eps=1e-5, method="zca", iters=DEFAULT_NS_
     return (y, W) if return_matrix else y
 
 
-def shuffled_group_whiten(x: Tensor, num_groups: int, k: int = 3, *, generator=None, **kwargs) -> Tensor:
-    """k views, each whitened with its own random channel permutation (WhitenedCSE).
-
-    x: [N, D] (the same batch for every view) or [k, N, D] (one batch per view).
-    Returns [k, N, D]. kwargs go to :func:`group_whiten`.
-    """
+def shuffled_views(x, k, generator, kwargs):
+    """shuffled_group_whiten's checks: (its k views of x, k permutations [k, D] on x's device)."""
     if not _validation.is_int(k) or k < 1:
         raise ValueError(f"k is the number of views (an integer >= 1), got {k!r}")
     if not isinstance(x, torch.Tensor):
@@ -435,6 +459,15 @@ def shuffled_group_whiten(x: Tensor, num_groups: int, k: int = 3, *, generator=N
         views = [x] * k
     else:
         raise ValueError(f"x must be [N, D] or [k, N, D], got {tuple(x.shape)}")
-    D = x.shape[-1]
-    perms = [torch.randperm(D, generator=generator).to(x.device) for _ in range(k)]
+    perms = torch.stack([torch.randperm(x.shape[-1], generator=generator) for _ in range(k)]).to(x.device)
+    return views, perms
+
+
+def shuffled_group_whiten(x: Tensor, num_groups: int, k: int = 3, *, generator=None, **kwargs) -> Tensor:
+    """k views, each whitened with its own random channel permutation (WhitenedCSE).
+
+    x: [N, D] (the same batch for every view) or [k, N, D] (one batch per view).
+    Returns [k, N, D]. kwargs go to :func:`group_whiten`.
+    """
+    views, perms = shuffled_views(x, k, generator, kwargs)
     return torch.stack([group_whiten(v, num_groups, perm=p, **kwargs) for v, p in zip(views, perms)])

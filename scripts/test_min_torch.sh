@@ -20,5 +20,5 @@ quiet $P "torch==2.4.1" "numpy<2" pytest "setuptools>=70" wheel
 FASTCL_BUILD_CUDA=0 quiet $P --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c "import torch, triton; print('oldest supported: torch', torch.__version__, 'triton', triton.__version__)"
 exec "$VENV/bin/python" -m pytest -q -rfE -p no:cacheprovider --disable-warnings tests/test_info_nce.py tests/test_losses.py \
-  tests/test_whitening.py tests/test_errors.py tests/test_distributed.py tests/test_distributed_family.py tests/test_train.py tests/test_readme.py \
+  tests/test_whitening.py tests/test_errors.py tests/test_distributed.py tests/test_distributed_family.py tests/test_distributed_whitening.py tests/test_train.py tests/test_readme.py \
   tests/test_build.py tests/test_compile.py "$@"

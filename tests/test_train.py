@@ -464,6 +464,8 @@ def _ddp_recipe(kind):
         return T.CLIP(_mlp(seed=1), _mlp(seed=2)).double()
     if kind.startswith("simclr_"):
         return T.SimCLR(_mlp(seed=4), _Alternating(), loss=kind[len("simclr_"):], temperature=0.3)
+    if kind == "whitened":  # whitening statistics of the global batch; rank 0's permutations
+        return T.WhitenedCSE(_mlp(seed=5, d_out=6), num_groups=2, k=3, detach_stats=False, temperature=0.2)
     return T.SimCSE(_mlp(seed=3))
 
 
@@ -486,7 +488,7 @@ def _ddp_worker(rank, world, init_file, out, chunk, kind):
     os._exit(0)
 
 
-@pytest.mark.parametrize("kind", ["clip", "simcse", "simclr_nt_xent", "simclr_dclw"])
+@pytest.mark.parametrize("kind", ["clip", "simcse", "simclr_nt_xent", "simclr_dclw", "whitened"])
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_ddp_equals_single_process(tmp_path, chunk, kind):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), chunk, kind), nprocs=2, join=True)
