@@ -39,3 +39,16 @@ FLAG_CASES = {
     "dcl": dict(exclude_diag=True, exclude_pos=True, labels=True),
     "supcon": dict(multi=True, exclude_diag=True),
 }
+
+
+def error_messages(cases):
+    """'Type: message' of each (fn, args, kwargs) call's error, or 'no error' (the collective
+    error tests: every rank records what it was told)."""
+    out = []
+    for fn, args, kw in cases:
+        try:
+            fn(*args, **kw)
+            out.append("no error")
+        except (ValueError, TypeError, RuntimeError) as e:
+            out.append(f"{type(e).__name__}: {e}")
+    return out

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import fastcl
 import fastcl.functional as FCL
+from helpers import error_messages
 from fastcl.distributed import (dcl_distributed, info_nce_distributed, multiple_negatives_ranking_distributed,
                                 nt_xent_distributed, supcon_distributed)
 
@@ -260,13 +261,7 @@ def _errors_worker(rank, world, init_file, out_prefix):
         (info_nce_distributed, (z, z), dict(temperature=0.1, backend="reference" if rank == 1 else "torch")),
         (info_nce_distributed, (z, z), dict(temperature=0.1, symmetric=rank == 1)),
     ]
-    errors = []
-    for fn, args, kw in bad_on_rank1:
-        try:
-            fn(*args, **kw)
-            errors.append("no error")
-        except (ValueError, TypeError, RuntimeError) as e:
-            errors.append(f"{type(e).__name__}: {e}")
+    errors = error_messages(bad_on_rank1)
     # a loss over a single pair per rank is fine across ranks: the other ranks' views are its negatives
     one = dcl_distributed(z[rank: rank + 1], z[rank + 1: rank + 2] + 0.1)
     errors.append(bool(torch.isfinite(one)))
@@ -328,7 +323,7 @@ def _lightly_worker(rank, world, init_file, out_prefix):
             a, b = Z1[sl].clone().requires_grad_(), Z2[sl].clone().requires_grad_()
             loss = module(a, b)
             loss.backward()
-            out.append((loss.detach(), a.grad, b.grad))
+            out.append((loss.detach(), [a.grad, b.grad]))
         results[name] = out
     torch.save(results, f"{out_prefix}{rank}.pt")
     dist.barrier()
@@ -339,16 +334,22 @@ def _lightly_worker(rank, world, init_file, out_prefix):
 def test_gather_distributed_equals_lightly(tmp_path):
     """lightly's modules with gather_distributed=True, 2 gloo ranks: the same gradients on every
     rank (DDP's convention); lightly returns each rank's own mean, fastcl the global one."""
-    world = 2
-    mp.spawn(_lightly_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=world, join=True)
+    _check_against_peer(_lightly_worker, tmp_path)
+
+
+def _check_against_peer(worker, tmp_path, world=2):
+    """Each case's (peer's, fastcl's) (loss, input gradients) per rank: the same gradients, and
+    fastcl's value the mean of the peer's per-rank values (the global loss, for equal batches)."""
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    for name in per_rank[0]:
-        mean_of_theirs = sum(res[name][0][0] for res in per_rank) / world
+    for case in per_rank[0]:
+        mean_of_theirs = sum(res[case][0][0] for res in per_rank) / world
         for r, res in enumerate(per_rank):
-            (l_theirs, *g_theirs), (l_ours, *g_ours) = res[name]
-            assert torch.allclose(l_ours, mean_of_theirs, rtol=0, atol=1e-12), (name, r)
+            (l_theirs, g_theirs), (l_ours, g_ours) = res[case]
+            assert torch.allclose(l_ours, mean_of_theirs, rtol=0, atol=1e-12), (case, r)
+            assert len(g_ours) == len(g_theirs)
             for x, y in zip(g_ours, g_theirs):
-                assert torch.allclose(x, y, rtol=0, atol=1e-12), (name, r, (x - y).abs().max())
+                assert torch.allclose(x, y, rtol=0, atol=1e-12), (case, r, (x - y).abs().max())
 
 
 def _st_worker(rank, world, init_file, out_prefix):
@@ -385,13 +386,4 @@ def _st_worker(rank, world, init_file, out_prefix):
 def test_gather_across_devices_equals_sentence_transformers(tmp_path):
     """sentence-transformers' MNRL with gather_across_devices=True, 2 gloo ranks: the same
     gradients on every rank; it returns each rank's own mean, fastcl the global one."""
-    world = 2
-    mp.spawn(_st_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=world, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    for ncols in per_rank[0]:
-        mean_of_theirs = sum(res[ncols][0][0] for res in per_rank) / world
-        for r, res in enumerate(per_rank):
-            (l_theirs, g_theirs), (l_ours, g_ours) = res[ncols]
-            assert torch.allclose(l_ours, mean_of_theirs, rtol=0, atol=1e-12), (ncols, r)
-            for x, y in zip(g_ours, g_theirs):
-                assert torch.allclose(x, y, rtol=0, atol=1e-12), (ncols, r, (x - y).abs().max())
+    _check_against_peer(_st_worker, tmp_path)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastcl.functional as FCL
+from helpers import error_messages
 from fastcl.distributed import group_whiten_distributed, shuffled_group_whiten_distributed
 
 SIZES = {1: [9], 2: [7, 4], 3: [5, 0, 6]}  # samples per rank
@@ -107,13 +108,7 @@ def _errors_worker(rank, world, init_file, out_prefix):
         (shuffled_group_whiten_distributed, (x, G, 2 if rank == 1 else 3), {}),
         (shuffled_group_whiten_distributed, (x, G), dict(perm=other)),
     ]
-    out = []
-    for fn, args, kw in cases:
-        try:
-            fn(*args, **kw)
-            out.append("no error")
-        except (ValueError, TypeError, RuntimeError) as e:
-            out.append(f"{type(e).__name__}: {e}")
+    out = error_messages(cases)
     torch.save(out, f"{out_prefix}{rank}.pt")
     dist.barrier()
     os._exit(0)
