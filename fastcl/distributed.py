@@ -586,11 +586,14 @@ def group_whiten_distributed(x: Tensor, num_groups: int, *, eps: float = 1e-5, m
 
     The mean and the centred Gram are all-reduced (two passes, as in one process), so every
     rank computes the same W [G, g, g]. The backward all-reduces W's and the mean's gradients:
-    each rank's x gets the gradient of the sum of every rank's loss, whatever the loss's own
-    convention (an exact global loss, or DDP's scaled one: this op is linear in them).
+    each rank's x gets the gradient of the sum of every rank's loss: one process's gradient
+    for a global loss (grad_mode="exact"), world_size x it for DDP's scaled one (grad_mode="ddp",
+    whose average over the ranks DDP takes), as the loss's own gradients are.
     Arguments as in group_whiten (perm: the same on every rank), with the backends' analytic
     backward ("torch", and the Newton-Schulz kernels of "triton" / "cuda"; not "reference").
-    Every rank calls this collectively with the same arguments except x (checked).
+    Every rank calls this collectively with the same arguments except x (checked), and, like
+    SyncBatchNorm, every rank must run the backward too (its all-reduces): x requiring grad
+    on some ranks only, or a backward on some ranks only, leaves the others waiting.
     """
     _world_and_rank(group)
     iters_ = whitening.DEFAULT_NS_ITERS if iters is None else iters
@@ -605,9 +608,12 @@ def group_whiten_distributed(x: Tensor, num_groups: int, *, eps: float = 1e-5, m
                                                "whitening runs the analytic backward ('torch', 'triton' or 'cuda')")
         return (d, r, b), [x.dtype, x.shape[1], x.shape[0], x.shape[0], False, 0, "exact"]
 
-    perm_key = perm.tolist() if isinstance(perm, Tensor) and perm.dim() == 1 else perm
+    try:  # outside validate(): an error here must not leave the other ranks waiting
+        perm_key = perm.tolist() if isinstance(perm, Tensor) and perm.dim() == 1 else perm
+    except Exception:  # e.g. a meta tensor: validate() says what is wrong with it
+        perm_key = "unreadable"
     (detach, want_w, backend), metas = _validate_collectively(
-        validate, x, group, (("num_groups", num_groups), ("eps", eps), ("method", method), ("iters", iters),
+        validate, x, group, (("num_groups", num_groups), ("eps", eps), ("method", method), ("iters", iters_),
                              ("ddof", ddof), ("detach_stats", detach_stats), ("perm", perm_key)))
     n = sum(m[3] for m in metas)
     whitening.check_samples(n, x.shape[1] // num_groups, eps, ddof)  # the same verdict on every rank
@@ -627,8 +633,6 @@ def shuffled_group_whiten_distributed(x: Tensor, num_groups: int, k: int = 3, *,
     error, views, perms = None, None, None
     try:
         views, perms = whitening.shuffled_views(x, k, generator, kwargs)
-        if "group" in kwargs:
-            raise TypeError("group is this function's own argument")
     except (ValueError, TypeError) as e:
         error = e
     _raise_together(error, x, group)

@@ -311,7 +311,7 @@ class SupConLoss(nn.Module):
     grad_mode="ddp"); the value returned is the global loss.
     """
 
-    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False, backend: str = "auto"):
+    def __init__(self, temperature: float = 0.1, backend: str = "auto", gather_distributed: bool = False):
         super().__init__()
         _check_settings(backend, temperature=temperature)
         self.temperature, self.backend = temperature, backend
@@ -340,7 +340,7 @@ class MultipleNegativesRankingLoss(nn.Module):
     value returned is the global loss, where sentence-transformers returns each rank's mean.
     """
 
-    def __init__(self, scale: float = 20.0, gather_across_devices: bool = False, backend: str = "auto"):
+    def __init__(self, scale: float = 20.0, backend: str = "auto", gather_across_devices: bool = False):
         super().__init__()
         _check_settings(backend, scale=scale)
         self.scale, self.backend = scale, backend

@@ -348,6 +348,9 @@ def _whiten(x, num_groups, eps, ddof, method, iters, perm, detach_stats, backend
     xp = x[:, perm] if perm is not None else x
     xg = xp.to(_cdt(x.dtype)).reshape(N, num_groups, g).transpose(0, 1)
     if over is not None:
+        refuse_func_transforms("the distributed group whitening (an autograd.Function with collectives) "
+                               "does not run under torch.func transforms (grad, vjp, jacrev, jvp, vmap)",
+                               refused=("Grad", "Jvp", "Vmap"))
         yg, W = _GroupWhiten.apply(xg.to(run_dtype(method, xg, over[1])), eps, ddof, method, iters, detach_stats,
                                    backend, xg.dtype, over)
         y, W = yg.transpose(0, 1).reshape(N, D).to(x.dtype), W.to(xg.dtype)

@@ -314,8 +314,8 @@ def test_ab_whitening_stats_times_both_and_restores(monkeypatch):
     default = whitening.stats_dtype
     seen = []
     real = whitening.group_stats
-    monkeypatch.setattr(whitening, "group_stats", lambda xg, eps, ddof, dtype=None: (
-        seen.append(dtype), real(xg, eps, ddof, dtype))[1])
+    monkeypatch.setattr(whitening, "group_stats", lambda xg, eps, ddof, dtype=None, over=None: (
+        seen.append(dtype), real(xg, eps, ddof, dtype, over))[1])
     rows = ab_whitening_stats.compare([10], 8, 4, 1, CPU, methods=("cholesky",))
     assert [r[:2] for r in rows] == [("cholesky", 10)] and all(t > 0 for t in rows[0][2:])
     assert {torch.float32, torch.float64} <= set(seen)

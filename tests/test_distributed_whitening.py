@@ -107,6 +107,8 @@ def _errors_worker(rank, world, init_file, out_prefix):
         (group_whiten_distributed, (x[:1], G), dict(eps=0.0)),
         (shuffled_group_whiten_distributed, (x, G, 2 if rank == 1 else 3), {}),
         (shuffled_group_whiten_distributed, (x, G), dict(perm=other)),
+        # the default spelled out on one rank is the same argument
+        (group_whiten_distributed, (x, G), dict(method="newton_schulz", iters=None if rank == 1 else 20)),
     ]
     out = error_messages(cases)
     torch.save(out, f"{out_prefix}{rank}.pt")
@@ -120,7 +122,8 @@ def test_group_whiten_distributed_bad_input(tmp_path):
     expected = [("same num_groups", "same num_groups"), ("same perm", "same perm"), ("same eps", "same eps"),
                 ("divisor", "divisor"), ("invalid inputs on rank(s) [1]", "permutation"),
                 ("'reference' is not usable", "'reference' is not usable"), ("singular", "singular"),
-                ("same k and D", "same k and D"), ("draws each view's perm", "draws each view's perm")]
+                ("same k and D", "same k and D"), ("draws each view's perm", "draws each view's perm"),
+                ("no error", "no error")]
     assert len(out[0]) == len(expected)
     for i, whats in enumerate(expected):
         for r in range(2):

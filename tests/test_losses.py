@@ -741,6 +741,9 @@ def test_module_reprs_show_their_settings():
     assert "temperature=0.3" in repr(fastcl.nn.NTXentLoss(temperature=0.3))
     assert "temperature=0.3" in repr(fastcl.nn.SupConLoss(temperature=0.3))
     assert "scale=10" in repr(fastcl.nn.MultipleNegativesRankingLoss(scale=10))
+    # the distributed flags came after backend: positional calls of before still work
+    assert "backend='torch'" in repr(fastcl.nn.SupConLoss(0.3, "torch"))
+    assert "backend='torch'" in repr(fastcl.nn.MultipleNegativesRankingLoss(10, "torch"))
     assert "reduction='sum'" in repr(fastcl.nn.InfoNCELoss(reduction="sum"))
     assert "label_smoothing=0.1" in repr(fastcl.nn.InfoNCELoss(label_smoothing=0.1))
     assert "max_scale=50" in repr(fastcl.nn.ClipLoss(max_scale=50))
