@@ -41,7 +41,7 @@ def settings(a, temperature, reduction, normalize):
 
 
 def _setup(a, temperature, reduction, backend, normalize):
-    """_settings, and the backend."""
+    """settings(), and the backend."""
     scale, normalize = settings(a, temperature, reduction, normalize)
     return scale, _dispatch.resolve(backend, a.device, a.dtype), normalize
 
