@@ -38,6 +38,8 @@ FLAG_CASES = {
     "exclude_diag": dict(exclude_diag=True, labels=True),
     "dcl": dict(exclude_diag=True, exclude_pos=True, labels=True),
     "supcon": dict(multi=True, exclude_diag=True),
+    # MNRL's variants: plain log-sum-exps, rows without a positive (label -1), self left out
+    "no_positive_exclude_diag": dict(exclude_diag=True, no_positive=True),
 }
 
 

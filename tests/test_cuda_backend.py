@@ -156,6 +156,8 @@ def test_cuda_matches_triton_op(monkeypatch, case, dtype, path, B, D):
     u = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
     v = torch.nn.functional.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=1)
     labels = torch.randint(0, N, (B,), generator=g) if cfg.get("labels") else None
+    if cfg.get("no_positive"):
+        labels = torch.full((B,), -1)
     cls = torch.randint(0, 4, (B,), generator=g) if cfg.get("multi") else None
     sym = cfg.get("symmetric", False)
     gr = torch.rand(B, generator=g, dtype=torch.float64) + 0.5

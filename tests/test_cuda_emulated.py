@@ -187,6 +187,8 @@ def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.
     v[:B] += u.float()  # correlated positives: the loss is not trivially log N
     v = v.to(dtype).double()
     labels = torch.randint(0, N, (B,), generator=g) if cfg.get("labels") else None
+    if cfg.get("no_positive"):
+        labels = torch.full((B,), -1)
     cls = torch.randint(0, 4, (B,), generator=g) if cfg.get("multi") else None
     if tight:  # SupCon's own layout (k = q), each row its class centre plus a little noise
         centers = torch.randn(4, D, generator=g, dtype=torch.float64)
