@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from . import _validation, losses
-from .nn import _gathering
+from .nn import _mnrl_call
 
-__all__ = ["MultipleNegativesRankingLoss"]
+__all__ = ["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss"]
 
 
 def _is_cosine(fn) -> bool:
@@ -26,15 +26,16 @@ class MultipleNegativesRankingLoss(nn.Module):
     """Fused drop-in for ``sentence_transformers.losses.MultipleNegativesRankingLoss``.
 
     Same constructor and forward as sentence-transformers' loss, so it plugs into
-    ``SentenceTransformerTrainer``. The constructor's newer options (``directions``,
-    ``partition_mode``, ``hardness_mode``, ``hardness_strength``) are accepted at their defaults
-    and refused otherwise; ``similarity_fct`` must be cosine (the default).
+    ``SentenceTransformerTrainer``; ``similarity_fct`` must be cosine (the default).
     ``forward(sentence_features, labels)`` embeds each column (anchor, positive, negative_1,
     ...) with ``model(features)["sentence_embedding"]``. It then scores every anchor against all
     positives and negatives of the batch (cosine x scale) without building the [B, B*(1+k)]
-    score matrix. ``gather_across_devices=True`` takes the candidates of every rank, as in
-    :class:`fastcl.nn.MultipleNegativesRankingLoss` (the global loss as the value; gradients
-    as sentence-transformers' under DDP).
+    score matrix. ``directions``, ``partition_mode``, ``hardness_mode`` and
+    ``hardness_strength`` select sentence-transformers' variants (see
+    :func:`fastcl.functional.multiple_negatives_ranking`); row i of each negative column is
+    anchor i's own hard negative, as there. ``gather_across_devices=True`` takes the candidates
+    of every rank, as in :class:`fastcl.nn.MultipleNegativesRankingLoss` (the global loss as
+    the value; gradients as sentence-transformers' under DDP).
     """
 
     def __init__(self, model, scale: float = 20.0, similarity_fct=None, gather_across_devices: bool = False,
@@ -44,31 +45,36 @@ class MultipleNegativesRankingLoss(nn.Module):
         if similarity_fct is not None and not _is_cosine(similarity_fct):
             raise NotImplementedError(f"only cosine similarity (the default, util.cos_sim) is fused; "
                                       f"similarity_fct={similarity_fct!r} is not cosine")
-        # sentence-transformers 5+/6 arguments: accepted at their defaults (the plain loss);
-        # other values select variants that are not fused here.
-        for name, value, default in (("directions", tuple(directions), ("query_to_doc",)),
-                                     ("partition_mode", partition_mode, "joint"),
-                                     ("hardness_mode", hardness_mode, None),
-                                     ("hardness_strength", hardness_strength, 0.0)):
-            if value != default:
-                raise NotImplementedError(f"{name}={value!r} is not supported by the fused loss "
-                                          f"(only the default, {default!r})")
         self.model, self.scale, self.backend = model, _validation.positive_number(scale, "scale"), backend
         self.gather_across_devices = _validation.check_bool(gather_across_devices, "gather_across_devices")
+        self.directions, self.partition_mode, self.hardness_mode, _ = losses.mnrl_options(
+            directions, partition_mode, hardness_mode, hardness_strength)
+        self.hardness_strength = hardness_strength
 
     def forward(self, sentence_features, labels=None):
         reps = [self.model(f)["sentence_embedding"] for f in sentence_features]
         if len(reps) < 2:
             raise ValueError("need at least (anchor, positive) columns")
         anchor, positive, *negatives = reps
-        neg = torch.cat(negatives) if negatives else None
-        if _gathering(self.gather_across_devices):
-            from .distributed import multiple_negatives_ranking_distributed
-            return multiple_negatives_ranking_distributed(anchor, positive, neg, scale=self.scale,
-                                                          grad_mode="ddp", backend=self.backend)
-        return losses.multiple_negatives_ranking(anchor, positive, neg, scale=self.scale,
-                                                 backend=self.backend)
+        # [B, M, D]: negative column m's row i is anchor i's own (doc_to_doc and the hardness
+        # modes tell them from the other anchors' documents)
+        neg = torch.stack(negatives, dim=1) if negatives else None
+        return _mnrl_call(self, anchor, positive, neg)
 
     def get_config_dict(self):
         return {"scale": self.scale, "similarity_fct": "cos_sim",
-                "gather_across_devices": self.gather_across_devices}
+                "gather_across_devices": self.gather_across_devices, "directions": self.directions,
+                "partition_mode": self.partition_mode, "hardness_mode": self.hardness_mode,
+                "hardness_strength": self.hardness_strength}
+
+
+class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
+    """Fused drop-in for sentence-transformers' ``MultipleNegativesSymmetricRankingLoss``:
+    :class:`MultipleNegativesRankingLoss` with ``directions=("query_to_doc", "doc_to_query")``
+    and ``partition_mode="per_direction"``, as sentence-transformers defines it."""
+
+    def __init__(self, model, scale: float = 20.0, similarity_fct=None, gather_across_devices: bool = False,
+                 *, backend: str = "auto"):
+        super().__init__(model, scale, similarity_fct, gather_across_devices,
+                         directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+                         backend=backend)

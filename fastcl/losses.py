@@ -1,8 +1,11 @@
 """The contrastive loss family on the fused core (``fastcl::info_nce_rows``).
 
 Each loss is one or two calls of the same tiled log-sum-exp op with different exclusions and
-positives. None of them forks the tile math. Only O(N*D) terms are added in torch.
+positives (MNRL's variants: one per block of candidates). None of them forks the tile math.
+Only O(N*D) terms are added in torch.
 """
+import numbers
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -257,39 +260,210 @@ def supcon_rows(u: Tensor, cls: Tensor, scale: Tensor, backend: str, keys=local_
     return per, positives > 0
 
 
-def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor] = None, *,
-                               scale: float = 20.0, reduction: str = "mean",
-                               backend: str = "auto") -> Tensor:
-    """sentence-transformers' MultipleNegativesRankingLoss, fused.
+MNRL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
 
-    anchor, positive: [B, D]. negatives: [B, M, D] hard negatives (M per anchor) or a shared
-    pool [P, D]. Every anchor is scored (cosine x scale) against all positives and all
-    negatives of the batch; its target is its own positive.
-    scale: the cosine similarities' multiplier (sentence-transformers' 20; 1 / temperature).
+
+def mnrl_options(directions, partition_mode, hardness_mode, hardness_strength):
+    """sentence-transformers' MNRL variant options, checked by its rules: (the directions in
+    MNRL_DIRECTIONS' order without repeats, partition_mode, hardness_mode, the hardness strength
+    as a float, 0.0 where it has no effect)."""
+    if isinstance(directions, str) or not hasattr(directions, "__iter__"):
+        raise TypeError(f"directions must be a tuple of direction names, e.g. ('query_to_doc',), got "
+                        f"{directions!r}")
+    given = tuple(directions)
+    unknown = [d for d in given if d not in MNRL_DIRECTIONS]
+    if not given or unknown:
+        raise ValueError(f"directions must be a non-empty tuple of {MNRL_DIRECTIONS}, got {given!r}")
+    if "query_to_doc" not in given:
+        raise ValueError("directions must include 'query_to_doc' (it holds the positive pair)")
+    directions = tuple(d for d in MNRL_DIRECTIONS if d in given)
+    if partition_mode not in ("joint", "per_direction"):
+        raise ValueError(f"partition_mode must be 'joint' or 'per_direction', got {partition_mode!r}")
+    if partition_mode == "per_direction" and {"query_to_query", "doc_to_doc"} & set(directions):
+        # sentence-transformers' rule: their candidates never hold the positive, so a softmax of
+        # their own would reward nothing (its loss goes negative).
+        raise ValueError("partition_mode='per_direction' needs every direction to hold the positive pair; "
+                         "'query_to_query' and 'doc_to_doc' do not: use partition_mode='joint'")
+    if hardness_mode is not None and hardness_mode not in HARDNESS_MODES:
+        raise ValueError(f"hardness_mode must be None or one of {HARDNESS_MODES}, got {hardness_mode!r}")
+    if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, numbers.Real) \
+            or not 0.0 <= float(hardness_strength) <= _validation.FLOAT_MAX:
+        raise ValueError(f"hardness_strength must be a finite number >= 0, got {hardness_strength!r}")
+    alpha = float(hardness_strength)
+    if (hardness_mode is None) != (alpha == 0.0):
+        warnings.warn(f"hardness_mode={hardness_mode!r} with hardness_strength={alpha}: no hardness "
+                      f"penalty is applied (it needs both a mode and a strength > 0)", stacklevel=3)
+        alpha = 0.0
+    return directions, partition_mode, hardness_mode, alpha
+
+
+def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor] = None, *,
+                               scale: float = 20.0, directions=("query_to_doc",), partition_mode: str = "joint",
+                               hardness_mode: Optional[str] = None, hardness_strength: float = 0.0,
+                               reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """sentence-transformers' MultipleNegativesRankingLoss, fused, with its variants.
+
+    anchor (the queries q), positive (the documents p): [B, D]. negatives: [B, M, D] hard
+    negatives (M per anchor, anchor i's own ones in row i) or a shared pool [P, D], owned by
+    no anchor (a 2-D tensor is always a pool here, P == B included: one column of hard
+    negatives is negatives[:, None]). With c the cosine similarity and s = scale, anchor i's loss is
+    log Z_i - s c(q_i, p_i), Z_i summing exp(logit) over the candidates of its directions:
+      "query_to_doc": q_i against every document (all positives and negatives); always on.
+      "query_to_query": q_i against the other queries.
+      "doc_to_query": p_i against every query.
+      "doc_to_doc": p_i against the documents of the other anchors (its own, p_i and its hard
+      negatives, left out; the pool kept).
+    partition_mode="joint": one log-sum-exp over all of them; "per_direction": the mean of each
+    direction's log-sum-exp (only for query_to_doc and doc_to_query, sentence-transformers'
+    MultipleNegativesSymmetricRankingLoss).
+    hardness_mode (Lan et al. 2025) with hardness_strength a > 0 adds a * c (a constant for the
+    gradient) to query_to_doc's logits of "in_batch_negatives" (every document not anchor i's
+    own, the pool included), "hard_negatives" (anchor i's own hard negatives) or
+    "all_negatives" (all but p_i).
+    No [B, B(1+M)] matrix is built: each set is a fused log-sum-exp over blocks of documents.
     reduction: "mean" (0-dim), "sum", or "none" ([B], one value per anchor).
     backend: as in :func:`fastcl.functional.info_nce`.
     """
-    cands = mnrl_candidates(anchor, positive, negatives)
+    opts = mnrl_options(directions, partition_mode, hardness_mode, hardness_strength)
+    hard, pool = mnrl_inputs(anchor, positive, negatives)
     scale = _validation.positive_number(scale, "scale")
-    return info_nce(anchor, cands, temperature=1.0 / scale, reduction=reduction, backend=backend)
+    symmetric = mnrl_as_info_nce(opts, hard is not None, pool is not None)
+    if symmetric is not None:  # one fused pass
+        return info_nce(anchor, mnrl_candidates(positive, hard, pool), temperature=1.0 / scale,
+                        symmetric=symmetric, reduction=reduction, backend=backend)
+    _validation.check_reduction(reduction)
+    backend = _dispatch.resolve(backend, anchor.device, anchor.dtype)
+    if backend == "reference":
+        return reference.mnrl_reference(anchor, positive, negatives, scale=scale, directions=opts[0],
+                                        partition_mode=opts[1], hardness_mode=opts[2],
+                                        hardness_strength=opts[3], reduction=reduction)
+    s, sp = (_validation.scale_tensor(1.0 / m, None, anchor.device, anchor.dtype) for m in (scale, scale + opts[3]))
+    return reduce(mnrl_rows(*mnrl_normalized(anchor, positive, hard, pool), s, sp, opts, backend), reduction)
 
 
-def mnrl_candidates(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor]) -> Tensor:
-    """MNRL's checked candidates [B + B*M or B + P, D]: the positives (anchor i's target is
-    row i), then the negatives, hard ones (negatives [B, M, D]) negative by negative."""
+def mnrl_as_info_nce(opts, has_hard: bool, has_pool: bool) -> Optional[bool]:
+    """The InfoNCE that MNRL with these options (from mnrl_options) equals, if any: symmetric=False
+    for the plain loss (InfoNCE on [positives; negatives]), True for the symmetric one on pairs
+    (query_to_doc and doc_to_query per_direction, no negatives: the CLIP loss); None for the
+    others. A hardness penalty makes a variant, but "hard_negatives" penalises nothing without
+    hard negatives."""
+    directions, partition_mode, hardness_mode, alpha = opts
+    if alpha and (has_hard or hardness_mode != "hard_negatives"):
+        return None
+    if directions == ("query_to_doc",):
+        return False
+    if directions == ("query_to_doc", "doc_to_query") and partition_mode == "per_direction" \
+            and not (has_hard or has_pool):
+        return True
+    return None
+
+
+def mnrl_normalized(anchor, positive, hard, pool):
+    """(q, p, hard, pool) L2-normalised (hard [M, B, D] and pool may be None)."""
+    rest = [x.reshape(-1, x.shape[-1]) for x in (hard, pool) if x is not None]
+    q, p, *rest = prepare(anchor.new_ones(()), True, anchor, positive, *rest)[:-1]
+    if hard is not None:
+        hard = rest.pop(0).reshape(hard.shape)
+    return q, p, hard, (rest[0] if pool is not None else None)
+
+
+def mnrl_inputs(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor]):
+    """MNRL's checked inputs: (hard negatives [M, B, D] negative by negative, or None; the
+    pool [P, D], or None)."""
     _validation.check_embeddings(anchor, positive, "anchor", "positive")
     if anchor.shape != positive.shape:
         raise ValueError(f"anchor and positive must have the same shape, got {tuple(anchor.shape)} "
                          f"and {tuple(positive.shape)}")
-    cands = positive
-    if negatives is not None:
-        if not isinstance(negatives, Tensor):
-            raise TypeError(f"negatives must be a tensor [B, M, D] or [P, D], got {type(negatives).__name__} "
-                            f"(stack a list of [B, D] tensors with torch.stack(negs, dim=1))")
-        if negatives.dim() == 3:
-            if negatives.shape[0] != anchor.shape[0]:
-                raise ValueError(f"negatives [B, M, D] must have B={anchor.shape[0]}, got {tuple(negatives.shape)}")
-            negatives = negatives.transpose(0, 1).reshape(-1, negatives.shape[-1])
+    if negatives is None:
+        return None, None
+    if not isinstance(negatives, Tensor):
+        raise TypeError(f"negatives must be a tensor [B, M, D] or [P, D], got {type(negatives).__name__} "
+                        f"(stack a list of [B, D] tensors with torch.stack(negs, dim=1))")
+    if negatives.dim() != 3:
         _validation.check_embeddings(anchor, negatives, "anchor", "negatives")
-        cands = torch.cat([positive, negatives])
-    return cands
+        return None, negatives
+    if negatives.shape[0] != anchor.shape[0]:
+        raise ValueError(f"negatives [B, M, D] must have B={anchor.shape[0]}, got {tuple(negatives.shape)}")
+    hard = negatives.transpose(0, 1)
+    _validation.check_embeddings(anchor, hard.reshape(-1, hard.shape[-1]), "anchor", "negatives")
+    return hard, None
+
+
+def mnrl_candidates(positive: Tensor, hard: Optional[Tensor], pool: Optional[Tensor]) -> Tensor:
+    """The plain MNRL's candidates [B + B*M or B + P, D]: the positives (anchor i's target is
+    row i), then the negatives, hard ones negative by negative."""
+    rest = [x.reshape(-1, x.shape[-1]) for x in (hard, pool) if x is not None]
+    return torch.cat([positive] + rest) if rest else positive
+
+
+def _lse(u: Tensor, v: Tensor, scale: Tensor, backend: str, exclude_diag: bool = False) -> Tensor:
+    """log sum_j exp(scale <u_i, v_j>) per row [b] from the fused op (column i left out with
+    exclude_diag); -inf for a row left with no column."""
+    if v.shape[0] == 0 or (exclude_diag and v.shape[0] == 1):
+        return torch.full((u.shape[0],), float("-inf"), dtype=scale.dtype, device=u.device)
+    no_positive = torch.full((u.shape[0],), -1, dtype=torch.long, device=u.device)  # the term is the LSE
+    return row_terms(u, v, scale, backend, labels=no_positive, exclude_diag=exclude_diag)[0]
+
+
+def _penalised(x: Tensor, s: Tensor, sp: Tensor) -> Tensor:
+    """x, a log-sum-exp of logits sp * c, with the gradient of logits s * c + a * c.detach()
+    (sp = s + a): sentence-transformers' hardness penalty, a constant for the gradient, scales
+    each logit's softmax gradient by s / sp. A -inf x (no column) stays -inf."""
+    f = s / sp
+    # where: -inf * (1 - f) is NaN when f rounds to 1 (a tiny strength)
+    return torch.where(torch.isneginf(x), x, x * f + x.detach() * (1 - f))
+
+
+def mnrl_rows(q: Tensor, p: Tensor, hard: Optional[Tensor], pool: Optional[Tensor], s: Tensor, sp: Tensor,
+              opts, backend: str, keys=local_keys, pool_keys=local_keys) -> Tensor:
+    """Per-anchor loss [b] of the MNRL variants (see multiple_negatives_ranking) from normalised
+    q, p [b, D], hard negatives [M, b, D] or None, a pool [P, D] or None, and the multipliers s
+    and sp = s + hardness strength (0-dim, compute dtype). keys(x [b, D]) gives the block's rows
+    of every process, this one's first (so anchor i's own document stays column i);
+    pool_keys(pool) every process's pool. Each candidate set is a fused log-sum-exp over whole
+    blocks, with at most the diagonal (anchor i's own document) left out of the tiles and
+    added as an O(b*D) term; log Z merges them."""
+    directions, partition_mode, hardness_mode, alpha = opts
+    # Every part is kept relative to the positive's logit pos = s c(q_i, p_i): log Z - pos of a
+    # nearly solved row is then a small number computed as such, not a difference of two large
+    # ones (the plain loss's precision).
+    pos = pair_logit(q, p, s)
+    blocks = [p] + ([] if hard is None else list(hard.unbind(0)))
+    K = [keys(x) for x in blocks]
+    Kpool = [] if pool is None else [pool_keys(pool)]
+    parts = {"query_to_doc": []}
+    diag = torch.arange(q.shape[0], device=q.device)  # anchor i's own column in every block
+    if not alpha:  # lse - pos from the op itself
+        parts["query_to_doc"].append(row_terms(q, torch.cat(K + Kpool), s, backend, labels=diag)[0])
+    else:
+        # Which logits carry the penalty, per block: its off-diagonal (other anchors' documents)
+        # and its diagonal (anchor i's own: block 0 is the positive, blocks 1.. its hard negatives).
+        whole = {False: [], True: []}  # blocks taken whole, without and with the penalty
+        for k, (x, kx) in enumerate(zip(blocks, K)):
+            off = hardness_mode != "hard_negatives"
+            own = k > 0 and hardness_mode != "in_batch_negatives"
+            if off == own:
+                whole[off].append(kx)
+                continue
+            lse = _lse(q, kx, sp if off else s, backend, exclude_diag=True)
+            c = (q.to(s.dtype) * x.to(s.dtype)).sum(1)
+            parts["query_to_doc"] += [(_penalised(lse, s, sp) if off else lse) - pos,
+                                      (s * c + alpha * c.detach() if own else s * c) - pos]
+        whole[hardness_mode != "hard_negatives"] += Kpool
+        for pen, ks in whole.items():
+            if ks:
+                lse = _lse(q, torch.cat(ks), sp if pen else s, backend)
+                parts["query_to_doc"].append((_penalised(lse, s, sp) if pen else lse) - pos)
+    if "query_to_query" in directions or "doc_to_query" in directions:
+        Kq = keys(q)
+    if "query_to_query" in directions:
+        parts["query_to_query"] = [_lse(q, Kq, s, backend, exclude_diag=True) - pos]
+    if "doc_to_query" in directions:
+        parts["doc_to_query"] = [row_terms(p, Kq, s, backend, labels=diag)[0]]  # its column i: pos
+    if "doc_to_doc" in directions:
+        parts["doc_to_doc"] = [_lse(p, kx, s, backend, exclude_diag=True) - pos for kx in K] + \
+            [_lse(p, kp, s, backend) - pos for kp in Kpool]
+    if partition_mode == "joint":
+        return torch.logsumexp(torch.stack([t for ts in parts.values() for t in ts]), dim=0)
+    return torch.stack([torch.logsumexp(torch.stack(ts), dim=0) for ts in parts.values()]).mean(0)

@@ -331,25 +331,39 @@ class SupConLoss(nn.Module):
 
 class MultipleNegativesRankingLoss(nn.Module):
     """sentence-transformers' MNRL on tensors: ``forward(anchor, positive, *negatives)``, each
-    negative [B, D] (or one [B, M, D] / [P, D] tensor). Cosine similarity x ``scale``.
+    negative [B, D] (a column: row i is anchor i's own hard negative, as in
+    sentence-transformers), or one [B, M, D] tensor, or one shared pool [P, D] with P != B
+    (a pool of exactly B rows: :func:`fastcl.functional.multiple_negatives_ranking`). Cosine
+    similarity x ``scale``.
 
+    ``directions``, ``partition_mode``, ``hardness_mode`` and ``hardness_strength`` select
+    sentence-transformers' variants, as in
+    :func:`fastcl.functional.multiple_negatives_ranking`.
     ``gather_across_devices=True`` (sentence-transformers' name; under torch.distributed with
-    more than one rank): every rank's positives and negatives are candidates, with gradients
-    scaled for DDP's averaging, as sentence-transformers' are for equal local batches
+    more than one rank): every rank's queries, positives and negatives are candidates, with
+    gradients scaled for DDP's averaging, as sentence-transformers' are for equal local batches
     (:func:`fastcl.distributed.multiple_negatives_ranking_distributed`, grad_mode="ddp"). The
     value returned is the global loss, where sentence-transformers returns each rank's mean.
     """
 
-    def __init__(self, scale: float = 20.0, backend: str = "auto", gather_across_devices: bool = False):
+    def __init__(self, scale: float = 20.0, backend: str = "auto", gather_across_devices: bool = False,
+                 directions=("query_to_doc",), partition_mode: str = "joint", hardness_mode=None,
+                 hardness_strength: float = 0.0):
         super().__init__()
         _check_settings(backend, scale=scale)
         self.scale, self.backend = scale, backend
         self.gather_across_devices = _validation.check_bool(gather_across_devices, "gather_across_devices")
+        self.directions, self.partition_mode, self.hardness_mode, _ = losses.mnrl_options(
+            directions, partition_mode, hardness_mode, hardness_strength)
+        self.hardness_strength = hardness_strength
 
     def forward(self, anchor, positive, *negatives):
         neg = None
         if len(negatives) == 1:
             neg = negatives[0]
+            if isinstance(neg, torch.Tensor) and isinstance(anchor, torch.Tensor) and neg.dim() == 2 \
+                    and neg.shape[0] == anchor.shape[0]:
+                neg = neg[:, None]  # one column of hard negatives, anchor i's own in row i
         elif negatives:
             want = tuple(anchor.shape) if isinstance(anchor, torch.Tensor) else None
             shapes = [tuple(n.shape) if isinstance(n, torch.Tensor) else type(n).__name__ for n in negatives]
@@ -357,16 +371,27 @@ class MultipleNegativesRankingLoss(nn.Module):
                 raise ValueError(f"with several negatives, each must be [B, D] like anchor "
                                  f"{want}; got {shapes}")
             neg = torch.stack(negatives, dim=1)  # [B, M, D]
-        if _gathering(self.gather_across_devices):
-            from .distributed import multiple_negatives_ranking_distributed
-            return multiple_negatives_ranking_distributed(anchor, positive, neg, scale=self.scale,
-                                                          grad_mode="ddp", backend=self.backend)
-        return losses.multiple_negatives_ranking(anchor, positive, neg, scale=self.scale,
-                                                 backend=self.backend)
+        return _mnrl_call(self, anchor, positive, neg)
 
     def extra_repr(self):
         return (f"scale={self.scale}, gather_across_devices={self.gather_across_devices}, "
+                f"directions={self.directions}, partition_mode={self.partition_mode!r}, "
+                f"hardness_mode={self.hardness_mode!r}, hardness_strength={self.hardness_strength}, "
                 f"backend={self.backend!r}")
+
+
+def _mnrl_call(module, anchor, positive, negatives):
+    """The MNRL of a module holding its options (this one, or the sentence-transformers
+    drop-in), gathered across ranks where it asks for it."""
+    mode, alpha = module.hardness_mode, module.hardness_strength
+    if mode is None or not alpha:  # no penalty (the constructor warned if only one was given)
+        mode, alpha = None, 0.0
+    kw = dict(scale=module.scale, directions=module.directions, partition_mode=module.partition_mode,
+              hardness_mode=mode, hardness_strength=alpha, backend=module.backend)
+    if _gathering(module.gather_across_devices):
+        from .distributed import multiple_negatives_ranking_distributed
+        return multiple_negatives_ranking_distributed(anchor, positive, negatives, grad_mode="ddp", **kw)
+    return losses.multiple_negatives_ranking(anchor, positive, negatives, **kw)
 
 
 class GroupWhitening(nn.Module):

@@ -90,3 +90,43 @@ def supcon_reference(features, labels, *, temperature=0.1, normalize=True, reduc
     cnt = positive.sum(1)
     per = -torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(1) / cnt.clamp_min(1)
     return reduce(per, reduction, cnt > 0)
+
+
+def mnrl_reference(anchor, positive, negatives=None, *, scale=20.0, directions=("query_to_doc",),
+                   partition_mode="joint", hardness_mode=None, hardness_strength=0.0, reduction="mean"):
+    """sentence-transformers' MNRL with its variants on materialised score matrices.
+    negatives: None, hard negatives [B, M, D] (row i anchor i's own) or a pool [P, D] (nobody's)."""
+    q, p = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
+    B = q.shape[0]
+    docs, owner = [p], [torch.arange(B)]
+    if negatives is not None and negatives.dim() == 3:
+        for m in range(negatives.shape[1]):
+            docs.append(F.normalize(negatives[:, m], dim=-1))
+            owner.append(torch.arange(B))
+    elif negatives is not None:
+        docs.append(F.normalize(negatives, dim=-1))
+        owner.append(torch.full((negatives.shape[0],), -1))
+    is_pos = torch.cat([torch.arange(B) if k == 0 else torch.full_like(o, -1) for k, o in enumerate(owner)])
+    docs, owner = torch.cat(docs), torch.cat(owner)
+    rows = torch.arange(B)[:, None]
+    own = (owner[None, :] == rows).to(q.device)  # [B, n_docs]: anchor i's own documents
+    positive_col = (is_pos[None, :] == rows).to(q.device)
+    cos_qd = q @ docs.T
+    penalty = {None: torch.zeros_like(own), "in_batch_negatives": ~own,
+               "hard_negatives": own & ~positive_col, "all_negatives": ~positive_col}[hardness_mode]
+    if hardness_strength == 0.0:
+        penalty = torch.zeros_like(own)
+    scores = {"query_to_doc": scale * cos_qd + hardness_strength * torch.where(penalty, cos_qd.detach(), 0.0)}
+    eye = torch.eye(B, dtype=torch.bool, device=q.device)
+    if "query_to_query" in directions:
+        scores["query_to_query"] = (scale * q @ q.T).masked_fill(eye, float("-inf"))
+    if "doc_to_query" in directions:
+        scores["doc_to_query"] = scale * p @ q.T
+    if "doc_to_doc" in directions:
+        scores["doc_to_doc"] = (scale * p @ docs.T).masked_fill(own, float("-inf"))
+    if partition_mode == "joint":
+        log_z = torch.logsumexp(torch.cat(list(scores.values()), dim=1), dim=1)
+    else:
+        log_z = sum(torch.logsumexp(v, dim=1) for v in scores.values()) / len(scores)
+    per = log_z - scores["query_to_doc"][positive_col]
+    return reduce(per, reduction)

@@ -37,6 +37,9 @@ def _losses(backend):
         "dcl": lambda a, b, ls: FCL.dcl(a, b, temperature=0.2, weight="vmf", backend=backend),
         "supcon": lambda a, b, ls: FCL.supcon(torch.cat([a, b]), torch.cat([lab(a), lab(b)]), backend=backend),
         "mnrl": lambda a, b, ls: FCL.multiple_negatives_ranking(a, b, backend=backend),
+        "mnrl_variant": lambda a, b, ls: FCL.multiple_negatives_ranking(
+            a, b, directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+            hardness_mode="all_negatives", hardness_strength=1.0, backend=backend),
         "module": lambda a, b, ls: fastcl.nn.InfoNCELoss(temperature=0.1, backend=backend)(a, b),
     }
 

@@ -364,6 +364,155 @@ def test_multiple_negatives_ranking(backend, negatives):
           ref, tensors, torch.float32, backend, ["danchor", "dpositive", "dnegatives"][:len(tensors)])
 
 
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+# (directions, partition_mode, hardness_mode): each mode of a candidate set at least once
+MNRL_VARIANTS = {
+    "all_joint": (ALL_DIRECTIONS, "joint", None),
+    "symmetric": (("query_to_doc", "doc_to_query"), "per_direction", None),
+    "doc_to_doc_in_batch": (("query_to_doc", "doc_to_doc"), "joint", "in_batch_negatives"),
+    "hard_negatives": (("query_to_doc",), "joint", "hard_negatives"),
+    "all_negatives_qq": (("query_to_doc", "query_to_query"), "joint", "all_negatives"),
+    "symmetric_in_batch": (("query_to_doc", "doc_to_query"), "per_direction", "in_batch_negatives"),
+}
+
+
+def _mnrl_inputs(B, D, negatives, seed=9, M=2, P=11):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, D, generator=g, dtype=torch.float64)
+    p = a + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    # hard negatives near their anchor's positive: they matter in the softmax
+    n = {"none": None, "hard": p[:, None] + 0.7 * torch.randn(B, M, D, generator=g, dtype=torch.float64),
+         "pool": torch.randn(P, D, generator=g, dtype=torch.float64)}[negatives]
+    return [a, p] + ([] if n is None else [n])
+
+
+def _mnrl_variant(variant, scale=7.0, strength=2.5, **kw):
+    directions, mode, hardness = MNRL_VARIANTS[variant]
+    return dict(scale=scale, directions=directions, partition_mode=mode, hardness_mode=hardness,
+                hardness_strength=strength if hardness else 0.0, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", list(MNRL_VARIANTS))
+@pytest.mark.parametrize("negatives", ["none", "hard", "pool"])
+@pytest.mark.parametrize("B,D", [(13, 16), (1, 5)], ids=str)
+def test_mnrl_variants(backend, variant, negatives, B, D):
+    """sentence-transformers' directions, partition modes and hardness penalties: the loss and
+    every gradient against the materialised float64 reference (B=1: the off-diagonal sets are
+    empty)."""
+    kw = _mnrl_variant(variant)
+    tensors = _mnrl_inputs(B, D, negatives)
+    check(lambda *xs, backend: FCL.multiple_negatives_ranking(*xs, **kw, backend=backend),
+          lambda *xs: R.mnrl_reference(*xs, **kw), tensors, torch.float32, backend,
+          ["danchor", "dpositive", "dnegatives"][:len(tensors)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [1.0, 20.0, 100.0])
+def test_mnrl_variants_dtypes(backend, dtype, scale):
+    """Every direction and a hardness penalty in 16-bit, over more rows than a 32-row tile and
+    an odd D, with reduction="none" (random weights on the rows)."""
+    kw = dict(_mnrl_variant("all_joint", scale=scale), hardness_mode="in_batch_negatives",
+              hardness_strength=3.0, reduction="none")
+    tensors = [t.to(dtype).double() for t in _mnrl_inputs(37, 33, "hard", seed=4)]
+    check(lambda *xs, backend: FCL.multiple_negatives_ranking(*xs, **kw, backend=backend),
+          lambda *xs: R.mnrl_reference(*xs, **kw), tensors, dtype, backend, ["danchor", "dpositive", "dnegatives"])
+
+
+def test_mnrl_variants_reference_backend_and_modules():
+    """backend='reference' is the reference; the modules pass their options through."""
+    a, p, n = _mnrl_inputs(6, 4, "hard")
+    kw = _mnrl_variant("doc_to_doc_in_batch")
+    expected = R.mnrl_reference(a, p, n, **kw)
+    assert torch.equal(FCL.multiple_negatives_ranking(a, p, n, **kw, backend="reference"), expected)
+    module = fastcl.nn.MultipleNegativesRankingLoss(**kw, backend="torch")
+    assert torch.allclose(module(a, p, *n.unbind(1)), expected, rtol=0, atol=1e-12)
+    assert "doc_to_doc" in repr(module) and "in_batch_negatives" in repr(module)
+
+    class Embedder(torch.nn.Module):
+        def forward(self, features):
+            return {"sentence_embedding": features["x"]}
+
+    drop_in = fastcl.integrations.MultipleNegativesRankingLoss(Embedder(), **kw)
+    got = drop_in([{"x": t} for t in (a, p, *n.unbind(1))], None)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    assert drop_in.get_config_dict()["hardness_mode"] == "in_batch_negatives"
+    sym = fastcl.integrations.MultipleNegativesSymmetricRankingLoss(Embedder(), scale=7.0)
+    assert torch.allclose(sym([{"x": a}, {"x": p}], None), R.mnrl_reference(a, p, **_mnrl_variant("symmetric")),
+                          rtol=0, atol=1e-12)
+
+
+def test_mnrl_takes_one_fused_pass_where_it_is_an_info_nce(monkeypatch):
+    """The plain loss and the symmetric one on pairs are InfoNCEs (the symmetric one CLIP's):
+    one call of the fused op; the other variants take the blocks' passes."""
+    calls = []
+    real = fastcl.losses.info_nce
+    monkeypatch.setattr(fastcl.losses, "info_nce", lambda *a, **kw: calls.append(kw["symmetric"]) or real(*a, **kw))
+    a, p, n = _mnrl_inputs(6, 5, "hard", seed=4)
+    sym = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+    cases = [(dict(negatives=n), [False]), (dict(**sym), [True]),
+             (dict(hardness_mode="hard_negatives", hardness_strength=2.0), [False]),  # no hard negative to penalise
+             (dict(negatives=n, **sym), []), (dict(negatives=n[:, 0], **sym), []),
+             (dict(hardness_mode="all_negatives", hardness_strength=2.0), [])]
+    for kw, want in cases:
+        calls.clear()
+        got = FCL.multiple_negatives_ranking(a, p, scale=5.0, backend="torch", **kw)
+        assert calls == want, kw
+        assert torch.allclose(got, R.mnrl_reference(a, p, scale=5.0, **kw), rtol=0, atol=1e-12), kw
+
+
+def test_mnrl_hardness_needs_a_mode_and_a_strength():
+    """sentence-transformers applies no penalty without both (and warns when a mode has no
+    strength); fastcl warns in both cases, and a module once, when it is built."""
+    a, p, n = _mnrl_inputs(6, 4, "hard")
+    plain = FCL.multiple_negatives_ranking(a, p, n, backend="torch")
+    for kw in (dict(hardness_mode="hard_negatives"), dict(hardness_strength=1.0)):
+        with pytest.warns(UserWarning, match="no hardness penalty"):
+            assert torch.equal(FCL.multiple_negatives_ranking(a, p, n, **kw, backend="torch"), plain)
+    # a strength with a mode changes the loss (the test above would pass on an ignored penalty)
+    assert not torch.allclose(FCL.multiple_negatives_ranking(a, p, n, hardness_mode="hard_negatives",
+                                                             hardness_strength=1.0, backend="torch"), plain)
+    with pytest.warns(UserWarning, match="no hardness penalty") as record:
+        module = fastcl.nn.MultipleNegativesRankingLoss(20.0, "torch", hardness_mode="all_negatives")
+        assert torch.equal(module(a, p, n), plain)
+    assert len(record) == 1
+
+
+def test_mnrl_variants_edge_cases():
+    """B = 1 with a strength too small to change s + a (the penalised set is empty: -inf, not
+    NaN); nearly solved rows in fp32 keep the plain loss's precision (log Z - pos is computed
+    relative to pos, not as the difference of two logits near the scale); one [B, D] negative
+    given to the module is a column of hard negatives, as in sentence-transformers."""
+    a, p, n = _mnrl_inputs(1, 5, "hard", seed=3)
+    for strength, dtype in ((1e-7, torch.float32), (1e-15, torch.float64)):
+        for mode in fastcl.losses.HARDNESS_MODES:
+            kw = dict(scale=20.0, directions=ALL_DIRECTIONS, hardness_mode=mode, hardness_strength=strength)
+            x = [t.to(dtype).requires_grad_() for t in (a, p, n)]
+            loss = FCL.multiple_negatives_ranking(*x, backend="torch", **kw)
+            grads = torch.autograd.grad(loss, x)
+            want = R.mnrl_reference(a, p, n, **kw)
+            assert torch.allclose(loss.double(), want, rtol=0, atol=1e-5), (mode, dtype, loss, want)
+            assert all(torch.isfinite(g).all() for g in grads), (mode, dtype)
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    p = a + 0.1 * torch.randn(48, 32, generator=g, dtype=torch.float64)  # solved at scale 100
+    for kw in (dict(directions=("query_to_doc", "query_to_query")), dict(directions=("query_to_doc", "doc_to_query")),
+               dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+               dict(directions=ALL_DIRECTIONS, hardness_mode="all_negatives", hardness_strength=3.0)):
+        want = R.mnrl_reference(a, p, scale=100.0, reduction="none", **kw)
+        got = FCL.multiple_negatives_ranking(a.float(), p.float(), scale=100.0, reduction="none",
+                                             backend="torch", **kw)
+        # torch's fp32 (and the difference of fp32 logits near 100) is 1e-5 off here
+        assert (got.double() - want).abs().max() <= 1e-6, kw
+    a, p, n = _mnrl_inputs(6, 5, "hard", seed=8, M=1)
+    kw = dict(scale=20.0, directions=ALL_DIRECTIONS, hardness_mode="hard_negatives", hardness_strength=5.0)
+    module = fastcl.nn.MultipleNegativesRankingLoss(backend="torch", **kw)
+    assert torch.allclose(module(a, p, n[:, 0]), R.mnrl_reference(a, p, n, **kw), rtol=0, atol=1e-12)
+    pool = n[:5, 0]  # P != B: a pool, owned by nobody
+    assert torch.allclose(module(a, p, pool), R.mnrl_reference(a, p, pool, **kw), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_multiple_negatives_ranking_reduction(reduction):
     g = torch.Generator().manual_seed(14)
@@ -521,10 +670,25 @@ _dot_named_cos_sim.__name__ = "cos_sim"  # what the check once went by
     (lambda: FCL.dcl(torch.randn(4, 3), torch.randn(4, 3), weight=torch.ones(4, dtype=torch.long)), TypeError,
      "floating"),
     (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, scale=0), ValueError, "scale"),
-    (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, directions=("query_to_doc", "doc_to_query")),
-     NotImplementedError, "directions"),
-    (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, hardness_mode="hard_negatives"),
-     NotImplementedError, "hardness_mode"),
+    # sentence-transformers' rules for its variant options, in every entry point
+    (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, directions=("doc_to_query",)),
+     ValueError, "must include 'query_to_doc'"),
+    (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, directions=()), ValueError, "non-empty"),
+    (lambda: fastcl.nn.MultipleNegativesRankingLoss(directions=("query_to_doc", "doc_to_pos")), ValueError,
+     "doc_to_pos"),
+    (lambda: fastcl.nn.MultipleNegativesRankingLoss(directions="query_to_doc"), TypeError, "tuple of direction"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), partition_mode="separate"),
+     ValueError, "partition_mode must be"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), partition_mode="per_direction",
+                                            directions=("query_to_doc", "query_to_query")), ValueError,
+     "use partition_mode='joint'"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), hardness_mode="hardest"),
+     ValueError, "hardness_mode must be"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), hardness_mode="hard_negatives",
+                                            hardness_strength=-1.0), ValueError, "hardness_strength"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), hardness_mode="all_negatives",
+                                            hardness_strength=float("nan")), ValueError, "hardness_strength"),
+    (lambda: fastcl.integrations.MultipleNegativesSymmetricRankingLoss(None, scale=-1), ValueError, "scale"),
     # the similarity is asked of its values: a dot product named cos_sim used to pass
     (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, similarity_fct=_dot_named_cos_sim),
      NotImplementedError, "not cosine"),
@@ -683,6 +847,45 @@ def test_equals_sentence_transformers_mnrl():
     assert torch.allclose(expected, fastcl.nn.MultipleNegativesRankingLoss(scale=20.0)(a, p, n))
     from fastcl.integrations import MultipleNegativesRankingLoss as FusedMNRL
     assert torch.allclose(expected, FusedMNRL(Embedder(), scale=20.0)([{"x": a}, {"x": p}, {"x": n}], None))
+
+
+@pytest.mark.skipif(not _has("sentence_transformers"), reason="sentence-transformers not installed")
+@pytest.mark.filterwarnings("ignore:The MultipleNegativesSymmetricRankingLoss is deprecated:DeprecationWarning")
+def test_mnrl_variants_equal_sentence_transformers():
+    """Every direction set, partition mode and hardness mode of sentence-transformers' own MNRL
+    (and its symmetric loss), with 0, 1 and 2 hard-negative columns: the fused drop-in gives
+    its loss and gradients."""
+    try:
+        from sentence_transformers.sentence_transformer import losses as st
+    except ImportError:  # releases before the module move
+        from sentence_transformers import losses as st
+    import itertools
+
+    class Embedder(torch.nn.Module):
+        def forward(self, features):
+            return {"sentence_embedding": features["x"]}
+
+    a, p, n = _mnrl_inputs(7, 5, "hard", seed=2)
+    columns = [a, p, *n.unbind(1)]
+    cases = [(st.MultipleNegativesSymmetricRankingLoss, fastcl.integrations.MultipleNegativesSymmetricRankingLoss,
+              dict(scale=7.0))]
+    for k in range(1, 4):
+        for dirs in itertools.combinations(ALL_DIRECTIONS[1:], k - 1):
+            for mode, hardness in itertools.product(("joint", "per_direction"), (None,) + fastcl.losses.HARDNESS_MODES):
+                if mode == "per_direction" and {"query_to_query", "doc_to_doc"} & set(dirs):
+                    continue
+                kw = dict(scale=7.0, directions=("query_to_doc",) + dirs, partition_mode=mode,
+                          hardness_mode=hardness, hardness_strength=2.0 if hardness else 0.0)
+                cases.append((st.MultipleNegativesRankingLoss, fastcl.integrations.MultipleNegativesRankingLoss, kw))
+    for ncols in (2, 3, 4):
+        for theirs, ours, kw in cases:
+            results = []
+            for cls in (theirs, ours):
+                xs = [c.clone().requires_grad_() for c in columns[:ncols]]
+                loss = cls(Embedder(), **kw)([{"x": x} for x in xs], None)
+                results.append([loss] + list(torch.autograd.grad(loss, xs)))
+            for x, y in zip(*results):
+                assert torch.allclose(x, y, rtol=0, atol=1e-12), (ncols, kw, (x - y).abs().max())
 
 
 def test_mnrl_drop_in_accepts_cosine_by_its_values():
