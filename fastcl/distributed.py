@@ -15,8 +15,9 @@ The loss family (``nt_xent_distributed``, ``dcl_distributed``, ``supcon_distribu
 every rank's views the all_gather way, this rank's first, and runs fastcl.losses' own rows on
 them: the fused op's exclusions (self, partner) and labels keep their local indices.
 ``multiple_negatives_ranking_distributed`` is InfoNCE with each rank's positives and negatives
-as its keys. ``group_whiten_distributed`` whitens with the global batch's statistics
-(SyncBatchNorm-like: all-reduced mean and Gram, and their gradients in the backward).
+as its keys (its variants: fastcl.losses' mnrl_rows on the gathered blocks).
+``group_whiten_distributed`` whitens with the global batch's statistics (SyncBatchNorm-like:
+all-reduced mean and Gram, and their gradients in the backward).
 
 Gradient convention (``grad_mode``):
 - ``"exact"`` (default): every rank returns the GLOBAL loss value. The gradients w.r.t. its
@@ -29,6 +30,7 @@ Gradient convention (``grad_mode``):
   rank has the same batch size (it averages per-rank means).
 """
 import numbers
+import warnings
 import zlib
 from typing import Optional
 
@@ -538,32 +540,82 @@ def supcon_distributed(features: Tensor, labels: Optional[Tensor] = None, *, tem
 
 
 def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor] = None,
-                                           *, scale: float = 20.0, reduction: str = "mean",
+                                           *, scale: float = 20.0, directions=("query_to_doc",),
+                                           partition_mode: str = "joint", hardness_mode: Optional[str] = None,
+                                           hardness_strength: float = 0.0, reduction: str = "mean",
                                            grad_mode: str = "exact", group=None,
                                            backend: str = "auto") -> Tensor:
     """sentence-transformers' MNRL (:func:`fastcl.functional.multiple_negatives_ranking`) over
     the global batch, each rank passing its anchor, positive [b_r, D] and negatives (None,
-    [b_r, M, D] hard negatives or a pool [P_r, D]; ranks may differ in M, P_r, or None).
+    [b_r, M, D] hard negatives or a pool [P_r, D]).
 
     Every anchor is scored against the positives and negatives of all ranks, its target its
-    own positive: one process's loss on the concatenated batch (uneven b_r allowed). This is
-    :func:`info_nce_distributed` with each rank's [positives; negatives] as its keys.
-    reduction, grad_mode and the collective call: as there. sentence-transformers'
-    ``gather_across_devices=True`` has ddp's gradients for equal b_r, but returns each rank's
-    local mean; this returns the global one.
+    own positive: one process's loss on the concatenated batch (uneven b_r allowed). The plain
+    loss is :func:`info_nce_distributed` with each rank's [positives; negatives] as its keys;
+    ranks may differ in M, P_r, or None there. The variants (``directions``,
+    ``partition_mode``, hardness) also gather every rank's queries, block by block: the ranks
+    pass the same kind of negatives, hard ones with one M, or pools (of any size; None on some
+    ranks). reduction, grad_mode and the collective call: as in :func:`info_nce_distributed`.
+    sentence-transformers' ``gather_across_devices=True`` has ddp's gradients for equal b_r,
+    but returns each rank's local mean; this returns the global one.
     """
-    _world_and_rank(group)
+    _, rank = _world_and_rank(group)
+    if not isinstance(directions, str) and hasattr(directions, "__iter__"):
+        directions = tuple(directions)  # a generator is read once
+    # The options as they act, which the ranks must agree on (a list or another order of the
+    # same directions, a mode without strength: the same loss). Bad ones are raised in validate.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # validate warns, once
+        try:
+            acting = losses.mnrl_options(directions, partition_mode, hardness_mode, hardness_strength)
+            acting = acting[:2] + ((acting[2], acting[3]) if acting[3] else (None, 0.0))
+        except (TypeError, ValueError):
+            acting = None
 
     def validate():
         _check_grad_mode(grad_mode)
-        cands = losses.mnrl_candidates(anchor, positive, negatives)
+        opts = losses.mnrl_options(directions, partition_mode, hardness_mode, hardness_strength)
+        hard, pool = losses.mnrl_inputs(anchor, positive, negatives)
         s = _validation.positive_number(scale, "scale")
-        return (cands, s), [anchor.dtype, anchor.shape[1], anchor.shape[0], cands.shape[0],
-                            False, 0, grad_mode]
+        _validation.check_reduction(reduction)
+        fused = _fused_backend(backend, anchor)  # here: a backend missing on one rank fails them all
+        n = anchor.shape[0] + (0 if hard is None else hard.shape[0] * hard.shape[1]) + \
+            (0 if pool is None else pool.shape[0])
+        return (opts, hard, pool, s, fused), [anchor.dtype, anchor.shape[1], anchor.shape[0], n, False, 0,
+                                              grad_mode]
 
-    (cands, s), _ = _validate_collectively(validate, anchor, group, (("scale", scale), ("reduction", reduction)))
-    return info_nce_distributed(anchor, cands, temperature=1.0 / s, reduction=reduction,
-                                grad_mode=grad_mode, group=group, backend=backend)
+    plain = acting is None or (acting[0] == ("query_to_doc",) and not acting[3])
+    # The variants gather block by block: every rank needs the same number of blocks.
+    layout = None if plain else (negatives.shape[1] if isinstance(negatives, Tensor) and negatives.dim() == 3
+                                 else "pool")
+    named = acting or (directions, partition_mode, hardness_mode, hardness_strength)
+    (opts, hard, pool, s, fused), metas = _validate_collectively(
+        validate, anchor, group, (("scale", scale), ("reduction", reduction), ("directions", named[0]),
+                                  ("partition_mode", named[1]), ("hardness_mode", named[2]),
+                                  ("hardness_strength", named[3]),
+                                  ("kind of negatives (hard [b, M, D] with one M, or pools)", layout)))
+    sizes = [m[3] for m in metas]
+    pool_sizes = [m[4] - m[3] for m in metas]  # a pool rank's candidates: b_r positives, then its pool
+    # the same answer on every rank: the layout and the sizes are every rank's
+    symmetric = False if plain else losses.mnrl_as_info_nce(opts, layout != "pool", sum(pool_sizes) > 0)
+    if symmetric is not None:
+        return info_nce_distributed(anchor, losses.mnrl_candidates(positive, hard, pool), temperature=1.0 / s,
+                                    symmetric=symmetric, reduction=reduction, grad_mode=grad_mode, group=group,
+                                    backend=backend)
+    sc, sp = (_validation.scale_tensor(1.0 / m, None, anchor.device, anchor.dtype) for m in (s, s + opts[3]))
+    q, p, hard, pool = losses.mnrl_normalized(anchor, positive, hard, pool)
+    if layout == "pool":  # every rank gathers the pools, one empty (an empty slice of q) or not
+        pool = (q[:0] if pool is None else pool) if sum(pool_sizes) else None
+    own_first = _keys_own_first(q.shape[0], sizes, rank, group)
+
+    # A gathered block's backward is a collective: it must be in the graph on every rank, even
+    # where the rank's negatives are constants (an empty slice of q puts them in it).
+    def in_graph(x):
+        return x if x.requires_grad or not q.requires_grad else torch.cat([x, q[:0]])
+
+    per = losses.mnrl_rows(q, p, hard, pool, sc, sp, opts, fused, lambda x: own_first(in_graph(x)),
+                           lambda x: _AllGatherRows.apply(in_graph(x).contiguous(), pool_sizes, rank, group))
+    return _global_reduce(per, reduction, sum(sizes), grad_mode, group)
 
 
 # ----------------------------------------------------------------------------- group whitening

@@ -3,7 +3,9 @@ process on the concatenated batch, with uneven local batches. One spawn per worl
 every configuration, to keep CI short."""
 import datetime
 import importlib.util
+import inspect
 import os
+import warnings
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from fastcl.distributed import (dcl_distributed, info_nce_distributed, multiple_
 SIZES = {1: [5], 2: [5, 3], 3: [4, 1, 6]}  # pairs (samples for SupCon) per rank
 POOL = {1: [3], 2: [2, 0], 3: [1, 4, 0]}  # MNRL's shared negatives per rank (0: None there)
 D, V, M = 7, 2, 2  # M: MNRL's hard negatives per anchor
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
 
 def _per_row(a, b):
@@ -52,6 +55,22 @@ CONFIGS = {
                            torch.float64, "torch"),
     "mnrl_pool_sum": ("mnrl", dict(negatives="pool", reduction="sum"), "exact", torch.float64, "torch"),
     "mnrl_triton": ("mnrl", dict(negatives="hard"), "exact", torch.float32, "triton"),
+    # the variants (sentence-transformers' directions, partition_mode, hardness): every rank's
+    # queries gathered too, the diagonals left out of the blocks kept at the rank's own rows
+    "mnrl_all_directions": ("mnrl", dict(directions=ALL_DIRECTIONS), "exact", torch.float64, "torch"),
+    "mnrl_hard_variant": ("mnrl", dict(negatives="hard", directions=("query_to_doc", "query_to_query", "doc_to_doc"),
+                                       hardness_mode="in_batch_negatives", hardness_strength=2.0),
+                          "exact", torch.float64, "torch"),
+    "mnrl_hard_own_penalty_sum": ("mnrl", dict(negatives="hard", directions=ALL_DIRECTIONS,
+                                               hardness_mode="hard_negatives", hardness_strength=1.5,
+                                               reduction="sum"), "exact", torch.float64, "torch"),
+    "mnrl_pool_symmetric_ddp": ("mnrl", dict(negatives="pool", directions=("query_to_doc", "doc_to_query"),
+                                             partition_mode="per_direction", hardness_mode="all_negatives",
+                                             hardness_strength=1.0, reduction="none", scale=5.0),
+                                "ddp", torch.float64, "torch"),
+    "mnrl_variant_triton": ("mnrl", dict(negatives="pool", directions=("query_to_doc", "doc_to_doc"),
+                                         hardness_mode="in_batch_negatives", hardness_strength=3.0),
+                            "exact", torch.float32, "triton"),
 }
 
 
@@ -133,7 +152,10 @@ def _modules(gather):
             ("DCLWLoss", fastcl.nn.DCLWLoss(0.2, sigma=0.4, gather_distributed=gather), "pairs"),
             ("SupConLoss", fastcl.nn.SupConLoss(0.2, gather_distributed=gather), "supcon"),
             ("MultipleNegativesRankingLoss",
-             fastcl.nn.MultipleNegativesRankingLoss(7.0, gather_across_devices=gather), "mnrl"))
+             fastcl.nn.MultipleNegativesRankingLoss(7.0, gather_across_devices=gather), "mnrl"),
+            ("MultipleNegativesRankingLoss_variant",
+             fastcl.nn.MultipleNegativesRankingLoss(7.0, gather_across_devices=gather, directions=ALL_DIRECTIONS,
+                                                    hardness_mode="all_negatives", hardness_strength=1.0), "mnrl"))
 
 
 def _module_run(module, kind, world, rank):
@@ -254,6 +276,20 @@ def _errors_worker(rank, world, init_file, out_prefix):
         (supcon_distributed, (z, torch.arange(4)), dict(temperature=0.2 if rank == 1 else 0.1)),
         (dcl_distributed, (z, z), dict(weight="vmf" if rank == 1 else None)),
         (multiple_negatives_ranking_distributed, (z, z), dict(scale=10 if rank == 1 else 20)),
+        (multiple_negatives_ranking_distributed, (z, z),
+         dict(directions=("query_to_doc", "doc_to_query") if rank == 1 else ("query_to_doc", "query_to_query"))),
+        (multiple_negatives_ranking_distributed, (z, z),
+         dict(hardness_mode="all_negatives", hardness_strength=2.0 if rank == 1 else 1.0)),
+        # the variants gather block by block: hard negatives on one rank, a pool on the other
+        (multiple_negatives_ranking_distributed,
+         (z, z, torch.randn(4, 2, 3, dtype=z.dtype) if rank == 1 else torch.randn(5, 3, dtype=z.dtype)),
+         dict(directions=ALL_DIRECTIONS)),
+        (multiple_negatives_ranking_distributed, (z, z, torch.randn(4, 1 + rank, 3, dtype=z.dtype)),
+         dict(directions=ALL_DIRECTIONS)),
+        (multiple_negatives_ranking_distributed, (z, z),
+         dict(directions=ALL_DIRECTIONS, partition_mode="per_direction") if rank == 1 else {}),
+        (multiple_negatives_ranking_distributed, (z, z),
+         dict(directions=ALL_DIRECTIONS, backend="reference" if rank == 1 else "torch")),
         # errors after the argument checks, on one rank: its backend, a weight fn's own
         (nt_xent_distributed, (z, z), dict(backend="reference" if rank == 1 else "torch")),
         (dcl_distributed, (z, z), dict(weight=_raises_on_rank1(rank))),
@@ -270,6 +306,15 @@ def _errors_worker(rank, world, init_file, out_prefix):
     labels = torch.tensor([0, 1, 0, 2])
     mixed = supcon_distributed(z, labels.int() if rank == 1 else labels, temperature=1 if rank == 1 else 1.0)
     errors.append(bool(torch.equal(mixed, supcon_distributed(z, labels, temperature=1.0))))
+    # the same MNRL variant spelt two ways (a list in another order; a mode without strength is
+    # no penalty, warned): the ranks agree, and the loss is the variant's
+    spelt = dict(directions=["doc_to_query", "query_to_doc"]) if rank == 1 else \
+        dict(directions=("query_to_doc", "doc_to_query"), hardness_mode="all_negatives")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        errors.append(bool(torch.equal(multiple_negatives_ranking_distributed(z, z + 0.1, **spelt),
+                                       multiple_negatives_ranking_distributed(
+                                           z, z + 0.1, directions=("query_to_doc", "doc_to_query")))))
     torch.save(errors, f"{out_prefix}{rank}.pt")
     dist.barrier()
     os._exit(0)  # as in _worker
@@ -281,15 +326,17 @@ def test_family_distributed_bad_input(tmp_path):
     expected = ["same shape", "temperature", "empty batch", "grad_mode must be", "same grad_mode",
                 "same dtype", "shape [", "negatives must be", "weight must be", "several views", "labels",
                 "same shape", "scale", "must have B=4", "same reduction", "same temperature", "same weight",
-                "same scale", "'reference' is not usable", "weight fn failed", "got (3,)",
+                "same scale", "same directions", "same hardness_strength", "same kind of negatives",
+                "same kind of negatives", "per_direction", "'reference' is not usable",
+                "'reference' is not usable", "weight fn failed", "got (3,)",
                 "'reference' is not usable", "same symmetric"]
     for i, what in enumerate(expected):
         # rank 1 names the problem; rank 0 (whose inputs were fine, unless every rank's were bad)
         # is told which rank's were not, instead of blocking in a collective
         assert what in out[1][i], (i, out[1][i])
         assert out[0][i] != "no error", (i, out[0][i])
-    assert len(out[1]) == len(expected) + 2, out[1]
-    assert all(o[-2] is True and o[-1] is True for o in out), out
+    assert len(out[1]) == len(expected) + 3, out[1]
+    assert all(o[-3:] == [True, True, True] for o in out), out
 
 
 def test_family_distributed_needs_a_process_group():
@@ -367,15 +414,23 @@ def _st_worker(rank, world, init_file, out_prefix):
     g = torch.Generator().manual_seed(6)
     cols = [torch.randn(4 * world, D, generator=g, dtype=torch.float64) for _ in range(3)]  # equal batches
     sl = slice(4 * rank, 4 * rank + 4)
+    # (anchor, positive) pairs and triplets, plain and with the variants (in the releases that have them)
+    cases = {"pairs": (2, {}), "triplets": (3, {})}
+    if "directions" in inspect.signature(MultipleNegativesRankingLoss).parameters:
+        cases["triplets_variant"] = (3, dict(directions=ALL_DIRECTIONS, hardness_mode="hard_negatives",
+                                             hardness_strength=2.0))
+        cases["pairs_symmetric"] = (2, dict(directions=("query_to_doc", "doc_to_query"),
+                                            partition_mode="per_direction", hardness_mode="in_batch_negatives",
+                                            hardness_strength=1.0))
     results = {}
-    for ncols in (2, 3):  # (anchor, positive) pairs and triplets
+    for case, (ncols, kw) in cases.items():
         out = []
         for cls in (MultipleNegativesRankingLoss, FusedMNRL):
             x = [c[sl].clone().requires_grad_() for c in cols[:ncols]]
-            loss = cls(Embedder(), scale=10.0, gather_across_devices=True)([{"x": t} for t in x], None)
+            loss = cls(Embedder(), scale=10.0, gather_across_devices=True, **kw)([{"x": t} for t in x], None)
             loss.backward()
             out.append((loss.detach(), [t.grad for t in x]))
-        results[ncols] = out
+        results[case] = out
     torch.save(results, f"{out_prefix}{rank}.pt")
     dist.barrier()
     os._exit(0)  # as in _worker
