@@ -1,9 +1,10 @@
 """The loss family, fwd+bwd: fastcl vs naive torch vs the libraries users have today, same run.
 
 nt_xent: lightly / pytorch-metric-learning NTXentLoss; supcon: pytorch-metric-learning
-SupConLoss; mnrl: sentence-transformers MultipleNegativesRankingLoss (on given embeddings).
+SupConLoss; mnrl: sentence-transformers MultipleNegativesRankingLoss (on given embeddings);
+mnrl_variant (not in the default --ops): the same with every direction and a hardness penalty.
 Libraries that are not installed are left out of the table. B is the number of pairs (nt_xent)
-or samples (supcon, mnrl).
+or samples (supcon, mnrl, mnrl_variant).
 """
 import argparse
 import importlib.util
@@ -51,20 +52,41 @@ def providers(op, device):
         out["naive-torch"] = naive
         for be in fused:
             out[f"fastcl-{be}"] = lambda a, b, lab, be=be: FCL.multiple_negatives_ranking(a, b, backend=be)
-        if _has("sentence_transformers"):
-            try:
-                from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-            except ImportError:
-                from sentence_transformers.losses import MultipleNegativesRankingLoss
-
-            class _Given(torch.nn.Module):  # the embeddings are the features: time the loss alone
-                def forward(self, f):
-                    return {"sentence_embedding": f["x"]}
-            st = MultipleNegativesRankingLoss(_Given(), scale=20.0)
-            out["sentence-transformers"] = lambda a, b, lab: st([{"x": a}, {"x": b}], None)
+        _sentence_transformers(out, {})
+    elif op == "mnrl_variant":
+        out["naive-torch"] = lambda a, b, lab: R.mnrl_reference(a, b, scale=20.0, **MNRL_VARIANT)
+        for be in fused:
+            out[f"fastcl-{be}"] = lambda a, b, lab, be=be: FCL.multiple_negatives_ranking(
+                a, b, scale=20.0, backend=be, **MNRL_VARIANT)
+        _sentence_transformers(out, MNRL_VARIANT)
     else:
         raise ValueError(f"unknown op {op!r}")
     return out
+
+
+# mnrl_variant: every direction, one softmax, the penalty on all negatives (sentence-transformers'
+# options); each direction is a fused pass of its own.
+MNRL_VARIANT = dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+                    hardness_mode="all_negatives", hardness_strength=1.0)
+
+
+def _sentence_transformers(out, options):
+    """sentence-transformers' MNRL with these options, where installed (and new enough for them)."""
+    if not _has("sentence_transformers"):
+        return
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    class _Given(torch.nn.Module):  # the embeddings are the features: time the loss alone
+        def forward(self, f):
+            return {"sentence_embedding": f["x"]}
+    try:
+        st = MultipleNegativesRankingLoss(_Given(), scale=20.0, **options)
+    except TypeError:  # a release without the variants
+        return
+    out["sentence-transformers"] = lambda a, b, lab: st([{"x": a}, {"x": b}], None)
 
 
 def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=2000.0, only=None):

@@ -22,7 +22,8 @@
 # "build cuda-tests" (only the tests of the cuda backend), "build variants" (the Triton
 # backward's variants), "build max-batch" (the probe up to B = 1M for fastcl-triton and
 # fastcl-cuda, and torch.compile's largest batch), or "build max-batch-inf-cl" (one inf-cl step at
-# B = 1M, ~4 minutes); the deadline is 560 s when neither tests nor bench run.
+# B = 1M, ~4 minutes), or "build mnrl-variant" (sentence-transformers' MNRL variants, fused and
+# theirs); the deadline is 560 s when neither tests nor bench run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -165,6 +166,12 @@ has variants && {
   within 90 $B --sizes 32768 --dim 512 --dtype bf16 \
     --only fastcl-triton,fastcl-triton-bn32,fastcl-triton-bd256,fastcl-triton-bd256-bn128,fastcl-triton-chunks
   within 40 $B --sizes 8192 --dim 128 --dtype fp32 --only fastcl-triton,fastcl-triton-onedot
+  stamp "done"
+} 2>&1 | tee -a "$OUT/bench.log"
+# sentence-transformers' MNRL variants (every direction, hardness penalty) vs theirs, on request.
+has mnrl-variant && {
+  stamp "mnrl-variant"
+  within 60 $PY -m benchmarks.bench_family --ops mnrl_variant --csv "$OUT/family.csv"
   stamp "done"
 } 2>&1 | tee -a "$OUT/bench.log"
 # The full largest-batch probe on its own (each of these steps takes up to minutes at B = 1M).

@@ -245,7 +245,8 @@ def test_family_sweep_only_and_peers(tmp_path):
     # without --only, the libraries installed here join the same run
     peers = {"nt_xent": {"lightly": "lightly", "pml": "pytorch_metric_learning"},
              "supcon": {"pml": "pytorch_metric_learning"},
-             "mnrl": {"sentence-transformers": "sentence_transformers"}}
+             "mnrl": {"sentence-transformers": "sentence_transformers"},
+             "mnrl_variant": {"sentence-transformers": "sentence_transformers"}}
     path = tmp_path / "family_all.csv"
     for op, libs in peers.items():
         bench_family.run(op, [32], 8, 2, CPU, str(path))
