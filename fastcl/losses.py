@@ -291,9 +291,11 @@ def mnrl_options(directions, partition_mode, hardness_mode, hardness_strength):
             or not 0.0 <= float(hardness_strength) <= _validation.FLOAT_MAX:
         raise ValueError(f"hardness_strength must be a finite number >= 0, got {hardness_strength!r}")
     alpha = float(hardness_strength)
-    if (hardness_mode is None) != (alpha == 0.0):
-        warnings.warn(f"hardness_mode={hardness_mode!r} with hardness_strength={alpha}: no hardness "
-                      f"penalty is applied (it needs both a mode and a strength > 0)", stacklevel=3)
+    # (written so that a symbolic alpha under torch.compile is compared with floats only)
+    if (alpha != 0.0) if hardness_mode is None else (alpha == 0.0):
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn
+            warnings.warn(f"hardness_mode={hardness_mode!r} with hardness_strength={alpha}: no hardness "
+                          f"penalty is applied (it needs both a mode and a strength > 0)", stacklevel=3)
         alpha = 0.0
     return directions, partition_mode, hardness_mode, alpha
 
@@ -434,12 +436,12 @@ def mnrl_rows(q: Tensor, p: Tensor, hard: Optional[Tensor], pool: Optional[Tenso
     Kpool = [] if pool is None else [pool_keys(pool)]
     parts = {"query_to_doc": []}
     diag = torch.arange(q.shape[0], device=q.device)  # anchor i's own column in every block
-    if not alpha:  # lse - pos from the op itself
-        parts["query_to_doc"].append(row_terms(q, torch.cat(K + Kpool), s, backend, labels=diag)[0])
+    whole = {False: [], True: []}  # blocks taken whole, without and with the penalty
+    if not alpha:
+        whole[False] = K + Kpool
     else:
         # Which logits carry the penalty, per block: its off-diagonal (other anchors' documents)
         # and its diagonal (anchor i's own: block 0 is the positive, blocks 1.. its hard negatives).
-        whole = {False: [], True: []}  # blocks taken whole, without and with the penalty
         for k, (x, kx) in enumerate(zip(blocks, K)):
             off = hardness_mode != "hard_negatives"
             own = k > 0 and hardness_mode != "in_batch_negatives"
@@ -451,10 +453,14 @@ def mnrl_rows(q: Tensor, p: Tensor, hard: Optional[Tensor], pool: Optional[Tenso
             parts["query_to_doc"] += [(_penalised(lse, s, sp) if off else lse) - pos,
                                       (s * c + alpha * c.detach() if own else s * c) - pos]
         whole[hardness_mode != "hard_negatives"] += Kpool
-        for pen, ks in whole.items():
-            if ks:
-                lse = _lse(q, torch.cat(ks), sp if pen else s, backend)
-                parts["query_to_doc"].append((_penalised(lse, s, sp) if pen else lse) - pos)
+    for pen, ks in whole.items():
+        if not ks:
+            continue
+        if ks[0] is K[0]:  # the positives first (never penalised): lse - pos from the op itself
+            parts["query_to_doc"].append(row_terms(q, torch.cat(ks), s, backend, labels=diag)[0])
+        else:
+            lse = _lse(q, torch.cat(ks), sp if pen else s, backend)
+            parts["query_to_doc"].append((_penalised(lse, s, sp) if pen else lse) - pos)
     if "query_to_query" in directions or "doc_to_query" in directions:
         Kq = keys(q)
     if "query_to_query" in directions:

@@ -128,5 +128,5 @@ def mnrl_reference(anchor, positive, negatives=None, *, scale=20.0, directions=(
         log_z = torch.logsumexp(torch.cat(list(scores.values()), dim=1), dim=1)
     else:
         log_z = sum(torch.logsumexp(v, dim=1) for v in scores.values()) / len(scores)
-    per = log_z - scores["query_to_doc"][positive_col]
+    per = log_z - scores["query_to_doc"].gather(1, rows.to(q.device))[:, 0]  # column i: p_i
     return reduce(per, reduction)

@@ -95,6 +95,30 @@ def test_kernel_backend_compiles_fullgraph(name, backend, dtype):
         torch.testing.assert_close(compiled, eager)
 
 
+def test_mnrl_compiles_with_dynamic_shapes_and_a_changing_strength():
+    """A symbolic hardness strength (dynamic=True, or a module whose strength follows a
+    schedule) traces: the option checks compare it with floats only, and warn outside the graph."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(9, 8, generator=g), torch.randn(9, 8, generator=g)
+    n = torch.randn(9, 2, 8, generator=g)
+    f = lambda a, b, n, strength: FCL.multiple_negatives_ranking(  # noqa: E731
+        a, b, n, directions=("query_to_doc", "doc_to_doc"), hardness_mode="all_negatives",
+        hardness_strength=strength, backend="torch")
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    module = fastcl.nn.MultipleNegativesRankingLoss(backend="torch", hardness_mode="hard_negatives",
+                                                    hardness_strength=1.0)
+    compiled_module = torch.compile(module, backend="aot_eager", fullgraph=True)
+    for strength in (1.0, 2.5, 0.5):
+        torch.testing.assert_close(compiled(a, b, n, strength), f(a, b, n, strength))
+        module.hardness_strength = strength
+        torch.testing.assert_close(compiled_module(a, b, n), module(a, b, n))
+    torch.testing.assert_close(compiled(a, b, n, 0.0), FCL.multiple_negatives_ranking(
+        a, b, n, directions=("query_to_doc", "doc_to_doc"), backend="torch"))
+    plain = torch.compile(lambda a, b: FCL.multiple_negatives_ranking(a, b, backend="torch"),
+                          backend="aot_eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(plain(a, b), FCL.multiple_negatives_ranking(a, b, backend="torch"))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_whitening_compiles_fullgraph(backend):
     """The Newton-Schulz kernel runs inside its op (fastcl::newton_schulz_kernel): Dynamo traced

@@ -315,6 +315,10 @@ def _errors_worker(rank, world, init_file, out_prefix):
         errors.append(bool(torch.equal(multiple_negatives_ranking_distributed(z, z + 0.1, **spelt),
                                        multiple_negatives_ranking_distributed(
                                            z, z + 0.1, directions=("query_to_doc", "doc_to_query")))))
+        # one direction: per_direction and joint are the same loss
+        errors[-1] &= bool(torch.equal(multiple_negatives_ranking_distributed(
+            z, z + 0.1, partition_mode="per_direction" if rank == 1 else "joint"),
+            multiple_negatives_ranking_distributed(z, z + 0.1)))
     torch.save(errors, f"{out_prefix}{rank}.pt")
     dist.barrier()
     os._exit(0)  # as in _worker

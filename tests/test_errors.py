@@ -418,6 +418,9 @@ SHAPE_ONLY_CASES = {
         torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 2, 8), reduction="none",
         directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
         hardness_mode="hard_negatives", hardness_strength=2.0),
+    "mnrl_variant_reference": lambda: FCL.multiple_negatives_ranking(
+        torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 2, 8), directions=("query_to_doc", "doc_to_doc"),
+        hardness_mode="all_negatives", hardness_strength=2.0, backend="reference"),
     "whiten_eps0": lambda: FCL.group_whiten(torch.randn(32, 8), 2, eps=0.0),
     "whiten_ns": lambda: FCL.group_whiten(torch.randn(32, 8), 2, method="newton_schulz"),
     "shuffled": lambda: FCL.shuffled_group_whiten(torch.randn(32, 8), 2,

@@ -497,12 +497,17 @@ def test_mnrl_variants_edge_cases():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(48, 32, generator=g, dtype=torch.float64)
     p = a + 0.1 * torch.randn(48, 32, generator=g, dtype=torch.float64)  # solved at scale 100
+    n = torch.randn(48, 2, 32, generator=g, dtype=torch.float64)
     for kw in (dict(directions=("query_to_doc", "query_to_query")), dict(directions=("query_to_doc", "doc_to_query")),
                dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
-               dict(directions=ALL_DIRECTIONS, hardness_mode="all_negatives", hardness_strength=3.0)):
+               dict(directions=ALL_DIRECTIONS, hardness_mode="all_negatives", hardness_strength=3.0),
+               dict(negatives=n, hardness_mode="hard_negatives", hardness_strength=3.0),
+               dict(negatives=n, directions=ALL_DIRECTIONS, hardness_mode="in_batch_negatives",
+                    hardness_strength=3.0)):
         want = R.mnrl_reference(a, p, scale=100.0, reduction="none", **kw)
+        kw32 = {k: v.float() if k == "negatives" else v for k, v in kw.items()}
         got = FCL.multiple_negatives_ranking(a.float(), p.float(), scale=100.0, reduction="none",
-                                             backend="torch", **kw)
+                                             backend="torch", **kw32)
         # torch's fp32 (and the difference of fp32 logits near 100) is 1e-5 off here
         assert (got.double() - want).abs().max() <= 1e-6, kw
     a, p, n = _mnrl_inputs(6, 5, "hard", seed=8, M=1)
