@@ -425,7 +425,8 @@ def mnrl_rows(q: Tensor, p: Tensor, hard: Optional[Tensor], pool: Optional[Tenso
     of every process, this one's first (so anchor i's own document stays column i);
     pool_keys(pool) every process's pool. Each candidate set is a fused log-sum-exp over whole
     blocks, with at most the diagonal (anchor i's own document) left out of the tiles and
-    added as an O(b*D) term; log Z merges them."""
+    added as an O(b*D) term; log Z merges them, each part taken relative to the positive's
+    logit."""
     directions, partition_mode, hardness_mode, alpha = opts
     # Every part is kept relative to the positive's logit pos = s c(q_i, p_i): log Z - pos of a
     # nearly solved row is then a small number computed as such, not a difference of two large
@@ -442,8 +443,8 @@ def mnrl_rows(q: Tensor, p: Tensor, hard: Optional[Tensor], pool: Optional[Tenso
     else:
         # Which logits carry the penalty, per block: its off-diagonal (other anchors' documents)
         # and its diagonal (anchor i's own: block 0 is the positive, blocks 1.. its hard negatives).
+        off = hardness_mode != "hard_negatives"
         for k, (x, kx) in enumerate(zip(blocks, K)):
-            off = hardness_mode != "hard_negatives"
             own = k > 0 and hardness_mode != "in_batch_negatives"
             if off == own:
                 whole[off].append(kx)
@@ -452,7 +453,7 @@ def mnrl_rows(q: Tensor, p: Tensor, hard: Optional[Tensor], pool: Optional[Tenso
             c = (q.to(s.dtype) * x.to(s.dtype)).sum(1)
             parts["query_to_doc"] += [(_penalised(lse, s, sp) if off else lse) - pos,
                                       (s * c + alpha * c.detach() if own else s * c) - pos]
-        whole[hardness_mode != "hard_negatives"] += Kpool
+        whole[off] += Kpool
     for pen, ks in whole.items():
         if not ks:
             continue
