@@ -364,10 +364,10 @@ def mnrl_as_info_nce(opts, has_hard: bool, has_pool: bool) -> Optional[bool]:
 def mnrl_normalized(anchor, positive, hard, pool):
     """(q, p, hard, pool) L2-normalised (hard [M, B, D] and pool may be None)."""
     rest = [x.reshape(-1, x.shape[-1]) for x in (hard, pool) if x is not None]
-    q, p, *rest = prepare(anchor.new_ones(()), True, anchor, positive, *rest)[:-1]
+    out = prepare(anchor.new_ones(()), True, anchor, positive, *rest)[:-1]  # (no list.pop: torch 2.4's Dynamo)
     if hard is not None:
-        hard = rest.pop(0).reshape(hard.shape)
-    return q, p, hard, (rest[0] if pool is not None else None)
+        hard = out[2].reshape(hard.shape)
+    return out[0], out[1], hard, (out[-1] if pool is not None else None)
 
 
 def mnrl_inputs(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor]):
