@@ -54,3 +54,11 @@ def error_messages(cases):
         except (ValueError, TypeError, RuntimeError) as e:
             out.append(f"{type(e).__name__}: {e}")
     return out
+
+
+class Embedder(torch.nn.Module):
+    """Stands in for a SentenceTransformer in the drop-in tests: features {"x": embeddings} ->
+    {"sentence_embedding": embeddings}."""
+
+    def forward(self, features):
+        return {"sentence_embedding": features["x"]}

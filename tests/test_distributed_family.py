@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 import fastcl
 import fastcl.functional as FCL
-from helpers import error_messages
+from helpers import Embedder, error_messages
 from fastcl.distributed import (dcl_distributed, info_nce_distributed, multiple_negatives_ranking_distributed,
                                 nt_xent_distributed, supcon_distributed)
 
@@ -409,10 +409,6 @@ def _st_worker(rank, world, init_file, out_prefix):
     except ImportError:  # releases before the module move
         from sentence_transformers.losses import MultipleNegativesRankingLoss
     from fastcl.integrations import MultipleNegativesRankingLoss as FusedMNRL
-
-    class Embedder(torch.nn.Module):  # stands in for a SentenceTransformer: features -> embeddings
-        def forward(self, features):
-            return {"sentence_embedding": features["x"]}
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     g = torch.Generator().manual_seed(6)

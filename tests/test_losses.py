@@ -12,7 +12,7 @@ import fastcl.integrations
 import fastcl.nn
 from fastcl import reference as R
 from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS
-from helpers import assert_within_budget
+from helpers import Embedder, assert_within_budget
 
 BACKENDS = KERNEL_BACKENDS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -430,10 +430,6 @@ def test_mnrl_variants_reference_backend_and_modules():
     assert torch.allclose(module(a, p, *n.unbind(1)), expected, rtol=0, atol=1e-12)
     assert "doc_to_doc" in repr(module) and "in_batch_negatives" in repr(module)
 
-    class Embedder(torch.nn.Module):
-        def forward(self, features):
-            return {"sentence_embedding": features["x"]}
-
     drop_in = fastcl.integrations.MultipleNegativesRankingLoss(Embedder(), **kw)
     got = drop_in([{"x": t} for t in (a, p, *n.unbind(1))], None)
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
@@ -841,10 +837,6 @@ def test_equals_sentence_transformers_mnrl():
     except ImportError:  # releases before the module move
         from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-    class Embedder(torch.nn.Module):  # stands in for a SentenceTransformer: features -> embeddings
-        def forward(self, features):
-            return {"sentence_embedding": features["x"]}
-
     g = torch.Generator().manual_seed(3)
     a, p, n = (torch.randn(7, 10, generator=g, dtype=torch.float64) for _ in range(3))
     st = MultipleNegativesRankingLoss(Embedder(), scale=20.0)
@@ -865,10 +857,6 @@ def test_mnrl_variants_equal_sentence_transformers():
     except ImportError:  # releases before the module move
         from sentence_transformers import losses as st
     import itertools
-
-    class Embedder(torch.nn.Module):
-        def forward(self, features):
-            return {"sentence_embedding": features["x"]}
 
     a, p, n = _mnrl_inputs(7, 5, "hard", seed=2)
     columns = [a, p, *n.unbind(1)]
