@@ -473,7 +473,10 @@ def test_a_test_run_stopped_by_sigterm_still_summarises(tmp_path, workers):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
            "-p", "no:benchmark", "-c", os.devnull, "--rootdir", str(tmp_path), "--durations=5",
            str(tmp_path / "test_x.py")] + (["-n", str(workers)] if workers else [])
-    env = dict(os.environ, PYTHONPATH=root, FASTCL_SLOW_FIRST="0")
+    # Not an xdist worker's variables (this test under -n): conftest read PYTEST_XDIST_WORKER
+    # and left SIGTERM to a controller that was not there (a hang until the timeout).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(PYTHONPATH=root, FASTCL_SLOW_FIRST="0")
     p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
     try:
