@@ -28,6 +28,11 @@ Gradient convention (``grad_mode``):
   DDP's averaging every parameter gets the exact gradient of the global loss, even for uneven
   batches. open_clip's ``local_loss=True, gather_with_grad=True`` equals this only when every
   rank has the same batch size (it averages per-rank means).
+
+Every rank calls a loss collectively and runs its backward (a collective too): the loss must
+need a gradient on every rank or on none (checked). Which inputs require grad may differ by
+rank (a frozen tower, cached negatives): a gathered block that is a constant on some ranks
+only is tied into their graph, so that its backward still takes part there (see _tied).
 """
 import numbers
 import warnings
@@ -251,10 +256,39 @@ def _raise_together(error, x, group):
         raise ValueError(f"invalid inputs on rank(s) {bad} (see their error)")
 
 
-def _validate_collectively(validate, x, group, agree=()):
+def _needs_grad(*xs) -> bool:
+    """Whether a loss of these inputs (tensors or None) needs a gradient on this rank."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in xs)
+
+
+def _tied(x, somewhere: bool, *xs):
+    """x (a tensor or None), put into the autograd graph where it requires grad on some other
+    rank (`somewhere`, from _grad_somewhere) and not here, while one of xs does: an empty slice
+    of that input, summed, is added to it (the same values). A gathered tensor's backward is a
+    collective, which every rank must run where any rank does (a frozen tower or cached
+    negatives on some ranks only). Where x is a constant on every rank, it stays one: its
+    gather then has no backward anywhere (no all-reduce of zeros for a frozen tower)."""
+    if x is None or not somewhere or _needs_grad(x):
+        return x
+    src = next((t for t in xs if _needs_grad(t)), None)
+    return x if src is None else x + src.reshape(-1)[:0].sum().to(x.dtype)
+
+
+def _grad_somewhere(metas, n):
+    """Per tensor of _validate_collectively's grads (n of them): whether it needs a gradient on
+    some rank."""
+    bits = 0
+    for m in metas:
+        bits |= m[8]
+    return [bool(bits >> i & 1) for i in range(n)]
+
+
+def _validate_collectively(validate, x, group, agree=(), grads=()):
     """(validate()'s result, every rank's metadata). validate() checks this rank's inputs and
     returns (its result, [dtype, D, B_r, N_r, labels given, gather index, grad_mode]); agree is
-    ((name, value), ...) of the arguments every rank must pass alike.
+    ((name, value), ...) of the arguments every rank must pass alike; grads the tensor inputs
+    (or None), whose loss must need a gradient on every rank or on none (meta[8]: a bit per
+    input that needs one here).
 
     A rank that raised alone would leave its peers blocked in the next collective. In one
     all_gather, every rank learns whether any rank's inputs are bad, and whether the ranks
@@ -262,7 +296,8 @@ def _validate_collectively(validate, x, group, agree=()):
     mismatch; two 16-bit dtypes were silently read as one), whether labels are given (their
     range check is a collective), gather and grad_mode (ranks that differ there run different
     collectives: a hang until the timeout), and agree's (a different reduction aborted gloo, a
-    different temperature returned a mix of the two losses)."""
+    different temperature returned a mix of the two losses), and whether the loss needs a
+    gradient (a rank whose loss needs none runs no backward: the others waited in theirs)."""
     local_error, meta, result = None, [1, -1, -1, 0, 0, -1, -1, -1], None
     try:
         result, (dtype, d, b, n, has_labels, gather, grad_mode) = validate()
@@ -270,6 +305,7 @@ def _validate_collectively(validate, x, group, agree=()):
                 _GRAD_MODES.index(grad_mode)]
     except (ValueError, TypeError, _dispatch.BackendUnavailable) as e:
         local_error = e
+    meta.append(sum(1 << i for i, t in enumerate(grads) if _needs_grad(t)))
     metas = _all_ints(meta + [_digest(v) for _, v in agree], x.device if isinstance(x, Tensor) else "cpu",
                       group)
     if local_error is not None:
@@ -284,7 +320,12 @@ def _validate_collectively(validate, x, group, agree=()):
             got = [names[i][m[i]] if i in names else m[i] for m in metas]
             raise (TypeError if i == 1 else ValueError)(
                 f"every rank must pass the same {what}; per rank: {got}")
-    for i, (name, value) in enumerate(agree, start=8):
+    if len({m[8] != 0 for m in metas}) > 1:
+        raise ValueError(
+            f"every rank's loss must need a gradient, or none's; per rank: {[bool(m[8]) for m in metas]}. "
+            "Its backward runs collectives, which would leave the ranks that run it waiting for the "
+            "others (an input requires grad, with grad enabled, on some ranks only)")
+    for i, (name, value) in enumerate(agree, start=9):
         if len({m[i] for m in metas}) > 1:
             raise ValueError(f"every rank must pass the same {name}; the ranks differ (this rank's: {value!r})")
     return result, metas
@@ -363,7 +404,7 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
 
     (symmetric, normalize, scale, backend), metas = _validate_collectively(
         validate, q, group, (("temperature", temperature), ("logit_scale", logit_scale), ("symmetric", symmetric),
-                             ("normalize", normalize), ("reduction", reduction)))
+                             ("normalize", normalize), ("reduction", reduction)), (q, k, logit_scale))
     sizes_q, sizes_k = [m[3] for m in metas], [m[4] for m in metas]
     B, N = sum(sizes_q), sum(sizes_k)
     off_k = sum(sizes_k[:rank])
@@ -391,6 +432,10 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
             raise ValueError(f"labels must lie in [0, {N}) (the global rows of k), "
                              f"got values in [{-int(lo_hi[0])}, {int(lo_hi[1])}] across ranks")
         labels = labels.long()
+    # The gathers' (and logit_scale's sum's) backward runs where the tensor needs a gradient on
+    # some rank (see _tied). The ring's one autograd.Function runs it wherever the loss needs one.
+    some, ins = _grad_somewhere(metas, 3), (q, k, logit_scale)
+    q, k, scale = [_tied(t, s, *ins) for t, s in zip((q, k, scale), some)]
     if logit_scale is not None and grad_mode == "exact":
         scale = _SumGradOverRanks.apply(scale, group)
     u, v, scale = prepare(scale, normalize, q, k)
@@ -415,10 +460,11 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
 # fused op, exclusions and positives as in one process.
 
 def _pairs_setup(z1, z2, temperature, reduction, normalize, grad_mode, group, backend, min_pairs,
-                 check=None, agree=()):
+                 check=None, agree=(), grads=()):
     """Collective checks of two views [n_r, D] per rank, and check()'s of the loss's own
-    arguments (agree: those every rank must pass alike): (world, rank, scale, normalize, sizes,
-    backend)."""
+    arguments (agree: those every rank must pass alike; grads: its tensors besides the views):
+    (world, rank, scale, normalize, sizes, backend, z1), z1 tied into the graph where the
+    views (gathered) need a gradient on some rank (see _tied)."""
     world, rank = _world_and_rank(group)
 
     def validate():
@@ -431,12 +477,15 @@ def _pairs_setup(z1, z2, temperature, reduction, normalize, grad_mode, group, ba
 
     (scale, normalize, backend), metas = _validate_collectively(
         validate, z1, group, (("temperature", temperature), ("normalize", normalize), ("reduction", reduction))
-        + tuple(agree))
+        + tuple(agree), (z1, z2) + tuple(grads))
     sizes = [m[3] for m in metas]
     if sum(sizes) < min_pairs:
         raise ValueError(f"this loss needs at least {min_pairs} pairs over all ranks (its negatives "
                          f"would be empty), got {sizes} per rank")
-    return world, rank, scale, normalize, sizes, backend
+    some = _grad_somewhere(metas, 2 + len(grads))
+    if not _needs_grad(z2):  # the loss gathers cat([z1, z2]): one of them in the graph suffices
+        z1 = _tied(z1, some[0] or some[1], *grads)
+    return world, rank, scale, normalize, sizes, backend, z1
 
 
 def nt_xent_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool = True,
@@ -454,8 +503,8 @@ def nt_xent_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, nor
     lightly's ``NTXentLoss(gather_distributed=True)`` has ddp's gradients for equal n_r, but
     returns each rank's local mean as the value; this returns the global one.
     """
-    world, rank, scale, normalize, sizes, backend = _pairs_setup(z1, z2, temperature, reduction, normalize,
-                                                                 grad_mode, group, backend, 1)
+    world, rank, scale, normalize, sizes, backend, z1 = _pairs_setup(z1, z2, temperature, reduction, normalize,
+                                                                     grad_mode, group, backend, 1)
     u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
     per = losses.nt_xent_rows(u, scale, backend, _keys_own_first(z1.shape[0], sizes, rank, group))
     return _global_reduce(per, reduction, 2 * sum(sizes), grad_mode, group)
@@ -481,9 +530,10 @@ def dcl_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight=
         if isinstance(z1, Tensor):
             losses.check_dcl_weight(weight, sigma, detach_weight, z1.shape[0], z1.device)
 
-    world, rank, scale, normalize, sizes, backend = _pairs_setup(
+    world, rank, scale, normalize, sizes, backend, z1 = _pairs_setup(
         z1, z2, temperature, reduction, normalize, grad_mode, group, backend, 2, check,
-        (("weight", weight), ("sigma", sigma), ("detach_weight", detach_weight), ("negatives", negatives)))
+        (("weight", weight), ("sigma", sigma), ("detach_weight", detach_weight), ("negatives", negatives)),
+        (weight,))
     n = z1.shape[0]
     keys = _keys_own_first(n, sizes, rank, group)
     u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
@@ -526,7 +576,8 @@ def supcon_distributed(features: Tensor, labels: Optional[Tensor] = None, *, tem
                 [flat.dtype, flat.shape[1], features.shape[0], flat.shape[0], labels is not None, 0, grad_mode])
 
     (flat, ids, views, scale, normalize, backend), metas = _validate_collectively(
-        validate, features, group, (("temperature", temperature), ("normalize", normalize), ("reduction", reduction)))
+        validate, features, group, (("temperature", temperature), ("normalize", normalize), ("reduction", reduction)),
+        (features,))
     # int64 on every rank: the ids are gathered, and gloo aborts on an int32 / int64 mix
     ids = ids.long()
     if labels is None:  # sample ids, unique over the ranks
@@ -595,7 +646,8 @@ def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, neg
         validate, anchor, group, (("scale", scale), ("reduction", reduction), ("directions", named[0]),
                                   ("partition_mode", named[1]), ("hardness_mode", named[2]),
                                   ("hardness_strength", named[3]),
-                                  ("kind of negatives (hard [b, M, D] with one M, or pools)", layout)))
+                                  ("kind of negatives (hard [b, M, D] with one M, or pools)", layout)),
+        (anchor, positive, negatives))
     sizes = [m[3] for m in metas]
     pool_sizes = [m[4] - m[3] for m in metas]  # a pool rank's candidates: b_r positives, then its pool
     # the same answer on every rank: the layout and the sizes are every rank's
@@ -606,17 +658,14 @@ def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, neg
                                     backend=backend)
     sc, sp = (_validation.scale_tensor(1.0 / m, None, anchor.device, anchor.dtype) for m in (s, s + opts[3]))
     q, p, hard, pool = losses.mnrl_normalized(anchor, positive, hard, pool)
-    if layout == "pool":  # every rank gathers the pools, one empty (an empty slice of q) or not
-        pool = (q[:0] if pool is None else pool) if sum(pool_sizes) else None
-    own_first = _keys_own_first(q.shape[0], sizes, rank, group)
-
-    # A gathered block's backward is a collective: it must be in the graph on every rank, even
-    # where the rank's negatives are constants (an empty slice of q puts them in it).
-    def in_graph(x):
-        return x if x.requires_grad or not q.requires_grad else torch.cat([x, q[:0]])
-
-    per = losses.mnrl_rows(q, p, hard, pool, sc, sp, opts, fused, lambda x: own_first(in_graph(x)),
-                           lambda x: _AllGatherRows.apply(in_graph(x).contiguous(), pool_sizes, rank, group))
+    if layout == "pool":  # every rank gathers the pools, one empty or not
+        pool = (q.detach()[:0] if pool is None else pool) if sum(pool_sizes) else None
+    # The gathered blocks (positives, hard negatives, the pool, the anchors for query_to_query)
+    # need a backward on every rank where they need one on some rank (see _tied).
+    some, ins = _grad_somewhere(metas, 3), (q, p, hard, pool)
+    q, p, hard, pool = [_tied(t, s, *ins) for t, s in zip(ins, some + some[2:])]
+    per = losses.mnrl_rows(q, p, hard, pool, sc, sp, opts, fused, _keys_own_first(q.shape[0], sizes, rank, group),
+                           lambda x: _AllGatherRows.apply(x.contiguous(), pool_sizes, rank, group))
     return _global_reduce(per, reduction, sum(sizes), grad_mode, group)
 
 
@@ -646,8 +695,8 @@ def group_whiten_distributed(x: Tensor, num_groups: int, *, eps: float = 1e-5, m
     Arguments as in group_whiten (perm: the same on every rank), with the backends' analytic
     backward ("torch", and the Newton-Schulz kernels of "triton" / "cuda"; not "reference").
     Every rank calls this collectively with the same arguments except x (checked), and, like
-    SyncBatchNorm, every rank must run the backward too (its all-reduces): x requiring grad
-    on some ranks only, or a backward on some ranks only, leaves the others waiting.
+    SyncBatchNorm, every rank must run the backward too (its all-reduces): x must require grad
+    on every rank or on none (checked), and a backward on some ranks only leaves the others waiting.
     """
     _world_and_rank(group)
     iters_ = whitening.DEFAULT_NS_ITERS if iters is None else iters
@@ -668,7 +717,7 @@ def group_whiten_distributed(x: Tensor, num_groups: int, *, eps: float = 1e-5, m
         perm_key = "unreadable"
     (detach, want_w, backend), metas = _validate_collectively(
         validate, x, group, (("num_groups", num_groups), ("eps", eps), ("method", method), ("iters", iters_),
-                             ("ddof", ddof), ("detach_stats", detach_stats), ("perm", perm_key)))
+                             ("ddof", ddof), ("detach_stats", detach_stats), ("perm", perm_key)), (x,))
     n = sum(m[3] for m in metas)
     whitening.check_samples(n, x.shape[1] // num_groups, eps, ddof)  # the same verdict on every rank
     with no_autocast(x.device):

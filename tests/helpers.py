@@ -1,4 +1,6 @@
 """Error-budget comparisons against a float64 oracle."""
+import contextlib
+
 import torch
 
 # Floors for the budget: below these, differences are rounding noise of the dtype itself.
@@ -41,6 +43,23 @@ FLAG_CASES = {
     # MNRL's variants: plain log-sum-exps, rows without a positive (label -1), self left out
     "no_positive_exclude_diag": dict(exclude_diag=True, no_positive=True),
 }
+
+
+@contextlib.contextmanager
+def counted_all_reduces():
+    """[one entry per torch.distributed.all_reduce call] while inside (fastcl.distributed calls
+    it through the module, so the count sees a backward's collectives)."""
+    import torch.distributed as dist
+    calls, orig = [], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return orig(*args, **kwargs)
+    dist.all_reduce = counted
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = orig
 
 
 def error_messages(cases):

@@ -265,6 +265,48 @@ def test_distributed_bad_input(tmp_path):
         assert errors[9] is True and errors[10] is True and errors[11] is True
 
 
+def _grad_enabled(enabled, fn, *args, **kwargs):
+    with torch.set_grad_enabled(enabled):
+        return fn(*args, **kwargs)
+
+
+def _mixed_grads(rank, world):
+    """Ranks whose inputs differ in which require grad, every rank's loss needing one: the
+    loss and the gradients each rank has are one process's. A gathered tensor (or logit_scale)
+    that was a constant on some ranks had no backward there: the other ranks waited in theirs.
+    One that is a constant on every rank (a frozen key tower, a fixed logit_scale) runs no
+    collective in the backward."""
+    from helpers import counted_all_reduces
+    g = torch.Generator().manual_seed(7)
+    Q, K = (torch.randn(4 * world, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    rows, even = slice(4 * rank, 4 * rank + 4), rank % 2 == 0
+    ok = []
+    for kw, q_grad, k_grad, ls_grad, reduces in [
+        # (arguments, whether q, k and logit_scale require grad on this rank, the backward's all-reduces)
+        (dict(), even, not even, False, 1),                              # k's gather
+        (dict(symmetric=True), even, not even, False, 2),                # and q's
+        (dict(symmetric=True, gather="ring"), even, not even, False, 0),
+        (dict(labels=torch.arange(4 * world).roll(1)[rows]), True, True, rank < 2, 2),  # logit_scale's sum
+        (dict(), True, False, False, 0),                                 # a frozen key tower on every rank
+    ]:
+        kw = dict(kw, logit_scale=torch.tensor(1.5, dtype=torch.float64, requires_grad=ls_grad))
+        q, k = Q[rows].clone().requires_grad_(q_grad), K[rows].clone().requires_grad_(k_grad)
+        loss = info_nce_distributed(q, k, backend="torch", **kw)
+        with counted_all_reduces() as calls:
+            loss.backward()
+        ref_kw = dict(kw, labels=torch.arange(4 * world).roll(1)) if "labels" in kw else dict(kw)
+        ref_kw.pop("gather", None)
+        Qr, Kr, ls = Q.clone().requires_grad_(), K.clone().requires_grad_(), kw["logit_scale"].detach().requires_grad_()
+        ref = fastcl.info_nce_reference(Qr, Kr, **dict(ref_kw, logit_scale=ls))
+        ref.backward()
+        good = bool(torch.allclose(loss, ref, rtol=0, atol=1e-12)) and len(calls) == reduces
+        for mine, full in ((q, Qr.grad[rows]), (k, Kr.grad[rows]), (kw["logit_scale"], ls.grad)):
+            good &= mine.grad is None if not mine.requires_grad else bool(torch.allclose(mine.grad, full, rtol=0,
+                                                                                         atol=1e-12))
+        ok.append(good)
+    return ok
+
+
 def _agreement_worker(rank, world, init_file, out_prefix):
     """Ranks that disagree on what the collectives exchange, or whose non-data arguments are
     bad: every rank raises, none hangs or aborts. Then the ring inside a subgroup."""
@@ -295,6 +337,10 @@ def _agreement_worker(rank, world, init_file, out_prefix):
         # ClipLoss checked its features locally, before the collective check: the others hung
         lambda: fastcl.nn.ClipLoss(rank=rank, world_size=world)(torch.randn(0 if one else 4, 3),
                                                                 torch.randn(0 if one else 4, 3), 10.0),
+        # a loss that needs a gradient on some ranks only: the forward passed, and the backward
+        # of the ranks that ran it waited for the others' all-reduces
+        lambda: info_nce_distributed(torch.randn(4, 3, requires_grad=one), torch.randn(4, 3), symmetric=True),
+        lambda: _grad_enabled(not one, info_nce_distributed, torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)),
     ]
     for case in cases:
         try:
@@ -302,6 +348,7 @@ def _agreement_worker(rank, world, init_file, out_prefix):
             out.append("no error")
         except (ValueError, TypeError) as e:
             out.append(f"{type(e).__name__}: {e}")
+    out.append(_mixed_grads(rank, world))
     # The ring inside a subgroup whose ranks are not the global ones: P2POp took the group's
     # ranks as global ranks ("Global rank 0 is not part of group").
     # Three members, so that the ring's next and previous ranks differ, and global labels, so
@@ -336,7 +383,10 @@ def test_distributed_ranks_must_agree(tmp_path):
         assert "same gather; per rank: ['all_gather', 'ring', 'all_gather', 'all_gather']" in out[6], out[6]
         assert ("grad_mode must be" if rank == 1 else "rank(s) [1]") in out[7], out[7]
         assert ("empty batch" if rank == 1 else "rank(s) [1]") in out[8], out[8]
-        assert out[9:] == ([True] * 4 if rank else []), out[9:]
+        assert "need a gradient, or none's; per rank: [False, True, False, False]" in out[9], out[9]
+        assert "need a gradient, or none's; per rank: [True, False, True, True]" in out[10], out[10]
+        assert out[11] == [True] * 5, out[11]
+        assert out[12:] == ([True] * 4 if rank else []), out[12:]
 
 
 if os.name != "posix":  # pragma: no cover - gloo over file:// init is tested on Linux

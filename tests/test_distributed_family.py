@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 import fastcl
 import fastcl.functional as FCL
-from helpers import Embedder, error_messages
+from helpers import Embedder, counted_all_reduces, error_messages
 from fastcl.distributed import (dcl_distributed, info_nce_distributed, multiple_negatives_ranking_distributed,
                                 nt_xent_distributed, supcon_distributed)
 
@@ -296,6 +296,14 @@ def _errors_worker(rank, world, init_file, out_prefix):
         (dcl_distributed, (z, z), dict(weight=lambda a, b: torch.ones(3 if rank == 1 else 4, dtype=a.dtype))),
         (info_nce_distributed, (z, z), dict(temperature=0.1, backend="reference" if rank == 1 else "torch")),
         (info_nce_distributed, (z, z), dict(temperature=0.1, symmetric=rank == 1)),
+        # a loss that needs a gradient on one rank only: the other would not run the backward's
+        # collectives (it hung there)
+        (nt_xent_distributed, (z.clone().requires_grad_(rank == 1), z), {}),
+        (dcl_distributed, (z, z), dict(weight=torch.ones(4, dtype=z.dtype, requires_grad=rank == 1),
+                                       detach_weight=False)),
+        (supcon_distributed, (z.clone().requires_grad_(rank == 1), torch.arange(4)), {}),
+        (multiple_negatives_ranking_distributed, (z, z, torch.randn(4, 2, 3, dtype=z.dtype, requires_grad=rank == 1)),
+         dict(directions=ALL_DIRECTIONS)),
     ]
     errors = error_messages(bad_on_rank1)
     # a loss over a single pair per rank is fine across ranks: the other ranks' views are its negatives
@@ -319,9 +327,58 @@ def _errors_worker(rank, world, init_file, out_prefix):
         errors[-1] &= bool(torch.equal(multiple_negatives_ranking_distributed(
             z, z + 0.1, partition_mode="per_direction" if rank == 1 else "joint"),
             multiple_negatives_ranking_distributed(z, z + 0.1)))
+    errors.append(_mixed_grads(rank, world))
     torch.save(errors, f"{out_prefix}{rank}.pt")
     dist.barrier()
     os._exit(0)  # as in _worker
+
+
+def _mixed_grads(rank, world):
+    """Ranks whose inputs differ in which require grad, each rank's loss needing one: the
+    loss and the gradients each rank has are one process's on the concatenated batch. A
+    gathered block that was a constant on one rank (frozen anchors, cached negatives, views
+    whose only trainable input is a DCL weight) had no backward there: the other rank waited.
+    A block that is a constant on every rank runs no all-reduce in the backward."""
+    g = torch.Generator().manual_seed(3)
+    b = 4
+    A, P = (torch.randn(world * b, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    H = torch.randn(world * b, 2, 3, generator=g, dtype=torch.float64)
+    W = torch.rand(world * b, generator=g, dtype=torch.float64) + 0.5
+    pool = torch.randn(3, 3, generator=g, dtype=torch.float64)  # rank 1's; none on rank 0
+    rows, first = slice(b * rank, b * rank + b), rank == 0
+    q2q = dict(directions=("query_to_doc", "query_to_query"))
+    hardness = dict(directions=ALL_DIRECTIONS, hardness_mode="all_negatives", hardness_strength=2.0)
+    mnrl_d, mnrl_1 = multiple_negatives_ranking_distributed, FCL.multiple_negatives_ranking
+    mine_pool = (A[rows], P[rows]) + (() if first else (pool,))
+    cases = [  # (distributed loss, its one-process loss, options, global inputs, this rank's inputs,
+        #          which of them require grad here, the backward's all-reduces)
+        (mnrl_d, mnrl_1, hardness, (A, P, H), (A[rows], P[rows], H[rows]), (first, not first, not first), 4),
+        (mnrl_d, mnrl_1, q2q, (A, P, pool), mine_pool, (not first, first, True), 3),
+        # cached negatives, constants on every rank: the positives' and the anchors' gathers only
+        (mnrl_d, mnrl_1, q2q, (A, P, H), (A[rows], P[rows], H[rows]), (True, True, False), 2),
+        # rank 0 without a pool, its anchors trainable; rank 1's anchors frozen, its pool a constant
+        (mnrl_d, mnrl_1, q2q, (A, P, pool), mine_pool, (first, True, False), 2),
+        (dcl_distributed, FCL.dcl, dict(detach_weight=False), (A, P, W), (A[rows], P[rows], W[rows]),
+         (not first, not first, first), 1),
+    ]
+    ok = []
+    for dist_fn, one_fn, kw, full, mine, needs, reduces in cases:
+        mine = [x.clone().requires_grad_(n) for x, n in zip(mine, needs)]
+        if dist_fn is dcl_distributed:
+            loss = dist_fn(mine[0], mine[1], weight=mine[2], **kw)
+        else:
+            loss = dist_fn(*mine, **kw)
+        with counted_all_reduces() as calls:
+            loss.backward()
+        full = [x.clone().requires_grad_() for x in full]
+        ref = one_fn(full[0], full[1], weight=full[2], **kw) if one_fn is FCL.dcl else one_fn(*full, **kw)
+        ref.backward()
+        good = bool(torch.allclose(loss, ref, rtol=0, atol=1e-12)) and len(calls) == reduces
+        for x, X in zip(mine, full):
+            want = X.grad if X.shape[0] != world * b else X.grad[rows]  # the pool: rank 1's own
+            good &= x.grad is None if not x.requires_grad else bool(torch.allclose(x.grad, want, rtol=0, atol=1e-12))
+        ok.append(good if good else (good, len(calls)))
+    return ok
 
 
 def test_family_distributed_bad_input(tmp_path):
@@ -333,14 +390,14 @@ def test_family_distributed_bad_input(tmp_path):
                 "same scale", "same directions", "same hardness_strength", "same kind of negatives",
                 "same kind of negatives", "per_direction", "'reference' is not usable",
                 "'reference' is not usable", "weight fn failed", "got (3,)",
-                "'reference' is not usable", "same symmetric"]
+                "'reference' is not usable", "same symmetric"] + ["per rank: [False, True]"] * 4
     for i, what in enumerate(expected):
         # rank 1 names the problem; rank 0 (whose inputs were fine, unless every rank's were bad)
         # is told which rank's were not, instead of blocking in a collective
         assert what in out[1][i], (i, out[1][i])
         assert out[0][i] != "no error", (i, out[0][i])
-    assert len(out[1]) == len(expected) + 3, out[1]
-    assert all(o[-3:] == [True, True, True] for o in out), out
+    assert len(out[1]) == len(expected) + 4, out[1]
+    assert all(o[-4:-1] == [True] * 3 and o[-1] == [True] * 5 for o in out), out
 
 
 def test_family_distributed_needs_a_process_group():

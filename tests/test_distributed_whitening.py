@@ -109,6 +109,8 @@ def _errors_worker(rank, world, init_file, out_prefix):
         (shuffled_group_whiten_distributed, (x, G), dict(perm=other)),
         # the default spelled out on one rank is the same argument
         (group_whiten_distributed, (x, G), dict(method="newton_schulz", iters=None if rank == 1 else 20)),
+        # x requiring grad on one rank only: the other would skip the backward's all-reduces
+        (group_whiten_distributed, (x.clone().requires_grad_(rank == 1), G), {}),
     ]
     out = error_messages(cases)
     torch.save(out, f"{out_prefix}{rank}.pt")
@@ -123,7 +125,7 @@ def test_group_whiten_distributed_bad_input(tmp_path):
                 ("divisor", "divisor"), ("invalid inputs on rank(s) [1]", "permutation"),
                 ("'reference' is not usable", "'reference' is not usable"), ("singular", "singular"),
                 ("same k and D", "same k and D"), ("draws each view's perm", "draws each view's perm"),
-                ("no error", "no error")]
+                ("no error", "no error"), ("per rank: [False, True]", "per rank: [False, True]")]
     assert len(out[0]) == len(expected)
     for i, whats in enumerate(expected):
         for r in range(2):
