@@ -1,5 +1,7 @@
-"""Distributed losses fwd+bwd vs world size, time and per-rank peak memory: the CLIP loss with
-all_gather and with the ring, and NT-Xent (its views gathered; two views of local-batch pairs).
+"""Distributed ops fwd+bwd vs world size, time and per-rank peak memory: the CLIP loss with
+all_gather and with the ring, NT-Xent (its views gathered; two views of local-batch pairs), and
+group whitening with the global batch's statistics (ZCA and Newton-Schulz, groups of
+--group channels; its backward all-reduces W's and the mean's gradients).
 
 CPU: gloo processes on this machine (peak memory = each process's peak RSS, which includes
 torch itself, so compare the growth between sizes). With several GPUs: NCCL, one GPU per rank,
@@ -16,10 +18,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastcl.distributed import info_nce_distributed, nt_xent_distributed
+from fastcl.distributed import group_whiten_distributed, info_nce_distributed, nt_xent_distributed
+
+# name -> one fwd+bwd step of q, k [local batch, D] (both require grad) and a fixed gy [local batch, D]
+OPS = {
+    "clip_all_gather": lambda q, k, gy, grp: info_nce_distributed(
+        q, k, temperature=0.07, symmetric=True, gather="all_gather").backward(),
+    "clip_ring": lambda q, k, gy, grp: info_nce_distributed(
+        q, k, temperature=0.07, symmetric=True, gather="ring").backward(),
+    "nt_xent": lambda q, k, gy, grp: nt_xent_distributed(q, k, temperature=0.5).backward(),
+    "whiten_zca": lambda q, k, gy, grp: group_whiten_distributed(
+        q, q.shape[1] // grp, method="zca").backward(gy),
+    "whiten_ns": lambda q, k, gy, grp: group_whiten_distributed(
+        q, q.shape[1] // grp, method="newton_schulz").backward(gy),
+}
 
 
-def _worker(rank, world, init_file, local_b, dim, reps, gather, out):
+def _worker(rank, world, init_file, local_b, dim, reps, op, group, out):
     cuda = torch.cuda.device_count() >= world
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}",
                             rank=rank, world_size=world)
@@ -28,16 +43,14 @@ def _worker(rank, world, init_file, local_b, dim, reps, gather, out):
     g = torch.Generator(device=device).manual_seed(rank)
     q = torch.randn(local_b, dim, device=device, generator=g, requires_grad=True)
     k = torch.randn(local_b, dim, device=device, generator=g, requires_grad=True)
+    gy = torch.randn(local_b, dim, device=device, generator=g)
     times = []
     for i in range(reps + 1):
         dist.barrier()
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        if gather == "nt_xent":
-            nt_xent_distributed(q, k, temperature=0.5).backward()
-        else:
-            info_nce_distributed(q, k, temperature=0.07, symmetric=True, gather=gather).backward()
+        OPS[op](q, k, gy, group)
         if cuda:
             torch.cuda.synchronize(device)
         if i:  # the first step warms up
@@ -57,20 +70,28 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--worlds", default="1,2,4")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {', '.join(OPS)}")
+    p.add_argument("--group", type=int, default=64, help="the whitening's channels per group (divides --dim)")
     a = p.parse_args(argv)
-    print(f"distributed losses fwd+bwd | local batch {a.local_batch} | D={a.dim} | median of {a.reps} | "
-          f"{'NCCL' if torch.cuda.device_count() > 1 else 'gloo (CPU)'} | torch {torch.__version__}")
-    print(f"{'loss':<20}{'world':>6}{'global B':>10}{'ms':>10}{'max peak MiB/rank':>19}")
-    for gather in ("all_gather", "ring", "nt_xent"):
+    ops = a.ops.split(",")
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        p.error(f"unknown --ops {unknown}; choose from {list(OPS)}")
+    if any(o.startswith("whiten") for o in ops) and (a.group < 1 or a.dim % a.group):
+        p.error(f"--group {a.group} must divide --dim {a.dim}")
+    print(f"distributed ops fwd+bwd | local batch {a.local_batch} | D={a.dim} | whitening groups of {a.group} | "
+          f"median of {a.reps} | {'NCCL' if torch.cuda.device_count() > 1 else 'gloo (CPU)'} | "
+          f"torch {torch.__version__}")
+    print(f"{'op':<20}{'world':>6}{'global B':>10}{'ms':>10}{'max peak MiB/rank':>19}")
+    for op in ops:
         for world in (int(w) for w in a.worlds.split(",")):
             with tempfile.TemporaryDirectory() as tmp:
                 mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), a.local_batch, a.dim, a.reps,
-                                        gather, os.path.join(tmp, "r")), nprocs=world, join=True)
+                                        op, a.group, os.path.join(tmp, "r")), nprocs=world, join=True)
                 res = [torch.load(os.path.join(tmp, f"r{r}.pt")) for r in range(world)]
             ms = max(r[0] for r in res)
             peak = max(r[1] for r in res) / 2**20
-            name = "nt_xent all_gather" if gather == "nt_xent" else f"clip {gather}"
-            print(f"{name:<20}{world:>6}{world * a.local_batch:>10}{ms:>10.1f}{peak:>19.1f}", flush=True)
+            print(f"{op:<20}{world:>6}{world * a.local_batch:>10}{ms:>10.1f}{peak:>19.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import bench_family, bench_info_nce, bench_max_batch, bench_whitening, common
+from benchmarks import bench_distributed, bench_family, bench_info_nce, bench_max_batch, bench_whitening, common
 
 CPU = torch.device("cpu")
 
@@ -252,6 +252,19 @@ def test_family_sweep_only_and_peers(tmp_path):
         bench_family.run(op, [32], 8, 2, CPU, str(path))
         names = {r["provider"] for r in _rows(path) if r["op"] == op and r["status"] == "ok"}
         assert {"naive-torch", "fastcl-torch"} | {p for p, m in libs.items() if importlib.util.find_spec(m)} == names
+
+
+def test_distributed_bench_runs_every_op(capsys):
+    """Each op's fwd+bwd on two gloo ranks, the distributed whitening included; a bad --ops or
+    --group is refused before any process starts."""
+    bench_distributed.main(["--local-batch", "8", "--dim", "8", "--group", "4", "--worlds", "2", "--reps", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == list(bench_distributed.OPS), rows
+    assert all(r[1] == "2" and r[2] == "16" and float(r[3]) > 0 for r in rows), rows
+    for bad in (["--ops", "clip"], ["--group", "3"]):
+        with pytest.raises(SystemExit):
+            bench_distributed.main(["--dim", "8"] + bad)
+    assert "must divide" in capsys.readouterr().err
 
 
 def test_max_batch_probe_and_whitening(tmp_path):
