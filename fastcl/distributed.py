@@ -132,10 +132,13 @@ class _RingRows(torch.autograd.Function):
     """Per-row logsumexp_j S_ij - S_{i,y_i} of local rows u against keys spread over the ring."""
 
     @staticmethod
-    def forward(ctx, u, v, scale, labels, sizes, rank, group, backend):
+    def forward(ctx, u, v, scale, labels, sizes, rank, group, backend, keys_grad=True):
         # It calls the backend's lse_forward / lse_backward directly, outside the custom op and
         # its autocast guard: under autocast the forward's statistics came from bf16 scores and
         # the backward's recompute from fp32 ones (dq 2e-2 off), or the backward crashed.
+        # keys_grad: whether v needs a gradient on some rank (the same on every rank); where it
+        # does not (a frozen key tower), the dk accumulators stay home.
+        ctx.keys_grad = keys_grad
         with no_autocast(u.device):
             return _RingRows._forward(ctx, u, v, scale, labels, sizes, rank, group, backend)
 
@@ -206,7 +209,7 @@ class _RingRows(torch.autograd.Function):
                 dscale += ds_p.to(dscale.dtype)
             # dk accumulators follow their blocks; after world_size hops each is at its owner
             # (with one rank it never leaves).
-            if world > 1:
+            if world > 1 and ctx.keys_grad:
                 acc_pending = _ring_exchange([dacc], rank, world, group)
                 for w in acc_pending[0]:
                     w.wait()
@@ -215,8 +218,8 @@ class _RingRows(torch.autograd.Function):
                 for w in pending[0]:
                     w.wait()
                 block, owner = pending[1][0], (owner - 1) % world
-        return (du.to(u.dtype), dacc[: v.shape[0]].to(v.dtype), dscale.to(scale.dtype),
-                None, None, None, None, None)
+        return (du.to(u.dtype), dacc[: v.shape[0]].to(v.dtype) if ctx.keys_grad else None, dscale.to(scale.dtype),
+                None, None, None, None, None, None)
 
 
 _GATHERS, _GRAD_MODES = ("all_gather", "ring"), ("exact", "ddp")
@@ -373,7 +376,8 @@ def _keys_own_first(n_local, sizes, rank, group):
 def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None,
                          labels: Optional[Tensor] = None, symmetric: bool = False,
                          normalize: bool = True, reduction: str = "mean", gather: str = "all_gather",
-                         grad_mode: str = "exact", group=None, backend: str = "auto") -> Tensor:
+                         grad_mode: str = "exact", group=None, backend: str = "auto",
+                         _own_scale: bool = False) -> Tensor:
     """InfoNCE / CLIP loss of the global batch, each rank passing its local q [B_r, D] and k [N_r, D].
 
     labels: int64 (or int32) [B_r], GLOBAL column indices (rows of the concatenated k).
@@ -385,6 +389,9 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
     gradients, so that DDP's averaging over the ranks gives the exact gradient).
     gather: "all_gather" or "ring"; grad_mode: "exact" or "ddp" (see the module docstring).
     Every rank must call this collectively with the same arguments except the tensors.
+    _own_scale (internal, fastcl.nn.ClipLoss): logit_scale is a parameter outside DDP, whose
+    gradient is averaged over the ranks here (with grad_mode="ddp"), after the ties, so that a
+    rank where it is frozen still takes part.
     """
     world, rank = _world_and_rank(group)
 
@@ -436,8 +443,8 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
     # some rank (see _tied). The ring's one autograd.Function runs it wherever the loss needs one.
     some, ins = _grad_somewhere(metas, 3), (q, k, logit_scale)
     q, k, scale = [_tied(t, s, *ins) for t, s in zip((q, k, scale), some)]
-    if logit_scale is not None and grad_mode == "exact":
-        scale = _SumGradOverRanks.apply(scale, group)
+    if logit_scale is not None and (grad_mode == "exact" or _own_scale):
+        scale = _SumGradOverRanks.apply(scale, group, grad_mode == "ddp")
     u, v, scale = prepare(scale, normalize, q, k)
     diag = torch.arange(off_k, off_k + k.shape[0], device=k.device)  # key j's positive: query j
     if gather == "all_gather":
@@ -445,9 +452,9 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
         if symmetric:
             col, _ = row_terms(v, _AllGatherRows.apply(u, sizes_q, rank, group), scale, backend, labels=diag)
     else:
-        per = _RingRows.apply(u, v, scale, labels, sizes_k, rank, group, backend)
+        per = _RingRows.apply(u, v, scale, labels, sizes_k, rank, group, backend, some[1])
         if symmetric:
-            col = _RingRows.apply(v, u, scale, diag, sizes_q, rank, group, backend)
+            col = _RingRows.apply(v, u, scale, diag, sizes_q, rank, group, backend, some[0])
     if symmetric:
         per = 0.5 * (per + col)
     return _global_reduce(per, reduction, B, grad_mode, group)
@@ -463,8 +470,8 @@ def _pairs_setup(z1, z2, temperature, reduction, normalize, grad_mode, group, ba
                  check=None, agree=(), grads=()):
     """Collective checks of two views [n_r, D] per rank, and check()'s of the loss's own
     arguments (agree: those every rank must pass alike; grads: its tensors besides the views):
-    (world, rank, scale, normalize, sizes, backend, z1), z1 tied into the graph where the
-    views (gathered) need a gradient on some rank (see _tied)."""
+    (world, rank, scale, normalize, sizes, backend, z1, z2), each view tied into the graph
+    where it needs a gradient on some rank (see _tied)."""
     world, rank = _world_and_rank(group)
 
     def validate():
@@ -482,10 +489,9 @@ def _pairs_setup(z1, z2, temperature, reduction, normalize, grad_mode, group, ba
     if sum(sizes) < min_pairs:
         raise ValueError(f"this loss needs at least {min_pairs} pairs over all ranks (its negatives "
                          f"would be empty), got {sizes} per rank")
-    some = _grad_somewhere(metas, 2 + len(grads))
-    if not _needs_grad(z2):  # the loss gathers cat([z1, z2]): one of them in the graph suffices
-        z1 = _tied(z1, some[0] or some[1], *grads)
-    return world, rank, scale, normalize, sizes, backend, z1
+    some, ins = _grad_somewhere(metas, 2), (z1, z2) + tuple(grads)
+    z1, z2 = [_tied(z, s, *ins) for z, s in zip((z1, z2), some)]
+    return world, rank, scale, normalize, sizes, backend, z1, z2
 
 
 def nt_xent_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool = True,
@@ -503,8 +509,8 @@ def nt_xent_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, nor
     lightly's ``NTXentLoss(gather_distributed=True)`` has ddp's gradients for equal n_r, but
     returns each rank's local mean as the value; this returns the global one.
     """
-    world, rank, scale, normalize, sizes, backend, z1 = _pairs_setup(z1, z2, temperature, reduction, normalize,
-                                                                     grad_mode, group, backend, 1)
+    world, rank, scale, normalize, sizes, backend, z1, z2 = _pairs_setup(
+        z1, z2, temperature, reduction, normalize, grad_mode, group, backend, 1)
     u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
     per = losses.nt_xent_rows(u, scale, backend, _keys_own_first(z1.shape[0], sizes, rank, group))
     return _global_reduce(per, reduction, 2 * sum(sizes), grad_mode, group)
@@ -522,7 +528,10 @@ def dcl_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight=
     ``gather_distributed=True`` takes it over each rank's batch); a tensor [n_r] (this rank's
     pairs); or a callable, called on this rank's normalised views, as lightly calls it.
     Other arguments, and the collective call, as in :func:`fastcl.functional.dcl` and
-    :func:`nt_xent_distributed`.
+    :func:`nt_xent_distributed`. Whether the loss needs a gradient (on every rank or on none)
+    is read from the views and a tensor weight with detach_weight=False; a callable's own
+    parameters are not seen (with detach_weight=False and views that need no gradient on some
+    ranks, the ranks are told they disagree).
     """
     def check():
         if negatives not in ("joint", "split"):
@@ -530,27 +539,26 @@ def dcl_distributed(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight=
         if isinstance(z1, Tensor):
             losses.check_dcl_weight(weight, sigma, detach_weight, z1.shape[0], z1.device)
 
-    world, rank, scale, normalize, sizes, backend, z1 = _pairs_setup(
+    world, rank, scale, normalize, sizes, backend, z1, z2 = _pairs_setup(
         z1, z2, temperature, reduction, normalize, grad_mode, group, backend, 2, check,
         (("weight", weight), ("sigma", sigma), ("detach_weight", detach_weight), ("negatives", negatives)),
-        (weight,))
-    n = z1.shape[0]
-    keys = _keys_own_first(n, sizes, rank, group)
-    u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
+        (None if detach_weight else weight,))  # a detached weight takes no gradient
+    keys = _keys_own_first(z1.shape[0], sizes, rank, group)
+    u1, u2, scale = prepare(scale, normalize, z1, z2)
     # A vmf weight's softmax gathers the pairs' similarities (a collective of its own). A
     # callable runs the user's code on this rank's views: its error (or a result of the wrong
     # shape) is raised on every rank, which would otherwise wait in the next collective.
     if callable(weight) and not isinstance(weight, Tensor):
         error, w = None, (None, None)
         try:
-            w = losses.dcl_weights_for(u[:n], u[n:], weight, sigma, detach_weight, keys)
+            w = losses.dcl_weights_for(u1, u2, weight, sigma, detach_weight, keys)
         except Exception as e:  # re-raised below, on this rank
             error = e
         _raise_together(error, z1, group)
         w1, w2 = w
     else:
-        w1, w2 = losses.dcl_weights_for(u[:n], u[n:], weight, sigma, detach_weight, keys)
-    per = losses.dcl_rows(u, scale, backend, negatives, w1, w2, keys)
+        w1, w2 = losses.dcl_weights_for(u1, u2, weight, sigma, detach_weight, keys)
+    per = losses.dcl_rows(u1, u2, scale, backend, negatives, w1, w2, keys)
     return _global_reduce(per, reduction, 2 * sum(sizes), grad_mode, group)
 
 

@@ -126,7 +126,6 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
     if negatives not in ("joint", "split"):
         raise ValueError(f"negatives must be 'joint' or 'split', got {negatives!r}")
     scale, backend, normalize = _setup(z1, temperature, reduction, backend, normalize)
-    n = z1.shape[0]
     if backend == "reference":
         n1, n2 = (F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)) if normalize else (z1, z2)
         w1, w2 = dcl_weights_for(n1, n2, weight, sigma, detach_weight)
@@ -134,17 +133,19 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
                                        weight=None if w1 is None else torch.cat([w1, w2]),
                                        negatives=negatives, normalize=normalize, reduction=reduction)
 
-    u, scale = prepare(scale, normalize, torch.cat([z1, z2]))
-    w1, w2 = dcl_weights_for(u[:n], u[n:], weight, sigma, detach_weight)  # the views as the loss sees them
-    return reduce(dcl_rows(u, scale, backend, negatives, w1, w2), reduction)
+    u1, u2, scale = prepare(scale, normalize, z1, z2)
+    w1, w2 = dcl_weights_for(u1, u2, weight, sigma, detach_weight)  # the views as the loss sees them
+    return reduce(dcl_rows(u1, u2, scale, backend, negatives, w1, w2), reduction)
 
 
-def dcl_rows(u: Tensor, scale: Tensor, backend: str, negatives: str, w1: Optional[Tensor],
+def dcl_rows(u1: Tensor, u2: Tensor, scale: Tensor, backend: str, negatives: str, w1: Optional[Tensor],
              w2: Optional[Tensor], keys=local_keys) -> Tensor:
-    """Per-anchor DCL [2n] of the stacked views u = [u1; u2] ([2n, D]) against keys(...) of
-    the views, with positive weights w1, w2 ([n] each, or None: 1)."""
-    n = u.shape[0] // 2
-    u1, u2 = u[:n], u[n:]
+    """Per-anchor DCL [2n] of the views u1, u2 ([n, D] each; view 1's anchors first) against
+    keys(...) of the views, with positive weights w1, w2 ([n] each, or None: 1). "split" takes
+    keys of each view on its own (across ranks: a view that needs no gradient anywhere is
+    gathered without a backward)."""
+    n = u1.shape[0]
+    u = torch.cat([u1, u2])
     if negatives == "joint":
         # row_loss = lse over the negatives - S(anchor, partner)
         per, _ = row_terms(u, keys(u), scale, backend, labels=_partner(n, u.device), exclude_diag=True,

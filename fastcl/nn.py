@@ -154,9 +154,6 @@ class ClipLoss(nn.Module):
                 raise ValueError("pass logit_scale (the multiplier, as open_clip does) or build "
                                  "ClipLoss(init_temperature=...) for a learnable one")
             log_scale = clamp_logit_scale_(self.logit_scale, self.max_log_scale).to(device)
-            if self.world_size > 1:  # this parameter is in no DDP: average its gradient here
-                from .distributed import mean_grad_over_ranks
-                log_scale = mean_grad_over_ranks(log_scale)
         else:
             if not isinstance(logit_scale, torch.Tensor):
                 # fp64 features get an fp64 multiplier: its log and exp in fp32 would cost ~1e-7.
@@ -174,7 +171,10 @@ class ClipLoss(nn.Module):
         kw = dict(logit_scale=log_scale, symmetric=True, normalize=self.normalize, backend=self.backend)
         if self.world_size > 1:
             from .distributed import info_nce_distributed
-            loss = info_nce_distributed(image_features, text_features, grad_mode="ddp", **kw)
+            # Its own scale is in no DDP: the loss averages its gradient over the ranks (where it
+            # is frozen on some ranks only, those still take part in the average's all-reduce).
+            loss = info_nce_distributed(image_features, text_features, grad_mode="ddp",
+                                        _own_scale=logit_scale is None, **kw)
         else:
             loss = info_nce(image_features, text_features, **kw)
         return {"contrastive_loss": loss} if output_dict else loss

@@ -46,20 +46,20 @@ FLAG_CASES = {
 
 
 @contextlib.contextmanager
-def counted_all_reduces():
-    """[one entry per torch.distributed.all_reduce call] while inside (fastcl.distributed calls
-    it through the module, so the count sees a backward's collectives)."""
+def counted_collectives(name="all_reduce"):
+    """[one entry per torch.distributed.<name> call] while inside (fastcl.distributed calls
+    its collectives through the module, so the count sees a backward's)."""
     import torch.distributed as dist
-    calls, orig = [], dist.all_reduce
+    calls, orig = [], getattr(dist, name)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return orig(*args, **kwargs)
-    dist.all_reduce = counted
+    setattr(dist, name, counted)
     try:
         yield calls
     finally:
-        dist.all_reduce = orig
+        setattr(dist, name, orig)
 
 
 def error_messages(cases):

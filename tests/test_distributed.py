@@ -276,34 +276,55 @@ def _mixed_grads(rank, world):
     that was a constant on some ranks had no backward there: the other ranks waited in theirs.
     One that is a constant on every rank (a frozen key tower, a fixed logit_scale) runs no
     collective in the backward."""
-    from helpers import counted_all_reduces
+    from helpers import counted_collectives
     g = torch.Generator().manual_seed(7)
     Q, K = (torch.randn(4 * world, 3, generator=g, dtype=torch.float64) for _ in range(2))
     rows, even = slice(4 * rank, 4 * rank + 4), rank % 2 == 0
     ok = []
-    for kw, q_grad, k_grad, ls_grad, reduces in [
-        # (arguments, whether q, k and logit_scale require grad on this rank, the backward's all-reduces)
-        (dict(), even, not even, False, 1),                              # k's gather
-        (dict(symmetric=True), even, not even, False, 2),                # and q's
-        (dict(symmetric=True, gather="ring"), even, not even, False, 0),
-        (dict(labels=torch.arange(4 * world).roll(1)[rows]), True, True, rank < 2, 2),  # logit_scale's sum
-        (dict(), True, False, False, 0),                                 # a frozen key tower on every rank
+    for kw, q_grad, k_grad, ls_grad, reduces, p2p in [
+        # (arguments, whether q, k and logit_scale require grad on this rank, the backward's
+        # all-reduces and the ring's exchanges: world - 1 per pass for the key blocks, and world
+        # for the dk accumulators, which go all the way round)
+        (dict(), even, not even, False, 1, 0),                              # k's gather
+        (dict(symmetric=True), even, not even, False, 2, 0),                # and q's
+        (dict(symmetric=True, gather="ring"), even, not even, False, 0, 2 * (2 * world - 1)),
+        (dict(labels=torch.arange(4 * world).roll(1)[rows]), True, True, rank < 2, 2, 0),  # logit_scale's sum
+        (dict(), True, False, False, 0, 0),                                 # a frozen key tower on every rank
+        (dict(gather="ring"), True, False, False, 0, world - 1),            # its dk stays home
     ]:
         kw = dict(kw, logit_scale=torch.tensor(1.5, dtype=torch.float64, requires_grad=ls_grad))
         q, k = Q[rows].clone().requires_grad_(q_grad), K[rows].clone().requires_grad_(k_grad)
         loss = info_nce_distributed(q, k, backend="torch", **kw)
-        with counted_all_reduces() as calls:
+        with counted_collectives() as calls, counted_collectives("batch_isend_irecv") as exchanges:
             loss.backward()
         ref_kw = dict(kw, labels=torch.arange(4 * world).roll(1)) if "labels" in kw else dict(kw)
         ref_kw.pop("gather", None)
         Qr, Kr, ls = Q.clone().requires_grad_(), K.clone().requires_grad_(), kw["logit_scale"].detach().requires_grad_()
         ref = fastcl.info_nce_reference(Qr, Kr, **dict(ref_kw, logit_scale=ls))
         ref.backward()
-        good = bool(torch.allclose(loss, ref, rtol=0, atol=1e-12)) and len(calls) == reduces
+        good = bool(torch.allclose(loss, ref, rtol=0, atol=1e-12)) and (len(calls), len(exchanges)) == (reduces, p2p)
         for mine, full in ((q, Qr.grad[rows]), (k, Kr.grad[rows]), (kw["logit_scale"], ls.grad)):
             good &= mine.grad is None if not mine.requires_grad else bool(torch.allclose(mine.grad, full, rtol=0,
                                                                                          atol=1e-12))
-        ok.append(good)
+        ok.append(good if good else (len(calls), len(exchanges)))
+    # ClipLoss's own learnable scale (in no DDP), frozen on rank 1 only: it averaged the scale's
+    # gradient over the ranks before the loss, and rank 1, without it, left the others waiting.
+    m = fastcl.nn.ClipLoss(rank=rank, world_size=world, init_temperature=0.2)
+    m.logit_scale.requires_grad_(rank != 1)
+    img, txt = Q[rows].clone().requires_grad_(), K[rows].clone().requires_grad_()
+    loss = m(img, txt)
+    loss.backward()
+    one = fastcl.nn.ClipLoss(init_temperature=0.2)
+    I, T = Q.clone().requires_grad_(), K.clone().requires_grad_()
+    ref = one(I, T)
+    ref.backward()
+    good = bool(torch.allclose(loss, ref, rtol=0, atol=1e-12))
+    # grad_mode="ddp": the features' gradients x world_size (DDP averages them); the scale's, averaged here
+    good &= bool(torch.allclose(img.grad, world * I.grad[rows], rtol=0, atol=1e-10))
+    good &= bool(torch.allclose(txt.grad, world * T.grad[rows], rtol=0, atol=1e-10))
+    good &= (m.logit_scale.grad is None if rank == 1 else
+             bool(torch.allclose(m.logit_scale.grad, one.logit_scale.grad, rtol=1e-6, atol=0)))
+    ok.append(good)
     return ok
 
 
@@ -385,7 +406,7 @@ def test_distributed_ranks_must_agree(tmp_path):
         assert ("empty batch" if rank == 1 else "rank(s) [1]") in out[8], out[8]
         assert "need a gradient, or none's; per rank: [False, True, False, False]" in out[9], out[9]
         assert "need a gradient, or none's; per rank: [True, False, True, True]" in out[10], out[10]
-        assert out[11] == [True] * 5, out[11]
+        assert out[11] == [True] * 7, out[11]
         assert out[12:] == ([True] * 4 if rank else []), out[12:]
 
 

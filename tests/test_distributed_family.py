@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 import fastcl
 import fastcl.functional as FCL
-from helpers import Embedder, counted_all_reduces, error_messages
+from helpers import Embedder, counted_collectives, error_messages
 from fastcl.distributed import (dcl_distributed, info_nce_distributed, multiple_negatives_ranking_distributed,
                                 nt_xent_distributed, supcon_distributed)
 
@@ -350,6 +350,12 @@ def _mixed_grads(rank, world):
     hardness = dict(directions=ALL_DIRECTIONS, hardness_mode="all_negatives", hardness_strength=2.0)
     mnrl_d, mnrl_1 = multiple_negatives_ranking_distributed, FCL.multiple_negatives_ranking
     mine_pool = (A[rows], P[rows]) + (() if first else (pool,))
+
+    def dcl_d(z1, z2, w=None, **kw):
+        return dcl_distributed(z1, z2, weight=w, **kw)
+
+    def dcl_1(z1, z2, w=None, **kw):
+        return FCL.dcl(z1, z2, weight=w, **kw)
     cases = [  # (distributed loss, its one-process loss, options, global inputs, this rank's inputs,
         #          which of them require grad here, the backward's all-reduces)
         (mnrl_d, mnrl_1, hardness, (A, P, H), (A[rows], P[rows], H[rows]), (first, not first, not first), 4),
@@ -358,26 +364,29 @@ def _mixed_grads(rank, world):
         (mnrl_d, mnrl_1, q2q, (A, P, H), (A[rows], P[rows], H[rows]), (True, True, False), 2),
         # rank 0 without a pool, its anchors trainable; rank 1's anchors frozen, its pool a constant
         (mnrl_d, mnrl_1, q2q, (A, P, pool), mine_pool, (first, True, False), 2),
-        (dcl_distributed, FCL.dcl, dict(detach_weight=False), (A, P, W), (A[rows], P[rows], W[rows]),
+        (dcl_d, dcl_1, dict(detach_weight=False), (A, P, W), (A[rows], P[rows], W[rows]),
          (not first, not first, first), 1),
+        # split negatives gather each view on its own: z2, a constant on every rank, without a backward
+        (dcl_d, dcl_1, dict(negatives="split"), (A, P), (A[rows], P[rows]), (True, False), 1),
     ]
     ok = []
     for dist_fn, one_fn, kw, full, mine, needs, reduces in cases:
         mine = [x.clone().requires_grad_(n) for x, n in zip(mine, needs)]
-        if dist_fn is dcl_distributed:
-            loss = dist_fn(mine[0], mine[1], weight=mine[2], **kw)
-        else:
-            loss = dist_fn(*mine, **kw)
-        with counted_all_reduces() as calls:
+        loss = dist_fn(*mine, **kw)
+        with counted_collectives() as calls:
             loss.backward()
         full = [x.clone().requires_grad_() for x in full]
-        ref = one_fn(full[0], full[1], weight=full[2], **kw) if one_fn is FCL.dcl else one_fn(*full, **kw)
+        ref = one_fn(*full, **kw)
         ref.backward()
         good = bool(torch.allclose(loss, ref, rtol=0, atol=1e-12)) and len(calls) == reduces
         for x, X in zip(mine, full):
             want = X.grad if X.shape[0] != world * b else X.grad[rows]  # the pool: rank 1's own
             good &= x.grad is None if not x.requires_grad else bool(torch.allclose(x.grad, want, rtol=0, atol=1e-12))
         ok.append(good if good else (good, len(calls)))
+    # a weight that requires grad on rank 0 only but is detached (the default): no loss needs a
+    # gradient, and none is said to (it was counted as one)
+    w = W[rows].clone().requires_grad_(first)
+    ok.append(not dcl_distributed(A[rows], P[rows], weight=w).requires_grad)
     return ok
 
 
@@ -397,7 +406,7 @@ def test_family_distributed_bad_input(tmp_path):
         assert what in out[1][i], (i, out[1][i])
         assert out[0][i] != "no error", (i, out[0][i])
     assert len(out[1]) == len(expected) + 4, out[1]
-    assert all(o[-4:-1] == [True] * 3 and o[-1] == [True] * 5 for o in out), out
+    assert all(o[-4:-1] == [True] * 3 and o[-1] == [True] * 7 for o in out), out
 
 
 def test_family_distributed_needs_a_process_group():
