@@ -410,5 +410,40 @@ def test_distributed_ranks_must_agree(tmp_path):
         assert out[12:] == ([True] * 4 if rank else []), out[12:]
 
 
+
+def _compile_worker(rank, world, init_file, out_prefix):
+    """The distributed losses under torch.compile (graph breaks at the host-side exchanges), with
+    inputs that require grad on some ranks only: values and gradients as in eager mode."""
+    import datetime
+    from fastcl.distributed import multiple_negatives_ranking_distributed
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    g = torch.Generator().manual_seed(rank)
+    q, k, h = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.randn(4, 2, 3, generator=g)
+    cases = [
+        lambda a, b: info_nce_distributed(a, b, temperature=0.1, symmetric=True),
+        lambda a, b: info_nce_distributed(a, b, temperature=0.1, gather="ring"),
+        lambda a, b: multiple_negatives_ranking_distributed(a, b, h, directions=("query_to_doc", "query_to_query")),
+    ]
+    out = []
+    for fn in cases:
+        runs = []
+        for f in (fn, torch.compile(fn)):
+            a, b = q.clone().requires_grad_(), k.clone().requires_grad_(rank == 0)
+            loss = f(a, b)
+            loss.backward()
+            runs.append([loss.detach(), a.grad] + ([b.grad] if rank == 0 else []))
+        out.append(all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(*runs)))
+    torch.save(out, f"{out_prefix}{rank}.pt")
+    dist.barrier()
+    os._exit(0)  # as in _errors_worker
+
+
+def test_distributed_losses_compile_with_graph_breaks(tmp_path):
+    mp.spawn(_compile_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == [True] * 3
+
+
 if os.name != "posix":  # pragma: no cover - gloo over file:// init is tested on Linux
     pytestmark = pytest.mark.skip("distributed tests run on POSIX")
