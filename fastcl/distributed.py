@@ -106,7 +106,10 @@ class _SumGradOverRanks(torch.autograd.Function):
 def mean_grad_over_ranks(x: Tensor, group=None) -> Tensor:
     """Identity whose backward averages x's gradient over the ranks, as DDP does for the model's
     parameters: for a parameter outside DDP (a loss module's own logit scale) fed to a
-    grad_mode="ddp" loss, every rank then holds the exact gradient of the global loss."""
+    grad_mode="ddp" loss, every rank then holds the exact gradient of the global loss. Its
+    backward is an all-reduce: x must require grad on every rank or on none (unchecked here;
+    fastcl.nn.ClipLoss's own scale is averaged inside the loss, where a rank that froze it
+    still takes part)."""
     return _SumGradOverRanks.apply(x, group, True)
 
 
