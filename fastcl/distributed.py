@@ -135,7 +135,7 @@ class _RingRows(torch.autograd.Function):
     """Per-row logsumexp_j S_ij - S_{i,y_i} of local rows u against keys spread over the ring."""
 
     @staticmethod
-    def forward(ctx, u, v, scale, labels, sizes, rank, group, backend, keys_grad=True):
+    def forward(ctx, u, v, scale, labels, sizes, rank, group, backend, keys_grad):
         # It calls the backend's lse_forward / lse_backward directly, outside the custom op and
         # its autocast guard: under autocast the forward's statistics came from bf16 scores and
         # the backward's recompute from fp32 ones (dq 2e-2 off), or the backward crashed.
@@ -445,7 +445,7 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
     # The gathers' (and logit_scale's sum's) backward runs where the tensor needs a gradient on
     # some rank (see _tied). The ring's one autograd.Function runs it wherever the loss needs one.
     some, ins = _grad_somewhere(metas, 3), (q, k, logit_scale)
-    q, k, scale = [_tied(t, s, *ins) for t, s in zip((q, k, scale), some)]
+    q, k, scale = [_tied(t, need, *ins) for t, need in zip((q, k, scale), some)]
     if logit_scale is not None and (grad_mode == "exact" or _own_scale):
         scale = _SumGradOverRanks.apply(scale, group, grad_mode == "ddp")
     u, v, scale = prepare(scale, normalize, q, k)
@@ -493,7 +493,7 @@ def _pairs_setup(z1, z2, temperature, reduction, normalize, grad_mode, group, ba
         raise ValueError(f"this loss needs at least {min_pairs} pairs over all ranks (its negatives "
                          f"would be empty), got {sizes} per rank")
     some, ins = _grad_somewhere(metas, 2), (z1, z2) + tuple(grads)
-    z1, z2 = [_tied(z, s, *ins) for z, s in zip((z1, z2), some)]
+    z1, z2 = [_tied(z, need, *ins) for z, need in zip((z1, z2), some)]
     return world, rank, scale, normalize, sizes, backend, z1, z2
 
 
@@ -674,7 +674,7 @@ def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, neg
     # The gathered blocks (positives, hard negatives, the pool, the anchors for query_to_query)
     # need a backward on every rank where they need one on some rank (see _tied).
     some, ins = _grad_somewhere(metas, 3), (q, p, hard, pool)
-    q, p, hard, pool = [_tied(t, s, *ins) for t, s in zip(ins, some + some[2:])]
+    q, p, hard, pool = [_tied(t, need, *ins) for t, need in zip(ins, some + some[2:])]
     per = losses.mnrl_rows(q, p, hard, pool, sc, sp, opts, fused, _keys_own_first(q.shape[0], sizes, rank, group),
                            lambda x: _AllGatherRows.apply(x.contiguous(), pool_sizes, rank, group))
     return _global_reduce(per, reduction, sum(sizes), grad_mode, group)
