@@ -667,7 +667,7 @@ def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, neg
         return info_nce_distributed(anchor, losses.mnrl_candidates(positive, hard, pool), temperature=1.0 / s,
                                     symmetric=symmetric, reduction=reduction, grad_mode=grad_mode, group=group,
                                     backend=backend)
-    sc, sp = (_validation.scale_tensor(1.0 / m, None, anchor.device, anchor.dtype) for m in (s, s + opts[3]))
+    sc, sp = losses.mnrl_scales(s, opts[3], anchor.device, anchor.dtype)  # the same verdict on every rank
     q, p, hard, pool = losses.mnrl_normalized(anchor, positive, hard, pool)
     if layout == "pool":  # every rank gathers the pools, one empty or not
         pool = (q.detach()[:0] if pool is None else pool) if sum(pool_sizes) else None

@@ -341,8 +341,19 @@ def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Opti
         return reference.mnrl_reference(anchor, positive, negatives, scale=scale, directions=opts[0],
                                         partition_mode=opts[1], hardness_mode=opts[2],
                                         hardness_strength=opts[3], reduction=reduction)
-    s, sp = (_validation.scale_tensor(1.0 / m, None, anchor.device, anchor.dtype) for m in (scale, scale + opts[3]))
+    s, sp = mnrl_scales(scale, opts[3], anchor.device, anchor.dtype)
     return reduce(mnrl_rows(*mnrl_normalized(anchor, positive, hard, pool), s, sp, opts, backend), reduction)
+
+
+def mnrl_scales(scale: float, alpha: float, device, dtype):
+    """(s, s + alpha) as 0-dim tensors: the multipliers of the plain and the penalised logits of
+    the variants. Twice s + alpha must be finite in the compute dtype, said in MNRL's terms (the
+    shared check behind them names a temperature)."""
+    limit = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max / 2
+    if not scale + alpha <= limit:
+        raise ValueError(f"scale + hardness_strength, the penalised logits' multiplier, must be at most {limit:.3g} "
+                         f"for {dtype} inputs" + ("" if _validation._compiling() else f", got {scale + alpha:g}"))
+    return tuple(_validation.scale_tensor(1.0 / m, None, device, dtype) for m in (scale, scale + alpha))
 
 
 def mnrl_as_info_nce(opts, has_hard: bool, has_pool: bool) -> Optional[bool]:

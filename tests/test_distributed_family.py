@@ -304,6 +304,9 @@ def _errors_worker(rank, world, init_file, out_prefix):
         (supcon_distributed, (z.clone().requires_grad_(rank == 1), torch.arange(4)), {}),
         (multiple_negatives_ranking_distributed, (z, z, torch.randn(4, 2, 3, dtype=z.dtype, requires_grad=rank == 1)),
          dict(directions=ALL_DIRECTIONS)),
+        # after the collective checks, the same verdict on every rank
+        (multiple_negatives_ranking_distributed, (z, z),
+         dict(directions=ALL_DIRECTIONS, hardness_mode="all_negatives", hardness_strength=1e308)),
     ]
     errors = error_messages(bad_on_rank1)
     # a loss over a single pair per rank is fine across ranks: the other ranks' views are its negatives
@@ -399,7 +402,7 @@ def test_family_distributed_bad_input(tmp_path):
                 "same scale", "same directions", "same hardness_strength", "same kind of negatives",
                 "same kind of negatives", "per_direction", "'reference' is not usable",
                 "'reference' is not usable", "weight fn failed", "got (3,)",
-                "'reference' is not usable", "same symmetric"] + ["per rank: [False, True]"] * 4
+                "'reference' is not usable", "same symmetric"] + ["per rank: [False, True]"] * 4 + ["scale + hardness_strength"]
     for i, what in enumerate(expected):
         # rank 1 names the problem; rank 0 (whose inputs were fine, unless every rank's were bad)
         # is told which rank's were not, instead of blocking in a collective

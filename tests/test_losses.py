@@ -689,6 +689,12 @@ _dot_named_cos_sim.__name__ = "cos_sim"  # what the check once went by
                                             hardness_strength=-1.0), ValueError, "hardness_strength"),
     (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), hardness_mode="all_negatives",
                                             hardness_strength=float("nan")), ValueError, "hardness_strength"),
+    # a strength whose s + alpha overflows: the error named a temperature the caller never gave
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), hardness_mode="all_negatives",
+                                            hardness_strength=1e308), ValueError, r"scale \+ hardness_strength"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 1, 3),
+                                            directions=("query_to_doc", "doc_to_doc"), hardness_mode="hard_negatives",
+                                            hardness_strength=1e39), ValueError, r"at most 1.7e\+38 for torch.float32"),
     (lambda: fastcl.integrations.MultipleNegativesSymmetricRankingLoss(None, scale=-1), ValueError, "scale"),
     # the similarity is asked of its values: a dot product named cos_sim used to pass
     (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, similarity_fct=_dot_named_cos_sim),
