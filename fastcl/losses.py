@@ -145,9 +145,9 @@ def dcl_rows(u1: Tensor, u2: Tensor, scale: Tensor, backend: str, negatives: str
     keys of each view on its own (across ranks: a view that needs no gradient anywhere is
     gathered without a backward)."""
     n = u1.shape[0]
-    u = torch.cat([u1, u2])
     if negatives == "joint":
         # row_loss = lse over the negatives - S(anchor, partner)
+        u = torch.cat([u1, u2])
         per, _ = row_terms(u, keys(u), scale, backend, labels=_partner(n, u.device), exclude_diag=True,
                            exclude_pos=True)
     else:
@@ -159,7 +159,7 @@ def dcl_rows(u1: Tensor, u2: Tensor, scale: Tensor, backend: str, negatives: str
             parts.append(same + pair_logit(a, a, scale) + cross)  # add the self logit back
         per = torch.cat(parts)
     if w1 is not None:  # -w * pos = -pos + (1 - w) * pos
-        pos = pair_logit(u, torch.cat([u2, u1]), scale)
+        pos = pair_logit(torch.cat([u1, u2]), torch.cat([u2, u1]), scale)
         per = per + (1 - torch.cat([w1, w2]).to(per.dtype)) * pos
     return per
 
