@@ -33,8 +33,10 @@ constexpr int LDK = BK + 8;   // pitches (elements): padded against bank conflic
 constexpr int LDS = BN + 4;   // every 16-row / 16-column WMMA pointer 32-byte aligned
 constexpr int LDG = BN + 8;
 constexpr float LOG2E = 1.4426950408889634f;
-// Finite stand-in for -inf in masked lanes: keeps (x - max) free of inf - inf = NaN.
-constexpr float NEG = -1.0e30f;
+// Finite stand-in for -inf (running maxima): keeps (x - max) free of inf - inf = NaN. fp32's
+// lowest (-FLT_MAX), below every finite logit: -1e30 once was, and logits under it (scale > 1e30,
+// or features of norm ~1e15) left it the row max, so each exp2 underflowed and the loss was -inf.
+constexpr float NEG = -3.40282347e+38f;
 
 template <typename T> __device__ __forceinline__ float to_f(T x);
 template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }

@@ -26,8 +26,11 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 LOG_UNIT = LN2  # the statistics (max, log-sum) are in log2 units: multiply by LN2 for natural logs
-# Finite stand-in for -inf in masked lanes: keeps (x - max) free of inf - inf = NaN.
-NEG = -1.0e30
+# Finite stand-in for -inf (running maxima, masked lanes): keeps (x - max) free of inf - inf = NaN.
+# fp32's lowest, below every finite logit: -1e30 once was, and logits under it (scale > 1e30,
+# or features of norm ~1e15) left it the row max, so each exp2 underflowed and the loss was
+# -inf. The kernels spell it out: jit code takes literals, not module floats.
+NEG = -3.4028234663852886e38
 
 
 @triton.jit
@@ -85,7 +88,7 @@ def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_CLS, COL_CLS, ROW_STATS, COL_M, COL_
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B
         y, rcls = _label_and_class(LABELS, ROW_CLS, rows, rmask, HAS_LABELS, MULTI_POS)
-        m_i = tl.full((BM,), -1.0e30, tl.float32)
+        m_i = tl.full((BM,), -3.4028234663852886e38, tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         pos = tl.zeros((BM,), tl.float32)
         cnt = tl.zeros((BM,), tl.float32)
@@ -107,7 +110,7 @@ def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_CLS, COL_CLS, ROW_STATS, COL_M, COL_
             else:
                 pos += tl.sum(tl.where(is_pos & valid, z, 0.0), 1)
             keep = _keep(valid, rows[:, None], cols[None, :], is_pos, EXCL_DIAG, EXCL_POS)
-            z = tl.where(keep, z, -1.0e30)
+            z = tl.where(keep, z, -3.4028234663852886e38)
             m_new = tl.maximum(m_i, tl.max(z, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.where(keep, tl.exp2(z - m_new[:, None]), 0.0), 1)
             m_i = m_new
@@ -115,7 +118,7 @@ def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_CLS, COL_CLS, ROW_STATS, COL_M, COL_
                 cm = tl.max(z, 0)
                 cl = tl.sum(tl.exp2(z - cm[None, :]), 0)
                 cptr = pid * s_cp + cols
-                m_old = tl.load(COL_M + cptr, mask=cmask, other=-1.0e30)
+                m_old = tl.load(COL_M + cptr, mask=cmask, other=-3.4028234663852886e38)
                 l_old = tl.load(COL_L + cptr, mask=cmask, other=0.0)
                 m2 = tl.maximum(m_old, cm)
                 l2 = l_old * tl.exp2(m_old - m2) + cl * tl.exp2(cm - m2)

@@ -132,6 +132,15 @@ def test_emulated_negative_raw_scale(binary, tmp_path, dtype, path):
     _compare_with_float64(binary, tmp_path, FLAG_CASES["symmetric"], dtype, path, 70, 33, scale=-1 / 0.07)
 
 
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_emulated_logits_below_minus_1e30(binary, tmp_path, case):
+    """Every logit below -1e30 (log2 units): scale -1e31 on features in one narrow cone. The kernels'
+    running maxima started at -1e30 and stayed there; every exp2 underflowed, and the loss was
+    -inf (tests/test_info_nce.py holds the Triton kernels and the public API to the same)."""
+    _compare_with_float64(binary, tmp_path, FLAG_CASES[case], torch.float32, "wmma", 70, 33, scale=-1e31,
+                          cone=True)
+
+
 @pytest.mark.parametrize("B", [24, 70])
 def test_emulated_supcon_near_duplicate_positives(binary, tmp_path, B):
     """SupCon with tight classes (features = class centre + 1e-3 noise, k = q) at tau = 0.05:
@@ -178,7 +187,7 @@ def test_emulated_fp32_backward_does_not_fit_99kb(binary, tmp_path):
 
 
 def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.07, tight=False, smem=None,
-                          smoothing=0.0):
+                          smoothing=0.0, cone=False):
     g = torch.Generator().manual_seed(B * 7 + D)
     N = B + cfg.get("N_extra", 0)
     # Inputs exactly representable in the dtype, so float64 sees what the kernel sees.
@@ -186,6 +195,10 @@ def _compare_with_float64(binary, tmp_path, cfg, dtype, path, B, D, scale=1 / 0.
     v = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1)
     v[:B] += u.float()  # correlated positives: the loss is not trivially log N
     v = v.to(dtype).double()
+    if cone:  # every row of u and v within ~20 degrees of e_0: every logit has the scale's sign
+        e0 = torch.nn.functional.one_hot(torch.zeros(B + N, dtype=torch.long), D).double()
+        w = torch.nn.functional.normalize(3 * D ** 0.5 * e0 + torch.randn(B + N, D, generator=g, dtype=torch.float64), dim=1)
+        u, v = w[:B].to(dtype).double(), w[B:].to(dtype).double()
     labels = torch.randint(0, N, (B,), generator=g) if cfg.get("labels") else None
     if cfg.get("no_positive"):
         labels = torch.full((B,), -1)

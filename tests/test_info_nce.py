@@ -10,7 +10,7 @@ import fastcl
 import fastcl.functional as FCL
 from fastcl import chunked
 from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS, USABLE_BACKENDS
-from helpers import assert_within_budget
+from helpers import FLAG_CASES, assert_within_budget
 
 BACKENDS = KERNEL_BACKENDS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -142,15 +142,24 @@ def test_interpreter_recompute_under_openblas_haswell_kernels():
     assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
 
 
-def _check_raw_symmetric_op(backend, dtype, q, k, scale, w_row, w_col):
-    """The raw op, symmetric, as the sum of w_row * row + w_col * col: its outputs and every
-    gradient (u, v, scale) on `backend` against float64, within the same-dtype torch budget."""
+def _check_raw_op(backend, dtype, q, k, scale, w_row, w_col=None, labels=None, cls=None, exclude_diag=False,
+                  exclude_pos=False):
+    """The raw op as the sum of w_row * row (+ w_col * col: symmetric when w_col is given): its
+    outputs and every gradient (u, v, scale) on `backend` against float64, within the
+    same-dtype torch budget."""
+    sym = w_col is not None
+
     def run(backend, dt):
         u, v = (x.to(device=DEVICE, dtype=dt).clone().requires_grad_() for x in (q, k))
         s = torch.tensor(scale, device=DEVICE, dtype=torch.float64 if dt == torch.float64 else torch.float32,
                          requires_grad=True)
-        row, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, s, None, True, None, None, False, False, backend)
-        (row * w_row.to(DEVICE, row.dtype) + col * w_col.to(DEVICE, col.dtype)).sum().backward()
+        lab, c = (None if t is None else t.to(DEVICE) for t in (labels, cls))
+        row, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, s, lab, sym, c, c, exclude_diag, exclude_pos,
+                                                        backend)
+        out = (row * w_row.to(DEVICE, row.dtype)).sum()
+        if sym:
+            out = out + (col * w_col.to(DEVICE, col.dtype)).sum()
+        out.backward()
         return [t.detach().cpu() for t in (row, col, u.grad, v.grad, s.grad)]
 
     ref, same, ours = run("torch", torch.float64), run("torch", dtype), run(backend, dtype)
@@ -167,7 +176,30 @@ def test_raw_op_takes_a_negative_scale(backend):
     q, k = _inputs(45, 45, 20, dtype, seed=3)
     q, k = (F.normalize(x, dim=1).to(dtype).double() for x in (q, k))
     w = torch.rand(45, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
-    _check_raw_symmetric_op(backend, dtype, q, k, -1 / 0.07, w, w)
+    _check_raw_op(backend, dtype, q, k, -1 / 0.07, w, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["plain", "labels_extra_negatives", "symmetric", "exclude_diag", "dcl", "supcon"])
+def test_logits_below_minus_1e30(backend, case):
+    """Rows (and columns) whose every logit lies below -1e30 (log2 units), from a scale past 1e30
+    (temperature < 1e-30 is legal in fp32) or features of norm ~1e15. The kernels started each
+    row's running max at -1e30, a finite stand-in for -inf: it stayed the max, every exp2 then
+    underflowed, and the loss came out -inf where torch gives the true value. The raw op's
+    negative scale on features within ~20 degrees of one axis puts every logit there."""
+    cfg = FLAG_CASES[case]
+    B, D = 45, 7  # two row blocks of the interpreter's 32, the second one part padding
+    N = B + cfg.get("N_extra", 0)
+    g = torch.Generator().manual_seed(11)
+    cone = lambda n: F.normalize(3 * D ** 0.5 * F.one_hot(torch.zeros(n, dtype=torch.long), D).double()  # noqa: E731
+                                 + torch.randn(n, D, generator=g, dtype=torch.float64), dim=1).float().double()
+    q, k = cone(B), cone(N)
+    labels = torch.randint(0, N, (B,), generator=g) if cfg.get("labels") else None
+    cls = torch.randint(0, 4, (B,), generator=g) if cfg.get("multi") else None
+    w_row = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    w_col = torch.rand(N, generator=g, dtype=torch.float64) + 0.5 if cfg.get("symmetric") else None
+    _check_raw_op(backend, torch.float32, q, k, -1e31, w_row, w_col, labels, cls,
+                  cfg.get("exclude_diag", False), cfg.get("exclude_pos", False))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -182,7 +214,7 @@ def test_raw_op_weighs_rows_and_columns_apart(backend, dtype):
     g = torch.Generator().manual_seed(8)
     w_row = torch.rand(45, generator=g, dtype=torch.float64) + 0.5
     w_col = -30 * (torch.rand(45, generator=g, dtype=torch.float64) + 0.5)
-    _check_raw_symmetric_op(backend, dtype, q, k, 1 / 0.07, w_row, w_col)
+    _check_raw_op(backend, dtype, q, k, 1 / 0.07, w_row, w_col)
 
 
 def test_gradient_amplification_is_a_power_of_two():
