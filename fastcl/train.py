@@ -18,15 +18,19 @@
 - Under torch.distributed (initialised by the caller), the encoders are wrapped in DDP and the
   InfoNCE/CLIP, NT-Xent and DCL/DCLW losses see the global batch (``fastcl.distributed``,
   gradients scaled for DDP); WhitenedCSE whitens with the global batch's statistics.
-- ``checkpoint_path`` saves model, optimizer, scaler, history and every rank's RNG states
-  (torch CPU, the trainer's CUDA device, Python ``random``, NumPy); ``resume=True`` (which
+- ``checkpoint_path`` (its folder made when the Trainer is built) saves model, optimizer,
+  scaler, history and every rank's RNG states (torch CPU, the trainer's CUDA device, Python
+  ``random``, NumPy), at the end and every ``checkpoint_every`` steps; ``resume=True`` (which
   needs ``checkpoint_path``) loads it if the file exists, so that a preemptible job restarts
   with the same command, and warns and starts from step 0 if it does not. A resumed run skips
   the batches already seen, with the RNG put back after the skip. Resuming reproduces the
   uninterrupted run exactly when the data's order does not depend on the
   global RNG: a list, a DataLoader without shuffling, or one given its own seeded
-  ``generator``. A plain ``shuffle=True`` DataLoader draws its order from the global RNG at
-  each epoch's start, so its resumed epoch has a different order.
+  ``generator``. A DataLoader's workers (random augmentation in the dataset) are seeded from
+  the global RNG at ``iter()``: the checkpoint keeps the states that the first and the latest
+  epoch's ``iter()`` started from, and the resume's re-iteration starts from them, so the
+  workers draw as before. A plain ``shuffle=True`` DataLoader draws its order from the global
+  RNG at each epoch's start, so its resumed epoch has a different order.
 - With ``chunk_size``, buffers that the encoders update in the forward (BatchNorm's running
   statistics) are updated once per chunk, by the first pass; the re-encoding leaves them be.
   Buffers that the recipe's loss updates (a queue, a loss head's statistics) are updated once
@@ -247,6 +251,9 @@ class TrainConfig:
         count("steps", 0)
         count("log_every", 1)
         count("checkpoint_every", 0)
+        if self.checkpoint_every and not self.checkpoint_path:  # was silently never saved
+            raise ValueError(f"TrainConfig.checkpoint_every={self.checkpoint_every} needs a checkpoint_path "
+                             f"to save to, got checkpoint_path={self.checkpoint_path!r}")
         if self.chunk_size is not None:
             count("chunk_size", 1)
         if self.amp not in (None, "bf16", "fp16"):
@@ -308,7 +315,12 @@ class Trainer:
                                                         weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.data, self._iter, self._skip = data, None, 0
+        # The RNG states the first and the latest epoch's iter(data) started from, and how many
+        # epochs began: a resume's re-iteration starts from them (see _new_epoch).
+        self._epoch_rng, self._epochs, self._replay = (None, None), 0, None
         self.step, self.history = 0, []
+        if config.checkpoint_path and (not _distributed() or dist.get_rank() == 0):  # the rank that writes
+            _check_checkpoint_path(config.checkpoint_path)
         if config.resume:  # check() made sure there is a checkpoint_path
             if os.path.exists(config.checkpoint_path):
                 self.load(config.checkpoint_path)
@@ -402,19 +414,38 @@ class Trainer:
             # draws (a DataLoader seeds its workers from the global RNG) must not shift it.
             skip, self._skip = self._skip, 0
             with _rng_kept(self.device):
-                for _ in range(skip):
-                    self._next_batch()
+                try:
+                    for _ in range(skip):
+                        self._next_batch()
+                finally:
+                    self._replay = None
         if self._iter is None:
-            self._iter = iter(self.data)
+            self._new_epoch()
         try:
             return next(self._iter)
         except StopIteration:  # a new epoch
-            self._iter = iter(self.data)
+            self._new_epoch()
             try:
                 return next(self._iter)
             except StopIteration:
                 raise ValueError("the data yielded no batches (empty, or a one-shot iterator that "
                                  "is used up: pass a re-iterable such as a list or a DataLoader)") from None
+
+    def _new_epoch(self):
+        """self._iter = iter(self.data), noting the RNG state it starts from. A DataLoader seeds
+        its workers from the global RNG there: at every epoch's iter(), or at the first one only
+        with persistent_workers. A resume's re-iteration (_replay: the saved run's first and
+        latest states, and its number of epochs) starts those two epochs as the saved run did;
+        the epochs between are skipped whole, and the skip runs inside _rng_kept."""
+        self._epochs += 1
+        if self._replay is not None:
+            (first, latest), n = self._replay
+            state = latest if self._epochs == n else first if self._epochs == 1 else None
+            if state is not None:
+                _set_rng_state(state, self.device)
+        state = _rng_state(self.device)
+        self._epoch_rng = (state if self._epochs == 1 else self._epoch_rng[0], state)
+        self._iter = iter(self.data)
 
     def train(self) -> List[dict]:
         cfg = self.config
@@ -437,7 +468,7 @@ class Trainer:
         """Write a checkpoint. Under torch.distributed every rank must call it (each rank's RNG
         states and log are gathered: alignment and uniformity are of its own embeddings); rank 0
         writes the file."""
-        mine = (_rng_state(self.device), self.history)
+        mine = (_rng_state(self.device), self.history, self._epoch_rng)
         per_rank = [mine]
         if _distributed():
             per_rank = [None] * dist.get_world_size()
@@ -447,7 +478,8 @@ class Trainer:
         state = {"step": self.step, "recipe": self.recipe.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "history": self.history,
-                 "rng_per_rank": [r for r, _ in per_rank], "history_per_rank": [h for _, h in per_rank],
+                 "rng_per_rank": [r[0] for r in per_rank], "history_per_rank": [r[1] for r in per_rank],
+                 "epoch_rng_per_rank": [r[2] for r in per_rank], "epochs": self._epochs,
                  "config": dataclasses.asdict(self.config)}
         tmp = path + ".tmp"
         torch.save(state, tmp)
@@ -461,10 +493,13 @@ class Trainer:
         self.step, self.history = state["step"], state["history"]
         rng = state["rng_per_rank"]
         rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        self._replay, self._epochs = None, 0
         if len(rng) == world:
             _set_rng_state(rng[rank], self.device)
             if "history_per_rank" in state:  # each rank's own metrics (rank 0's on every rank before)
                 self.history = state["history_per_rank"][rank]
+            if state.get("epochs"):  # (older checkpoints lack them)
+                self._replay = (state["epoch_rng_per_rank"][rank], state["epochs"])
         else:  # one rank's stream on every rank would make their augmentations alike
             warnings.warn(f"checkpoint written by {len(rng)} processes, resumed on {world}: the RNG "
                           f"states are not restored, so the run does not continue exactly", stacklevel=2)
@@ -504,9 +539,25 @@ def _rng_kept(device: torch.device):
 def _to(batch, device):
     if isinstance(batch, Tensor):
         return batch.to(device)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple (default_collate keeps it)
+        return type(batch)(*(_to(b, device) for b in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(_to(b, device) for b in batch)
     return batch
+
+
+def _check_checkpoint_path(path: str):
+    """Make the checkpoint's folder, up front: a path that cannot be written failed at the
+    first save, after the steps before it (the last step's, with checkpoint_every=0)."""
+    if os.path.isdir(path):
+        raise ValueError(f"TrainConfig.checkpoint_path must be a file's path, got the folder {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"TrainConfig.checkpoint_path {path!r}: cannot make its folder ({e})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"TrainConfig.checkpoint_path {path!r}: its folder is not writable")
 
 
 class _progress:

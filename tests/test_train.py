@@ -1,3 +1,4 @@
+import collections
 import copy
 import math
 import os
@@ -155,6 +156,60 @@ def test_checkpoint_resume_restores_every_rng(tmp_path, kind):
     hist = T.Trainer(resumed, data(), _cfg(steps=5, checkpoint_path=path, resume=True)).train()
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in hist_full], abs=1e-12)
     assert torch.allclose(_params(resumed), _params(full), atol=1e-12)
+
+
+class _AugmentingDataset(torch.utils.data.Dataset):
+    """Random augmentation in __getitem__: in a DataLoader's worker, from the worker's seed."""
+    def __init__(self):
+        self.x = torch.cat(_batches(n=3))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(self.x.shape[1], dtype=self.x.dtype)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent_workers"])
+@pytest.mark.parametrize("saved_at", [2, 4], ids=["mid_epoch", "next_epoch"])
+def test_checkpoint_resume_with_dataloader_workers(tmp_path, persistent, saved_at):
+    """A DataLoader's workers are seeded from the global RNG at iter() (at the first one only
+    when persistent): the resume's re-iteration must start those epochs from the saved run's
+    states, or the workers' augmentations differ (they did, with the docstring saying exact)."""
+    def run(steps, **kw):
+        recipe = T.SimCSE(_mlp())
+        torch.manual_seed(0)
+        data = torch.utils.data.DataLoader(_AugmentingDataset(), batch_size=20, num_workers=1,
+                                           persistent_workers=persistent)
+        return recipe, T.Trainer(recipe, data, _cfg(steps=steps, **kw)).train()
+
+    full, hist_full = run(6)
+    path = str(tmp_path / "ckpt.pt")
+    run(saved_at, checkpoint_path=path)
+    torch.manual_seed(1)
+    resumed, hist = run(6, checkpoint_path=path, resume=True)
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in hist_full], abs=1e-12)
+    assert torch.allclose(_params(resumed), _params(full), atol=1e-12)
+
+
+def test_namedtuple_batches():
+    """default_collate keeps a namedtuple's type: rebuilding it from a generator failed."""
+    Sample = collections.namedtuple("Sample", ["x", "label"])
+    data = [Sample(x, torch.arange(20)) for x in _batches(n=2)]
+    hist = T.Trainer(T.SimCSE(_mlp()), data, _cfg(steps=2)).train()
+    assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
+
+
+def test_checkpoint_settings_are_checked_up_front(tmp_path):
+    """checkpoint_every without a path saved nothing; a path in a missing folder failed at the
+    first save, after the steps (with checkpoint_every=0, the whole run's)."""
+    with pytest.raises(ValueError, match="checkpoint_every=5 needs a checkpoint_path"):
+        T.TrainConfig(checkpoint_every=5)
+    with pytest.raises(ValueError, match="must be a file's path, got the folder"):
+        T.Trainer(T.SimCSE(_mlp()), _batches(1), _cfg(checkpoint_path=str(tmp_path)))
+    path = tmp_path / "new" / "folder" / "ckpt.pt"
+    T.Trainer(T.SimCSE(_mlp()), _batches(1), _cfg(checkpoint_path=str(path))).train()
+    assert path.exists()
 
 
 def test_grad_cache_updates_batchnorm_statistics_once_per_chunk():
