@@ -206,6 +206,41 @@ def test_newton_schulz_gradient_on_ill_conditioned_groups(backend, N, g, eps):
                          ref, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])  # skipped where unusable
+@pytest.mark.parametrize("scale,eps", [(1e10, 1e-5), (1e-13, 0.0)])
+def test_newton_schulz_at_extreme_feature_scales(backend, scale, eps):
+    """fp32 features of scale 1e10 (1e-13): the iteration's c = ||S||_F squares S's entries,
+    ~1e20 (1e-26), which overflowed to inf (underflowed): y came out all zeros with no error
+    (all NaN), where ZCA of the same features was right to 1e-7."""
+    gen = torch.Generator().manual_seed(3)
+    x = (scale * torch.randn(64, 16, generator=gen, dtype=torch.float64)).float().double()
+    gy = torch.randn(64, 16, generator=gen, dtype=torch.float64)
+
+    def run(b, dtype, device):
+        xx = x.to(device, dtype).clone().requires_grad_()
+        y = FCL.group_whiten(xx, 2, eps=eps, method="newton_schulz", backend=b)
+        (y * gy.to(device, dtype)).sum().backward()
+        return y.detach().double().cpu(), xx.grad.double().cpu()
+
+    (y, dx), (y_ref, dx_ref) = run(backend, torch.float32, DEVICE), run("reference", torch.float64, "cpu")
+    assert rel_err(y, y_ref) < 1e-5, rel_err(y, y_ref)
+    assert rel_err(dx, dx_ref) < 1e-4, rel_err(dx, dx_ref)
+
+
+def test_newton_schulz_power_of_two_balance_changes_no_bit():
+    """W(S) = W(S / f^2) / f with f a power of two: at ordinary scales the same bits as the
+    iteration on S itself."""
+    S = _group_cov(_x(64, 32, seed=5, dtype=torch.float32), 2).float() + 1e-3 * torch.eye(16)
+    eye = torch.eye(16).expand_as(S)
+    c = torch.linalg.matrix_norm(S, keepdim=True)
+    Y, Z = S / c, eye
+    for _ in range(Wh.DEFAULT_NS_ITERS):
+        T = 1.5 * eye - 0.5 * (Z @ Y)
+        Y, Z = Y @ T, T @ Z
+    assert (Wh.pow2_balance(S) != 1).all()
+    assert torch.equal(Wh.newton_schulz_matrix(S, Wh.DEFAULT_NS_ITERS), Z / c.sqrt())
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_kernel_writes_every_entry(backend):
     S = _group_cov(_x(64, 48, seed=8, dtype=torch.float32), 2).float().to(DEVICE)  # g = 24 (Triton pads to 32)
