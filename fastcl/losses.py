@@ -462,9 +462,15 @@ def mnrl_rows(q: Tensor, p: Tensor, hard: Optional[Tensor], pool: Optional[Tenso
                 whole[off].append(kx)
                 continue
             lse = _lse(q, kx, sp if off else s, backend, exclude_diag=True)
-            c = (q.to(s.dtype) * x.to(s.dtype)).sum(1)
-            parts["query_to_doc"] += [(_penalised(lse, s, sp) if off else lse) - pos,
-                                      (s * c + alpha * c.detach() if own else s * c) - pos]
+            if k == 0:  # the diagonal is the positive itself: its part, s c_ii - pos, is 0
+                # A constant: as s c - pos, its gradient s p_i - s p_i (weight ~1 on a solved row)
+                # cancelled to rounding, the size of the other parts' e^-gap terms, and at scale 50
+                # q's gradient came out 0 where naive fp32 keeps it.
+                diag_part = torch.zeros_like(pos)
+            else:
+                c = (q.to(s.dtype) * x.to(s.dtype)).sum(1)
+                diag_part = (s * c + alpha * c.detach() if own else s * c) - pos
+            parts["query_to_doc"] += [(_penalised(lse, s, sp) if off else lse) - pos, diag_part]
         whole[off] += Kpool
     for pen, ks in whole.items():
         if not ks:

@@ -420,6 +420,25 @@ def test_mnrl_variants_dtypes(backend, dtype, scale):
           lambda *xs: R.mnrl_reference(*xs, **kw), tensors, dtype, backend, ["danchor", "dpositive", "dnegatives"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["in_batch_negatives", "all_negatives", "hard_negatives"])
+@pytest.mark.parametrize("negatives", ["none", "hard"])
+def test_mnrl_hardness_gradients_on_solved_rows(backend, mode, negatives):
+    """Nearly solved rows (positives at cosine ~0.99995) at scale 50: their gradient is the
+    negatives' e^-gap terms, ~1e-11. The penalised off-diagonal split the positive's own logit
+    out as s c_ii - pos, whose gradient s p_i - s p_i, at softmax weight ~1, cancelled to
+    rounding: q's gradient came out 0 (relative error 1; naive fp32's 1.6e-2)."""
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    p = a + 1e-2 * torch.randn(16, 32, generator=g, dtype=torch.float64)
+    n = torch.randn(16, 2, 32, generator=g, dtype=torch.float64)
+    tensors = [t.float().double() for t in ([a, p] if negatives == "none" else [a, p, n])]
+    kw = dict(scale=50.0, directions=("query_to_doc", "query_to_query"), hardness_mode=mode, hardness_strength=3.0)
+    check(lambda *xs, backend: FCL.multiple_negatives_ranking(*xs, **kw, backend=backend),
+          lambda *xs: R.mnrl_reference(*xs, **kw), tensors, torch.float32, backend,
+          ["danchor", "dpositive", "dnegatives"][:len(tensors)])
+
+
 def test_mnrl_variants_reference_backend_and_modules():
     """backend='reference' is the reference; the modules pass their options through."""
     a, p, n = _mnrl_inputs(6, 4, "hard")
