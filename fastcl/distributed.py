@@ -640,7 +640,7 @@ def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, neg
         _check_grad_mode(grad_mode)
         opts = losses.mnrl_options(directions, partition_mode, hardness_mode, hardness_strength)
         hard, pool = losses.mnrl_inputs(anchor, positive, negatives)
-        s = _validation.positive_number(scale, "scale")
+        s = losses.check_mnrl_scale(scale, opts[3], anchor.dtype)
         _validation.check_reduction(reduction)
         fused = _fused_backend(backend, anchor)  # here: a backend missing on one rank fails them all
         n = anchor.shape[0] + (0 if hard is None else hard.shape[0] * hard.shape[1]) + \
@@ -667,7 +667,7 @@ def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, neg
         return info_nce_distributed(anchor, losses.mnrl_candidates(positive, hard, pool), temperature=1.0 / s,
                                     symmetric=symmetric, reduction=reduction, grad_mode=grad_mode, group=group,
                                     backend=backend)
-    sc, sp = losses.mnrl_scales(s, opts[3], anchor.device, anchor.dtype)  # the same verdict on every rank
+    sc, sp = losses.mnrl_scales(s, opts[3], anchor.device, anchor.dtype)
     q, p, hard, pool = losses.mnrl_normalized(anchor, positive, hard, pool)
     if layout == "pool":  # every rank gathers the pools, one empty or not
         pool = (q.detach()[:0] if pool is None else pool) if sum(pool_sizes) else None

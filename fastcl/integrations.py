@@ -45,10 +45,11 @@ class MultipleNegativesRankingLoss(nn.Module):
         if similarity_fct is not None and not _is_cosine(similarity_fct):
             raise NotImplementedError(f"only cosine similarity (the default, util.cos_sim) is fused; "
                                       f"similarity_fct={similarity_fct!r} is not cosine")
-        self.model, self.scale, self.backend = model, _validation.positive_number(scale, "scale"), backend
+        self.model, self.backend = model, backend
         self.gather_across_devices = _validation.check_bool(gather_across_devices, "gather_across_devices")
-        self.directions, self.partition_mode, self.hardness_mode, _ = losses.mnrl_options(
+        self.directions, self.partition_mode, self.hardness_mode, alpha = losses.mnrl_options(
             directions, partition_mode, hardness_mode, hardness_strength)
+        self.scale = losses.check_mnrl_scale(scale, alpha)
         self.hardness_strength = hardness_strength
 
     def forward(self, sentence_features, labels=None):

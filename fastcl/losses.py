@@ -330,7 +330,7 @@ def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Opti
     """
     opts = mnrl_options(directions, partition_mode, hardness_mode, hardness_strength)
     hard, pool = mnrl_inputs(anchor, positive, negatives)
-    scale = _validation.positive_number(scale, "scale")
+    scale = check_mnrl_scale(scale, opts[3], anchor.dtype)  # before the InfoNCE pass, whose words are a temperature's
     symmetric = mnrl_as_info_nce(opts, hard is not None, pool is not None)
     if symmetric is not None:  # one fused pass
         return info_nce(anchor, mnrl_candidates(positive, hard, pool), temperature=1.0 / scale,
@@ -345,14 +345,27 @@ def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Opti
     return reduce(mnrl_rows(*mnrl_normalized(anchor, positive, hard, pool), s, sp, opts, backend), reduction)
 
 
+def check_mnrl_scale(scale, alpha: float = 0.0, dtype=torch.float64) -> float:
+    """MNRL's scale as a float, checked in MNRL's terms (the InfoNCE and the variants behind it
+    name a temperature, 1 / scale, that the caller never gave): a positive number whose
+    reciprocal is finite, and with alpha (the hardness strength that acts) such that twice
+    scale + alpha is finite in dtype's compute dtype (the logits'). The modules check with
+    float64, the loosest, before their dtype is known."""
+    scale = _validation.positive_number(scale, "scale")
+    limit = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max / 2
+    got = (lambda v: "") if _validation._compiling() else (lambda v: f", got {v:g}")
+    if not scale + alpha <= limit:
+        what = "scale + hardness_strength, the penalised logits' multiplier," if alpha else "scale"
+        raise ValueError(f"{what} must be at most {limit:.3g} for {dtype} inputs{got(scale + alpha)}")
+    if not 1.0 / scale <= _validation.FLOAT_MAX:
+        raise ValueError(f"scale must be at least {1.0 / _validation.FLOAT_MAX:.3g} (its reciprocal, the "
+                         f"temperature, finite){got(scale)}")
+    return scale
+
+
 def mnrl_scales(scale: float, alpha: float, device, dtype):
     """(s, s + alpha) as 0-dim tensors: the multipliers of the plain and the penalised logits of
-    the variants. Twice s + alpha must be finite in the compute dtype, said in MNRL's terms (the
-    shared check behind them names a temperature)."""
-    limit = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max / 2
-    if not scale + alpha <= limit:
-        raise ValueError(f"scale + hardness_strength, the penalised logits' multiplier, must be at most {limit:.3g} "
-                         f"for {dtype} inputs" + ("" if _validation._compiling() else f", got {scale + alpha:g}"))
+    the variants, from a scale that check_mnrl_scale passed."""
     return tuple(_validation.scale_tensor(1.0 / m, None, device, dtype) for m in (scale, scale + alpha))
 
 

@@ -350,11 +350,12 @@ class MultipleNegativesRankingLoss(nn.Module):
                  directions=("query_to_doc",), partition_mode: str = "joint", hardness_mode=None,
                  hardness_strength: float = 0.0):
         super().__init__()
-        _check_settings(backend, scale=scale)
-        self.scale, self.backend = scale, backend
+        _check_settings(backend)
+        self.backend = backend
         self.gather_across_devices = _validation.check_bool(gather_across_devices, "gather_across_devices")
-        self.directions, self.partition_mode, self.hardness_mode, _ = losses.mnrl_options(
+        self.directions, self.partition_mode, self.hardness_mode, alpha = losses.mnrl_options(
             directions, partition_mode, hardness_mode, hardness_strength)
+        self.scale = losses.check_mnrl_scale(scale, alpha)
         self.hardness_strength = hardness_strength
 
     def forward(self, anchor, positive, *negatives):

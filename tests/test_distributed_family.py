@@ -307,6 +307,8 @@ def _errors_worker(rank, world, init_file, out_prefix):
         # after the collective checks, the same verdict on every rank
         (multiple_negatives_ranking_distributed, (z, z),
          dict(directions=ALL_DIRECTIONS, hardness_mode="all_negatives", hardness_strength=1e308)),
+        # the plain loss's scale in MNRL's terms (its InfoNCE pass named a temperature)
+        (multiple_negatives_ranking_distributed, (z, z), dict(scale=1e-320)),
     ]
     errors = error_messages(bad_on_rank1)
     # a loss over a single pair per rank is fine across ranks: the other ranks' views are its negatives
@@ -402,7 +404,8 @@ def test_family_distributed_bad_input(tmp_path):
                 "same scale", "same directions", "same hardness_strength", "same kind of negatives",
                 "same kind of negatives", "per_direction", "'reference' is not usable",
                 "'reference' is not usable", "weight fn failed", "got (3,)",
-                "'reference' is not usable", "same symmetric"] + ["per rank: [False, True]"] * 4 + ["scale + hardness_strength"]
+                "'reference' is not usable", "same symmetric"] + ["per rank: [False, True]"] * 4 + ["scale + hardness_strength",
+                                                                    "scale must be at least"]
     for i, what in enumerate(expected):
         # rank 1 names the problem; rank 0 (whose inputs were fine, unless every rank's were bad)
         # is told which rank's were not, instead of blocking in a collective

@@ -755,8 +755,17 @@ _dot_named_cos_sim.__name__ = "cos_sim"  # what the check once went by
     (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), temperature=1e-39), ValueError, "too large"),
     # 1/t = 3.3e38 is finite, but the loss (m - pos up to 2/t) was inf
     (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), temperature=3e-39), ValueError, "too large"),
+    # MNRL's scale in its own terms: its InfoNCE pass named a temperature the caller never gave
     (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), scale=1e39), ValueError,
-     "multiplier"),
+     r"scale must be at most 1.7e\+38 for torch.float32 inputs, got 1e\+39"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), scale=1e-320), ValueError,
+     "scale must be at least"),
+    (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), scale=1e39,
+                                            directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+     ValueError, "scale must be at most"),
+    (lambda: fastcl.nn.MultipleNegativesRankingLoss(scale=1e-320), ValueError, "scale must be at least"),
+    (lambda: fastcl.nn.MultipleNegativesRankingLoss(scale=1e308, hardness_mode="all_negatives",
+                                                    hardness_strength=1e308), ValueError, "scale \\+ hardness_strength"),
     (lambda: FCL.info_nce(torch.randn(4, 3).double(), torch.randn(4, 3).double(), temperature=5e-324), ValueError,
      "too large"),
     # strings read as True: return_matrix="no" returned a tuple, detach_weight="no" detached
