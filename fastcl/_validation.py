@@ -93,10 +93,20 @@ def check_labels(labels, batch: int, num_classes: int, device, name="labels"):
         torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
                             f"{name} must lie in [0, N) (the rows of k)")
     else:
-        lo, hi = int(labels.min()), int(labels.max())  # one host sync; worth it for a clear error
+        # one host sync; worth it for a clear error. Under vmap, on the labels of every sample
+        # (a batched tensor's .item() is refused).
+        lo, hi = (int(t) for t in torch.aminmax(_unwrapped(labels)))
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) (the rows of k), "
                              f"got values in [{lo}, {hi}]")
+
+
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """t without its torch.func wrappers (vmap's batched tensors: their values, every sample's)."""
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(t):
+        t = F.get_unwrapped(t)
+    return t
 
 
 def is_int(value) -> bool:

@@ -380,6 +380,14 @@ def test_torch_func_through_the_reference_and_vmap_of_the_forward():
     batch = torch.stack([a, a.flip(0)])
     got = torch.func.vmap(lambda x: FCL.info_nce(x, b, backend="torch"))(batch)
     torch.testing.assert_close(got, torch.stack([FCL.info_nce(x, b, backend="reference") for x in batch]))
+    # Per-sample labels: their range check took .item() of a batched tensor (torch's vmap error)
+    labels = torch.stack([torch.arange(q.shape[0]).flip(0), torch.arange(q.shape[0])])
+    for backend in ("torch", "reference"):
+        got = torch.func.vmap(lambda x, y: FCL.info_nce(x, b, labels=y, backend=backend))(batch, labels)
+        torch.testing.assert_close(got, torch.stack([FCL.info_nce(x, b, labels=y, backend="reference")
+                                                     for x, y in zip(batch, labels)]))
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\) \(the rows of k\), got values in \[1, 4\]"):
+            torch.func.vmap(lambda x, y: FCL.info_nce(x, b, labels=y, backend=backend))(batch, labels + 1)
     # A loss of tensors that the transform does not differentiate (a metric inside grad) runs,
     # where torch runs it: torch 2.4.1's functorch refused any custom op's autograd under grad.
     if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13):
