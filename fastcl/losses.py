@@ -358,7 +358,7 @@ def check_mnrl_scale(scale, alpha: float = 0.0, dtype=torch.float64) -> float:
         what = "scale + hardness_strength, the penalised logits' multiplier," if alpha else "scale"
         raise ValueError(f"{what} must be at most {limit:.3g} for {dtype} inputs{got(scale + alpha)}")
     if not 1.0 / scale <= _validation.FLOAT_MAX:
-        raise ValueError(f"scale must be at least {1.0 / _validation.FLOAT_MAX:.3g} (its reciprocal, the "
+        raise ValueError(f"scale must be at least {1.0 / _validation.FLOAT_MAX!r} (its reciprocal, the "
                          f"temperature, finite){got(scale)}")
     return scale
 

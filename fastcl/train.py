@@ -23,14 +23,15 @@
   ``random``, NumPy), at the end and every ``checkpoint_every`` steps; ``resume=True`` (which
   needs ``checkpoint_path``) loads it if the file exists, so that a preemptible job restarts
   with the same command, and warns and starts from step 0 if it does not. A resumed run skips
-  the batches already seen, with the RNG put back after the skip. Resuming reproduces the
-  uninterrupted run exactly when the data's order does not depend on the
-  global RNG: a list, a DataLoader without shuffling, or one given its own seeded
-  ``generator``. A DataLoader's workers (random augmentation in the dataset) are seeded from
-  the global RNG at ``iter()``: the checkpoint keeps the states that the first and the latest
-  epoch's ``iter()`` started from, and the resume's re-iteration starts from them, so the
-  workers draw as before. A plain ``shuffle=True`` DataLoader draws its order from the global
-  RNG at each epoch's start, so its resumed epoch has a different order.
+  the batches already seen, with the RNG put back after the skip. A DataLoader draws from the
+  global RNG at ``iter()``: its shuffled order (without a ``generator`` of its own) and its
+  workers' seeds (random augmentation in the dataset). The checkpoint keeps the states that
+  the first and the latest epoch's ``iter()`` started from, and the resume's re-iteration
+  starts those epochs from them (the first one matters with ``persistent_workers``). So
+  resuming reproduces the uninterrupted run exactly for a list, and for a DataLoader with or
+  without shuffling, workers or a seeded ``generator``; not for data that draws from the
+  global RNG while it is iterated (in the main process), whose skipped batches drew apart
+  from the training steps' draws.
 - With ``chunk_size``, buffers that the encoders update in the forward (BatchNorm's running
   statistics) are updated once per chunk, by the first pass; the re-encoding leaves them be.
   Buffers that the recipe's loss updates (a queue, a loss head's statistics) are updated once
@@ -468,7 +469,9 @@ class Trainer:
         """Write a checkpoint. Under torch.distributed every rank must call it (each rank's RNG
         states and log are gathered: alignment and uniformity are of its own embeddings); rank 0
         writes the file."""
-        mine = (_rng_state(self.device), self.history, self._epoch_rng)
+        # the epochs' states of a loaded checkpoint whose replay has not run yet (no step since)
+        epoch_rng, epochs = self._replay if self._replay is not None else (self._epoch_rng, self._epochs)
+        mine = (_rng_state(self.device), self.history, epoch_rng, epochs)
         per_rank = [mine]
         if _distributed():
             per_rank = [None] * dist.get_world_size()
@@ -479,7 +482,7 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "history": self.history,
                  "rng_per_rank": [r[0] for r in per_rank], "history_per_rank": [r[1] for r in per_rank],
-                 "epoch_rng_per_rank": [r[2] for r in per_rank], "epochs": self._epochs,
+                 "epoch_rng_per_rank": [r[2] for r in per_rank], "epochs_per_rank": [r[3] for r in per_rank],
                  "config": dataclasses.asdict(self.config)}
         tmp = path + ".tmp"
         torch.save(state, tmp)
@@ -498,8 +501,10 @@ class Trainer:
             _set_rng_state(rng[rank], self.device)
             if "history_per_rank" in state:  # each rank's own metrics (rank 0's on every rank before)
                 self.history = state["history_per_rank"][rank]
-            if state.get("epochs"):  # (older checkpoints lack them)
-                self._replay = (state["epoch_rng_per_rank"][rank], state["epochs"])
+            # each rank's own count: ranks may see different numbers of batches per epoch
+            epochs = state.get("epochs_per_rank", [0] * world)[rank]  # (older checkpoints lack them)
+            if epochs:
+                self._replay = (state["epoch_rng_per_rank"][rank], epochs)
         else:  # one rank's stream on every rank would make their augmentations alike
             warnings.warn(f"checkpoint written by {len(rng)} processes, resumed on {world}: the RNG "
                           f"states are not restored, so the run does not continue exactly", stacklevel=2)

@@ -69,7 +69,7 @@ def newton_schulz_matrix(S: Tensor, iters: int) -> Tensor:
 
 
 def pow2_balance(S: Tensor) -> Tensor:
-    """f [G, 1, 1]: per group, a power of two with max|S| / f^2 in [1/4, 1). Newton-Schulz's
+    """f [G, 1, 1]: per group, a power of two with max|S| / f^2 in [1/2, 2). Newton-Schulz's
     c = ||S||_F squares S's entries, which overflowed fp32 at feature scale ~3e9 (W = 0, no
     error) and underflowed at ~1e-11 (NaN). Scaling by powers of two is exact, so W(S) =
     W(S / f^2) / f changes no bit elsewhere. f^2 itself may leave fp32's range: it is applied

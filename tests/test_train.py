@@ -170,23 +170,28 @@ class _AugmentingDataset(torch.utils.data.Dataset):
         return self.x[i] + 0.1 * torch.randn(self.x.shape[1], dtype=self.x.dtype)
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent_workers"])
+@pytest.mark.parametrize("kind", ["workers", "persistent_workers", "shuffle"])
 @pytest.mark.parametrize("saved_at", [2, 4], ids=["mid_epoch", "next_epoch"])
-def test_checkpoint_resume_with_dataloader_workers(tmp_path, persistent, saved_at):
-    """A DataLoader's workers are seeded from the global RNG at iter() (at the first one only
-    when persistent): the resume's re-iteration must start those epochs from the saved run's
-    states, or the workers' augmentations differ (they did, with the docstring saying exact)."""
+def test_checkpoint_resume_with_dataloader_draws_at_iter(tmp_path, kind, saved_at):
+    """A DataLoader draws from the global RNG at iter(): its workers' seeds (at the first iter()
+    only when persistent), a shuffled order without a generator of its own. The resume's
+    re-iteration must start those epochs from the saved run's states, or the workers'
+    augmentations differ (they did, with the docstring saying exact). The checkpoint is resumed
+    once without a step (a finished run restarted by the same command), which saves it again:
+    that save must keep the states (it wrote none, and the next resume drifted)."""
     def run(steps, **kw):
         recipe = T.SimCSE(_mlp())
         torch.manual_seed(0)
-        data = torch.utils.data.DataLoader(_AugmentingDataset(), batch_size=20, num_workers=1,
-                                           persistent_workers=persistent)
+        loader = dict(workers=dict(num_workers=1), persistent_workers=dict(num_workers=1, persistent_workers=True),
+                      shuffle=dict(shuffle=True))[kind]
+        data = torch.utils.data.DataLoader(_AugmentingDataset(), batch_size=20, **loader)
         return recipe, T.Trainer(recipe, data, _cfg(steps=steps, **kw)).train()
 
     full, hist_full = run(6)
     path = str(tmp_path / "ckpt.pt")
     run(saved_at, checkpoint_path=path)
     torch.manual_seed(1)
+    run(saved_at, checkpoint_path=path, resume=True)  # no step; saves again
     resumed, hist = run(6, checkpoint_path=path, resume=True)
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in hist_full], abs=1e-12)
     assert torch.allclose(_params(resumed), _params(full), atol=1e-12)
