@@ -1,4 +1,5 @@
 """Input checks shared by every fastcl op: clear errors instead of silent wrong numbers."""
+import math
 import numbers
 import sys
 
@@ -172,6 +173,15 @@ def reciprocal_tensor(value: float, device, dtype) -> torch.Tensor:
 
 
 SCALE_FLOOR = 2.0 ** -100  # s * q.k stays a normal fp32 number for |q.k| >= 2^-26
+LOG2E = 1.4426950408889634
+
+
+def max_scale(dtype: torch.dtype) -> float:
+    """The largest logit multiplier s for inputs of `dtype`. The logits of unit vectors span
+    [-s, s], and the kernels hold them in log2 units (s log2(e)): twice that must be finite in
+    the compute dtype, else an inf or NaN loss, where the kernels' log2 units overflowed before
+    torch's natural ones (s in 1.18e38 to 1.7e38, fp32)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max / (2 * LOG2E)
 
 
 def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch.Tensor:
@@ -189,6 +199,14 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
             raise ValueError(f"logit_scale must be on {device}, got {logit_scale.device}")
         # exp in fp32 at least: a bf16 exp of log(100) is 99.0 (1% off the scale)
         s = logit_scale.reshape(()).to(compute_dtype(logit_scale.dtype)).exp()
+        # On the CPU, where it costs no device sync (a CUDA one would, and would break graph
+        # capture), a multiplier above max_scale is refused as a temperature's is.
+        if logit_scale.device.type == "cpu" and has_values(logit_scale) and not _compiling():
+            limit = max_scale(dtype)
+            value = float(_unwrapped(logit_scale.detach()).max())  # (under vmap, every sample's)
+            if not value <= math.log(limit):
+                raise ValueError(f"logit_scale must be at most {math.log(limit):.4g} for {dtype} inputs (its exp, "
+                                 f"the logit multiplier, at most {limit:.3g}), got {value:g}")
         # Below logit_scale ~ -104 (fp32) exp underflows to 0, and the backward's dL/ds, formed
         # as sum(G * S) / s, is 0/0: a NaN that d logit_scale = s dL/ds kept (naive autograd
         # gives 0). So s is floored at SCALE_FLOOR, its gradient passed straight through: the
@@ -201,9 +219,9 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
     temperature = positive_number(temperature, "temperature")
     # float64 inputs get a float64 1/temperature: rounding it to fp32 would cost ~1e-8 relative.
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    # The logits span [-s, s] for unit vectors: 2 s = 2 / temperature must be finite (else an
-    # inf or NaN loss).
-    if not temperature * torch.finfo(sdt).max >= 2.0:
-        raise ValueError(f"the logit multiplier 1/temperature is too large for {sdt} (twice it must be "
-                         f"finite)" + ("" if _compiling() else f": temperature {temperature}"))
+    # A comparison that torch.compile can guard on a symbolic temperature
+    if not temperature * max_scale(sdt) >= 1.0:
+        raise ValueError(f"the logit multiplier 1/temperature is too large for {sdt} (at most {max_scale(sdt):.3g}: "
+                         f"twice it, in the kernels' log2 units, must be finite)"
+                         + ("" if _compiling() else f": temperature {temperature}"))
     return reciprocal_tensor(temperature, device, sdt)

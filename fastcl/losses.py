@@ -348,11 +348,11 @@ def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Opti
 def check_mnrl_scale(scale, alpha: float = 0.0, dtype=torch.float64) -> float:
     """MNRL's scale as a float, checked in MNRL's terms (the InfoNCE and the variants behind it
     name a temperature, 1 / scale, that the caller never gave): a positive number whose
-    reciprocal is finite, and with alpha (the hardness strength that acts) such that twice
-    scale + alpha is finite in dtype's compute dtype (the logits'). The modules check with
-    float64, the loosest, before their dtype is known."""
+    reciprocal is finite, and with alpha (the hardness strength that acts) such that scale +
+    alpha is at most _validation.max_scale(dtype) (the logits', in the kernels' log2 units).
+    The modules check with float64, the loosest, before their dtype is known."""
     scale = _validation.positive_number(scale, "scale")
-    limit = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max / 2
+    limit = _validation.max_scale(dtype)
     got = (lambda v: "") if _validation._compiling() else (lambda v: f", got {v:g}")
     if not scale + alpha <= limit:
         what = "scale + hardness_strength, the penalised logits' multiplier," if alpha else "scale"

@@ -713,7 +713,7 @@ _dot_named_cos_sim.__name__ = "cos_sim"  # what the check once went by
                                             hardness_strength=1e308), ValueError, r"scale \+ hardness_strength"),
     (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 1, 3),
                                             directions=("query_to_doc", "doc_to_doc"), hardness_mode="hard_negatives",
-                                            hardness_strength=1e39), ValueError, r"at most 1.7e\+38 for torch.float32"),
+                                            hardness_strength=1e39), ValueError, r"at most 1.18e\+38 for torch.float32"),
     (lambda: fastcl.integrations.MultipleNegativesSymmetricRankingLoss(None, scale=-1), ValueError, "scale"),
     # the similarity is asked of its values: a dot product named cos_sim used to pass
     (lambda: fastcl.integrations.MultipleNegativesRankingLoss(None, similarity_fct=_dot_named_cos_sim),
@@ -755,9 +755,17 @@ _dot_named_cos_sim.__name__ = "cos_sim"  # what the check once went by
     (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), temperature=1e-39), ValueError, "too large"),
     # 1/t = 3.3e38 is finite, but the loss (m - pos up to 2/t) was inf
     (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), temperature=3e-39), ValueError, "too large"),
+    # 1/t = 1.2e38: twice it finite, but not in the kernels' log2 units (their loss was inf)
+    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), temperature=8.4e-39), ValueError,
+     r"at most 1.18e\+38: twice it, in the kernels' log2 units"),
+    # nothing bounded a logit_scale: at 88 the Triton kernels' d logit_scale was NaN (0 * -inf)
+    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), logit_scale=torch.tensor(88.0)), ValueError,
+     r"logit_scale must be at most 87.66 for torch.float32 inputs"),
+    (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), logit_scale=torch.tensor(float("nan"))), ValueError,
+     r"logit_scale must be at most .* got nan"),
     # MNRL's scale in its own terms: its InfoNCE pass named a temperature the caller never gave
     (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), scale=1e39), ValueError,
-     r"scale must be at most 1.7e\+38 for torch.float32 inputs, got 1e\+39"),
+     r"scale must be at most 1.18e\+38 for torch.float32 inputs, got 1e\+39"),
     (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), scale=1e-320), ValueError,
      "scale must be at least"),
     (lambda: FCL.multiple_negatives_ranking(torch.randn(4, 3), torch.randn(4, 3), scale=1e39,
