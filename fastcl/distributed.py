@@ -240,10 +240,12 @@ def _check_grad_mode(grad_mode):
 
 
 def _digest(value) -> int:
-    """A rank-independent int of an argument every rank must pass alike: a tensor or a callable
-    counts by its kind (its values may differ by rank), a number by its float value."""
+    """A rank-independent int of an argument every rank must pass alike: a tensor by its kind
+    and dtype (its values may differ by rank; its dtype sets the sizes of what the backward
+    exchanges: a float64 logit_scale on one rank aborted gloo there), a callable by its kind, a
+    number by its float value."""
     if isinstance(value, Tensor):
-        value = "tensor"
+        value = f"tensor {value.dtype}"
     elif callable(value):
         value = "callable"
     elif isinstance(value, numbers.Real):  # 1, 1.0 and True alike, as the checks read them

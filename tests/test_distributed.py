@@ -206,6 +206,12 @@ def _errors_worker(rank, world, init_file, out_prefix):
             errors.append("no error")
         except ValueError as e:
             errors.append(str(e))
+    try:  # logit_scale's dtype by rank: it sizes the backward's exchanges (gloo aborted there)
+        ls = torch.tensor(1.0, dtype=torch.float64 if rank == 0 else torch.float32, requires_grad=True)
+        info_nce_distributed(torch.randn(4, 3), torch.randn(4, 3), logit_scale=ls, symmetric=True).backward()
+        errors.append("no error")
+    except ValueError as e:
+        errors.append(str(e))
     try:  # a world_size the group does not have (it gave the 2-rank loss)
         fastcl.nn.ClipLoss(rank=rank, world_size=world + 1)(torch.randn(4, 3), torch.randn(4, 3), 10.0)
         errors.append("no error")
@@ -261,8 +267,9 @@ def test_distributed_bad_input(tmp_path):
         assert "[0, 8)" in errors[3]
         assert ("empty batch" if rank == 1 else "rank(s) [1]") in errors[4]
         assert "[0, 8)" in errors[5] and "[0, 8)" in errors[6] and "fewer keys" in errors[7]
-        assert "ClipLoss(world_size=3), but the process group has 2 ranks" in errors[8]
-        assert errors[9] is True and errors[10] is True and errors[11] is True
+        assert "every rank must pass the same logit_scale" in errors[8]
+        assert "ClipLoss(world_size=3), but the process group has 2 ranks" in errors[9]
+        assert errors[10] is True and errors[11] is True and errors[12] is True
 
 
 def _grad_enabled(enabled, fn, *args, **kwargs):
