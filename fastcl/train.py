@@ -320,8 +320,18 @@ class Trainer:
         # epochs began: a resume's re-iteration starts from them (see _new_epoch).
         self._epoch_rng, self._epochs, self._replay = (None, None), 0, None
         self.step, self.history = 0, []
-        if config.checkpoint_path and (not _distributed() or dist.get_rank() == 0):  # the rank that writes
-            _check_checkpoint_path(config.checkpoint_path)
+        if config.checkpoint_path:  # checked by the rank that writes; its verdict raised on every rank
+            error = None
+            if not _distributed() or dist.get_rank() == 0:
+                try:
+                    _check_checkpoint_path(config.checkpoint_path)
+                except ValueError as e:
+                    error = e
+            if _distributed():  # (a rank raising alone left the others in the loss's first collective)
+                from .distributed import _raise_together
+                _raise_together(error, torch.empty(0, device=self.device), None)
+            elif error is not None:
+                raise error
         if config.resume:  # check() made sure there is a checkpoint_path
             if os.path.exists(config.checkpoint_path):
                 self.load(config.checkpoint_path)

@@ -548,6 +548,27 @@ def _ddp_worker(rank, world, init_file, out, chunk, kind):
     os._exit(0)
 
 
+def _ddp_bad_checkpoint_worker(rank, world, init_file, out, folder):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        T.Trainer(T.SimCSE(_mlp()), _batches(1), _cfg(checkpoint_path=folder))
+        msg = "no error"
+    except ValueError as e:
+        msg = str(e)
+    torch.save(msg, f"{out}{rank}.pt")
+    dist.barrier()
+    os._exit(0)
+
+
+def test_ddp_bad_checkpoint_path_raises_on_every_rank(tmp_path):
+    """Rank 0, which writes, checks the path; the other ranks went on into the loss's first
+    collective and waited there until the process group's timeout (30 min on gloo)."""
+    mp.spawn(_ddp_bad_checkpoint_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), str(tmp_path)),
+             nprocs=2, join=True)
+    assert "must be a file's path, got the folder" in torch.load(tmp_path / "r0.pt")
+    assert "rank(s) [0]" in torch.load(tmp_path / "r1.pt")
+
+
 @pytest.mark.parametrize("kind", ["clip", "simcse", "simclr_nt_xent", "simclr_dclw", "whitened"])
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_ddp_equals_single_process(tmp_path, chunk, kind):
