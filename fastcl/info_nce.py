@@ -80,6 +80,9 @@ def info_nce_rows(u: Tensor, v: Tensor, scale: Tensor, labels: Optional[Tensor],
     """
     label_smoothing = _check_raw(u, v, scale, labels, symmetric, row_cls, col_cls, exclude_diag, exclude_pos,
                                  smoothing)
+    why = _dispatch.why_not(backend, u.device, u.dtype)  # the public losses asked already; a direct call did not
+    if why:  # (bf16 in the Triton interpreter: values ~1e10, silently)
+        raise _dispatch.BackendUnavailable(f"fastcl::info_nce_rows: backend={backend!r}: {why}")
     # Autocast must not reach the implementation's matmuls: the backward recomputes S and needs
     # it rounded as the forward rounded it (a bf16 forward against an fp32 backward left rows of
     # P summing to 1 +- 1e-2: silently wrong gradients). The inputs' dtype decides the precision.

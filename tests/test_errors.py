@@ -76,6 +76,10 @@ def test_triton_refuses_float64():
 def test_triton_refuses_bf16_in_interpreter():
     with pytest.raises(fastcl.BackendUnavailable, match="bfloat16"):
         FCL.info_nce(q.bfloat16(), k.bfloat16(), backend="triton")
+    # the raw op too (it returned values ~1e10)
+    with pytest.raises(fastcl.BackendUnavailable, match="info_nce_rows: backend='triton': .*bfloat16"):
+        torch.ops.fastcl.info_nce_rows(q.bfloat16(), k.bfloat16(), torch.tensor(10.0), None, False, None, None,
+                                       False, False, "triton")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU tensors without a GPU")
