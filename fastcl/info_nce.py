@@ -258,7 +258,8 @@ def info_nce(q: Tensor, k: Tensor, *, temperature=None, logit_scale=None, labels
         label_smoothing: epsilon in [0, 1), as in F.cross_entropy: the target puts 1 - eps on
             the positive and eps spread uniformly over all N columns.
         backend: "auto" (on CUDA the fastest measured of cuda/triton/torch for the GPU and
-            the input precision: the figures in fastcl/_dispatch.py; else torch), "cuda" (CUDA
+            the input precision: the figures in fastcl/_dispatch.py, and triton, else cuda, for
+            a GPU without figures; on a CPU torch), "cuda" (CUDA
             C++ extension), "triton", "torch" (chunked pure torch), "reference" (naive
             materialised logits).
 
