@@ -34,8 +34,7 @@ OPS = {
 }
 
 
-def _worker(rank, world, init_file, local_b, dim, reps, op, group, out):
-    cuda = torch.cuda.device_count() >= world
+def _worker(rank, world, init_file, local_b, dim, reps, op, group, out, cuda=False):
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}",
                             rank=rank, world_size=world)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -79,15 +78,19 @@ def main(argv=None):
         p.error(f"unknown --ops {unknown}; choose from {list(OPS)}")
     if any(o.startswith("whiten") for o in ops) and (a.group < 1 or a.dim % a.group):
         p.error(f"--group {a.group} must divide --dim {a.dim}")
+    worlds = [int(w) for w in a.worlds.split(",")]
+    # One backend for every world: GPUs (NCCL, one per rank) only where every world fits on them
+    # (world 1 on the GPU beside worlds 2 and 4 on gloo mixed devices under one header).
+    cuda = torch.cuda.device_count() >= max(worlds)
     print(f"distributed ops fwd+bwd | local batch {a.local_batch} | D={a.dim} | whitening groups of {a.group} | "
-          f"median of {a.reps} | {'NCCL' if torch.cuda.device_count() > 1 else 'gloo (CPU)'} | "
+          f"median of {a.reps} | {'NCCL (GPUs)' if cuda else 'gloo (CPU)'} | "
           f"torch {torch.__version__}")
     print(f"{'op':<20}{'world':>6}{'global B':>10}{'ms':>10}{'max peak MiB/rank':>19}")
     for op in ops:
-        for world in (int(w) for w in a.worlds.split(",")):
+        for world in worlds:
             with tempfile.TemporaryDirectory() as tmp:
                 mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), a.local_batch, a.dim, a.reps,
-                                        op, a.group, os.path.join(tmp, "r")), nprocs=world, join=True)
+                                        op, a.group, os.path.join(tmp, "r"), cuda), nprocs=world, join=True)
                 res = [torch.load(os.path.join(tmp, f"r{r}.pt")) for r in range(world)]
             ms = max(r[0] for r in res)
             peak = max(r[1] for r in res) / 2**20

@@ -14,12 +14,15 @@ import torch.nn.functional as F
 
 import fastcl.functional as FCL
 from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finishing, fmt_ms, header, measure,
-                               names, picked, progress, stop_on_sigterm)
+                               count, names, picked, progress, sizes, stop_on_sigterm)
 from fastcl import reference as R
 
 
 def _has(m):
     return importlib.util.find_spec(m) is not None
+
+
+OPS = ("nt_xent", "supcon", "mnrl", "mnrl_variant")
 
 
 def providers(op, device):
@@ -91,7 +94,8 @@ def _sentence_transformers(out, options):
 
 def run(op, sizes, dim, reps, device, csv_path=None, plot_path=None, slow_ms=2000.0, only=None):
     print(header(device))
-    print(f"{op} fwd+bwd | D={dim} | fp32 | median of {reps} (p20-p80)")
+    print(f"{op} fwd+bwd | D={dim} | fp32 | median of up to {reps} runs (p20-p80; fewer, at least 5, where a "
+          f"step is slow: ~3 s per provider and size)")
     print(f"{'provider':<22}{'B':>8}{'ms':>10}{'p20-p80':>17}{'peak MiB':>10}{'x naive':>9}")
     provs = picked(providers(op, device), only)
     bar = progress(len(sizes) * len(provs), op)
@@ -135,19 +139,23 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ops", default="nt_xent,supcon,mnrl")
-    p.add_argument("--sizes", default="4096,16384" if cuda else "256,1024")
+    p.add_argument("--sizes", type=sizes, default="4096,16384" if cuda else "256,1024")
     p.add_argument("--dim", type=int, default=256 if cuda else 64)
-    p.add_argument("--reps", type=int, default=20 if cuda else 3)
+    p.add_argument("--reps", type=count, default=20 if cuda else 3)
     p.add_argument("--csv", default=None)
     p.add_argument("--plot-dir", default=None)
     p.add_argument("--slow-ms", type=float, default=2000.0,
                    help="a provider predicted to be slower than this per step is skipped at that B")
     p.add_argument("--only", type=names, default=None, help="comma-separated providers")
     a = p.parse_args(argv)
+    ops = a.ops.split(",")
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:  # before any op runs (the first ones ran, then the sweep died on the unknown one)
+        p.error(f"unknown --ops {unknown}; choose from {list(OPS)}")
     stop_on_sigterm()
     device = torch.device("cuda" if cuda else "cpu")
-    for op in a.ops.split(","):
-        run(op, [int(s) for s in a.sizes.split(",")], a.dim, a.reps, device, a.csv,
+    for op in ops:
+        run(op, a.sizes, a.dim, a.reps, device, a.csv,
             f"{a.plot_dir}/{op}.png" if a.plot_dir else None, a.slow_ms, a.only)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fastcl.functional as FCL
 from benchmarks.common import (SlowGuard, append_csv, fastcl_backends, finishing, fmt_ms, header, is_oom,
-                               measure, Unsupported, names, picked, progress, stop_on_sigterm)
+                               measure, Unsupported, count, names, picked, progress, sizes, stop_on_sigterm)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -76,11 +76,16 @@ def providers(device, compile_naive: bool, only=None):
     if importlib.util.find_spec("open_clip") and (not only or "open_clip" in only):
         import open_clip
         oc = open_clip.ClipLoss()
-        out["open_clip"] = lambda q, k, t, sym: (oc(F.normalize(q, dim=-1), F.normalize(k, dim=-1), 1.0 / t)
-                                                 if sym else naive_torch(q, k, t, sym))
+        out["open_clip"] = lambda q, k, t, sym: oc(F.normalize(q, dim=-1), F.normalize(k, dim=-1), 1.0 / t) \
+            if sym else _no_one_direction()
     if device.type == "cuda" and importlib.util.find_spec("inf_cl") and (not only or "inf-cl" in only):
         out["inf-cl"] = _inf_cl
     return out
+
+
+def _no_one_direction():
+    # open_clip's ClipLoss is the CLIP loss only: its one-direction row used to time naive torch
+    raise Unsupported("open_clip: ClipLoss has no one-direction loss")
 
 
 def _inf_cl(q, k, t, sym):
@@ -119,14 +124,19 @@ def _time_step(fn, q, k, symmetric, mode, device, reps):
     backward = mode != "fwd"
     qq, kk = q.clone().requires_grad_(backward), k.clone().requires_grad_(backward)
     loss = None
+    refused = None
     if mode == "bwd":
         try:  # the forward, once and untimed; its graph is kept for the timed backwards
             loss = fn(qq, kk, 0.07, symmetric)
+        except Unsupported as e:  # a row ("n/a"), raised from the step as in the other modes
+            refused = e
         except Exception as e:  # noqa: BLE001 - OOM is a result; anything else is not
             if not is_oom(e):
                 raise
 
     def step():
+        if refused is not None:
+            raise refused
         if mode == "bwd":
             if loss is None:
                 raise torch.OutOfMemoryError("the untimed forward ran out of memory")
@@ -145,7 +155,8 @@ def _time_step(fn, q, k, symmetric, mode, device, reps):
 def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mode="fwd+bwd",
         compile_naive=False, plot_path=None, slow_ms=float("inf")):
     print(header(device))
-    print(f"info_nce {mode} | D={dim} | {dtype} | symmetric={symmetric} | median of {reps} (p20-p80)")
+    print(f"info_nce {mode} | D={dim} | {dtype} | symmetric={symmetric} | median of up to {reps} runs (p20-p80; "
+          f"fewer, at least 5, where a step is slow: ~3 s per provider and size)")
     cols = f"{'provider':<16}{'B':>9}{'ms':>11}{'p20-p80':>17}{'peak MiB':>11}{'TFLOP/s':>9}{'x naive':>9}"
     flop_factor = {"fwd+bwd": 8, "fwd": 2, "bwd": 6}[mode]
     print(cols)
@@ -189,11 +200,11 @@ def run(sizes, dim, dtype, symmetric, reps, device, csv_path=None, only=None, mo
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--sizes", default="4096,16384,32768,65536" if cuda else "256,1024,2048")
+    p.add_argument("--sizes", type=sizes, default="4096,16384,32768,65536" if cuda else "256,1024,2048")
     p.add_argument("--dim", type=int, default=512 if cuda else 128)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if cuda else "fp32")
     p.add_argument("--one-direction", action="store_true", help="InfoNCE instead of the CLIP loss")
-    p.add_argument("--reps", type=int, default=20 if cuda else 5)
+    p.add_argument("--reps", type=count, default=20 if cuda else 5)
     p.add_argument("--csv", default=None)
     p.add_argument("--only", type=names, default=None, help="comma-separated providers")
     p.add_argument("--mode", choices=["fwd", "bwd", "fwd+bwd"], default="fwd+bwd")
@@ -206,7 +217,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     stop_on_sigterm()
     device = torch.device("cuda" if cuda else "cpu")
-    run([int(s) for s in a.sizes.split(",")], a.dim, a.dtype, not a.one_direction, a.reps, device,
+    run(a.sizes, a.dim, a.dtype, not a.one_direction, a.reps, device,
         a.csv, a.only, a.mode,
         cuda if a.compile is None else a.compile, a.plot, a.slow_ms)
 

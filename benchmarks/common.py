@@ -1,4 +1,5 @@
 """Timing and memory helpers shared by the benchmarks."""
+import argparse
 import contextlib
 import csv
 import os
@@ -20,18 +21,28 @@ def header(device: torch.device) -> str:
     except Exception:  # triton missing or broken
         triton_v = "none"
     import fastcl
+    return (f"device: {_hardware(device)} | torch {torch.__version__} | triton {triton_v} | "
+            f"fastcl {fastcl.__version__} @ {commit()} | {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def commit() -> str:
+    """The code's revision: FASTCL_COMMIT where the caller sets it (a copy of the tree without
+    .git, as on the lent GPU, named 'unknown' in 22 of its rows), else git's, '-dirty' when the
+    tree has uncommitted changes (the HEAD alone named code that was not what ran)."""
+    if os.environ.get("FASTCL_COMMIT"):
+        return os.environ["FASTCL_COMMIT"]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
     except OSError:
-        commit = "unknown"
+        return "unknown"
+
+
+def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        hw = f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    else:
-        hw = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
-    return (f"device: {hw} | torch {torch.__version__} | triton {triton_v} | "
-            f"fastcl {fastcl.__version__} @ {commit} | {time.strftime('%Y-%m-%d %H:%M')}")
+        return f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
 
 
 def fastcl_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> list:
@@ -49,8 +60,37 @@ def names(arg: str) -> list:
     return arg.split(",")
 
 
+def sizes(arg: str) -> list:
+    """argparse type of --sizes: comma-separated batch sizes, each >= 1."""
+    try:
+        out = [int(s) for s in arg.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got {arg!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {arg!r}")
+    return out
+
+
+def count(arg: str) -> int:
+    """argparse type of --reps: an integer >= 1."""
+    try:
+        n = int(arg)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"an integer >= 1, got {arg!r}")
+    return n
+
+
 def picked(provs: dict, only=None) -> dict:
-    """The providers named in `only` (every one when None), in their own order."""
+    """The providers named in `only` (every one when None), in their own order. A name that is
+    not run here (unknown, or unavailable on this machine: no cuda build, no wgmma, a peer not
+    installed) is said, not silently dropped."""
+    if only:
+        missing = [n for n in only if n not in provs]
+        if missing:
+            print(f"--only: not run here (unknown, or unavailable on this machine): {', '.join(missing)}; "
+                  f"available: {', '.join(provs)}", flush=True)
     return {n: f for n, f in provs.items() if not only or n in only}
 
 

@@ -32,14 +32,21 @@ NT_XENT = dict(op="nt_xent", mode="fwd+bwd", B="4096", D="256", dtype="fp32")
 NEWTON_SCHULZ = dict(method="newton_schulz", N="8192", D="768", group="64", dtype="fp32")
 
 
-def _times(path, point, backend_of):
-    """{backend: [ms, ...] in file order} of the rows at the reference point."""
+def _times(path, point, backend_of, devices):
+    """{backend: [ms, ...] in file order} of the rows at the reference point; each row's GPU is
+    added to the set `devices`."""
     out = {}
     for r in _rows(path):
         b = backend_of(r)
         if b in BACKENDS and all(r[k] == v for k, v in point.items()):
             out.setdefault(b, []).append(float(r["ms"]))
+            devices.add(_gpu(r))
     return out
+
+
+def _gpu(row):
+    """The GPU's name in a row's header ("device: NAME (n SMs, ...) | torch ...")."""
+    return row.get("header", "").split(" | ")[0].removeprefix("device: ").split(" (")[0]
 
 
 def _fastcl(row):  # provider "fastcl-<backend>"
@@ -47,16 +54,22 @@ def _fastcl(row):  # provider "fastcl-<backend>"
     return p[len("fastcl-"):] if p.startswith("fastcl-") else None
 
 
-def figures(info=None, family=None, whitening=None):
-    """{op: {precision: {backend: ms}}} from the CSV paths given (None: not read)."""
-    out = {}
-    latest = {prec: {b: round(ms[-1], 1) for b, ms in _times(path, point, _fastcl).items()}
+def figures(info=None, family=None, whitening=None, devices=None):
+    """{op: {precision: {backend: ms}}} from the CSV paths given (None: not read). The rows
+    must come from one GPU (an entry is per architecture, and an H100 and an H200 are both
+    sm_90); its name is added to `devices`, a set, if given."""
+    out, seen = {}, set()
+    latest = {prec: {b: round(ms[-1], 1) for b, ms in _times(path, point, _fastcl, seen).items()}
               for prec, path, point in (("16bit", info, CLIP), ("fp32", family, NT_XENT))}
     if any(latest.values()):
         out["info_nce"] = {prec: v for prec, v in latest.items() if v}
-    ns = _times(whitening, NEWTON_SCHULZ, lambda r: r["backend"])
+    ns = _times(whitening, NEWTON_SCHULZ, lambda r: r["backend"], seen)
     if ns:
         out["group_whiten"] = {"fp32": {b: round(statistics.mean(ms), 1) for b, ms in ns.items()}}
+    if len(seen) > 1:
+        raise ValueError(f"the rows come from several GPUs, {sorted(seen)}: give the CSVs of one")
+    if devices is not None:
+        devices.update(seen)
     return out
 
 
@@ -67,8 +80,10 @@ def main(argv=None):
     p.add_argument("--family", help="bench_family CSV")
     p.add_argument("--whitening", help="bench_whitening CSV")
     a = p.parse_args(argv)
-    fig = figures(a.info, a.family, a.whitening)
-    print(f"# MEASURED_MS entry from {', '.join(x for x in (a.info, a.family, a.whitening) if x)}")
+    devices = set()
+    fig = figures(a.info, a.family, a.whitening, devices)
+    print(f"# MEASURED_MS entry from {', '.join(x for x in (a.info, a.family, a.whitening) if x)} "
+          f"({', '.join(sorted(devices)) or 'no rows'})")
     print(f'"{a.arch}": ' + pprint.pformat(fig, sort_dicts=True, width=100) + ",")
     return fig
 

@@ -24,6 +24,8 @@
 # fastcl-cuda, and torch.compile's largest batch), or "build max-batch-inf-cl" (one inf-cl step at
 # B = 1M, ~4 minutes), or "build mnrl-variant" (sentence-transformers' MNRL variants, fused and
 # theirs); the deadline is 560 s when neither tests nor bench run.
+# FASTCL_COMMIT=<sha> (set by the caller: the device's copy of the tree has no .git) names the
+# code in every CSV row's header; without it the rows say "@ unknown" there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}

@@ -505,3 +505,95 @@ def test_a_test_run_stopped_by_sigterm_still_summarises(tmp_path, workers):
     assert mark.exists(), out
     assert "KeyboardInterrupt: SIGTERM" in out and "slowest" in out, out
     assert "1 passed" in out, out
+
+
+def test_header_names_the_commit_the_caller_gives(monkeypatch):
+    """The lent GPU's copy of the tree has no .git: 22 of the H100 rows say '@ unknown'.
+    FASTCL_COMMIT names it; without it git's own, '-dirty' for uncommitted changes."""
+    monkeypatch.setenv("FASTCL_COMMIT", "abc1234-dirty")
+    assert "@ abc1234-dirty |" in common.header(CPU)
+    monkeypatch.delenv("FASTCL_COMMIT")
+    assert common.commit() != "abc1234-dirty"
+
+
+def test_only_names_that_do_not_run_are_said(capsys):
+    """--only with a misspelt or unavailable provider printed the table header alone and exited
+    0, with no CSV."""
+    got = common.picked({"naive-torch": 1, "fastcl-torch": 2}, ["fastcl-trition", "fastcl-torch"])
+    assert list(got) == ["fastcl-torch"]
+    out = capsys.readouterr().out
+    assert "not run here (unknown, or unavailable on this machine): fastcl-trition" in out
+    assert "available: naive-torch, fastcl-torch" in out
+
+
+@pytest.mark.parametrize("main,argv", [
+    (bench_info_nce.main, ["--sizes", "0,64"]),           # ZeroDivisionError in the slow guard
+    (bench_info_nce.main, ["--reps", "0"]),               # failed after the header
+    (bench_family.main, ["--ops", "nt_xent,ntxent"]),     # ran nt_xent, then died on the unknown op
+    (bench_family.main, ["--sizes", "64,x"]),
+    (bench_whitening.main, ["--d", "64", "--group", "48"]),  # one group of 64, labelled 48
+    (bench_max_batch.main, ["--start", "1024", "--max-b", "512"]),  # max_B 0, "reached --max-b"
+])
+def test_bad_arguments_are_refused_before_anything_runs(main, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "Traceback" not in capsys.readouterr().out
+
+
+def test_backward_mode_takes_a_refused_shape_as_a_row():
+    """--mode bwd ran the provider's forward outside `measure`: a shape it refuses crashed the
+    sweep (fwd+bwd gave an n/a row)."""
+    def refuses(q, k, t, sym):
+        raise common.Unsupported("no head size divides D")
+    q = torch.randn(8, 4)
+    for mode in ("bwd", "fwd+bwd", "fwd"):
+        assert bench_info_nce._time_step(refuses, q, q, True, mode, CPU, 2)[4] == "n/a", mode
+
+
+def test_max_batch_records_a_refusal_and_a_probe_cut_short(tmp_path, monkeypatch):
+    """A provider refusing the shape in the warm-ups crashed the probe (the later providers
+    were lost); a timeout's SIGTERM during a probe lost that provider's best B so far."""
+    def refuses(q, k, t, sym):
+        raise common.Unsupported("no head size divides D")
+
+    def cut_at_128(q, k, t, sym):
+        if q.shape[0] >= 128:
+            raise SystemExit(124)  # what stop_on_sigterm turns the SIGTERM into
+        return (q * k).sum()
+    monkeypatch.setattr(bench_max_batch, "providers",
+                        lambda device, compile_naive, only: {"refuses": refuses, "cut": cut_at_128})
+    path = tmp_path / "max.csv"
+    with pytest.raises(SystemExit):
+        bench_max_batch.main(["--dim", "8", "--start", "32", "--max-b", "1024", "--csv", str(path)])
+    rows = _rows(path)
+    assert [(r["provider"], r["max_B"]) for r in rows] == [("refuses", "0"), ("cut", "64")]
+    assert rows[0]["stopped_by"].startswith("n/a: no head size") and rows[1]["stopped_by"].startswith("timeout")
+
+
+def test_open_clip_has_no_one_direction_row():
+    """Its one-direction row timed naive torch under open_clip's name."""
+    with pytest.raises(common.Unsupported, match="one-direction"):
+        bench_info_nce._no_one_direction()
+
+
+def test_measured_figures_refuse_rows_of_two_gpus(tmp_path):
+    """An H100 and an H200 are both sm_90: their rows in one entry would mix two GPUs."""
+    from benchmarks import measured_figures
+    src = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "family_h100.csv")
+    with open(src) as f:
+        rows = list(csv.DictReader(f))
+    point = [r for r in rows if r["op"] == "nt_xent" and r["B"] == "4096" and r["D"] == "256"
+             and r["status"] == "ok" and r["provider"].startswith("fastcl-")]
+    assert point
+    other = dict(point[-1], header=point[-1]["header"].replace("H100 80GB HBM3", "H200"))
+    path = tmp_path / "mixed.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(point + [other])
+    with pytest.raises(ValueError, match="several GPUs"):
+        measured_figures.figures(family=str(path))
+    devices = set()
+    measured_figures.figures(family=src, devices=devices)
+    assert devices == {"NVIDIA H100 80GB HBM3"}
