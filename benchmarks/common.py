@@ -222,10 +222,11 @@ def append_csv(path, rows, device):
 
 
 def progress(total: int, desc: str):
-    """A tqdm bar on stderr when tqdm is installed (the table goes to stdout), else nothing."""
+    """A tqdm bar on stderr when tqdm is installed and stderr is a terminal (the table goes to
+    stdout; in a log, as gpu_run.sh's `2>&1 | tee`, the bar's redraws were clutter), else nothing."""
     try:
         from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     except ImportError:
         class _Null:
             def update(self, n=1):
