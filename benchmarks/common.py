@@ -27,15 +27,22 @@ def header(device: torch.device) -> str:
 
 def commit() -> str:
     """The code's revision: FASTCL_COMMIT where the caller sets it (a copy of the tree without
-    .git, as on the lent GPU, named 'unknown' in 22 of its rows), else git's, '-dirty' when the
-    tree has uncommitted changes (the HEAD alone named code that was not what ran)."""
+    .git, as on the lent GPU, named 'unknown' in 22 of its rows), else git's HEAD, '-dirty' when
+    tracked files have uncommitted changes (the HEAD alone named code that was not what ran),
+    benchmarks/results/ aside (the sweep appends to its CSVs)."""
     if os.environ.get("FASTCL_COMMIT"):
         return os.environ["FASTCL_COMMIT"]
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                              text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                    ":(top,exclude)benchmarks/results")
     except OSError:
         return "unknown"
+    return (head + ("-dirty" if dirty else "")) if head else "unknown"
 
 
 def _hardware(device: torch.device) -> str:
