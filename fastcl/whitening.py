@@ -186,14 +186,16 @@ def newton_schulz_kernel(S: Tensor, iters: int, backend: str) -> Tensor:
     if S.dim() != 3 or S.shape[1] != S.shape[2] or S.shape[1] > max_g or S.dtype != torch.float32:
         raise ValueError(f"fastcl::newton_schulz_kernel: S must be float32 [G, g, g] with g <= "
                          f"{max_g}, got {S.dtype} {tuple(S.shape)}")
-    f = pow2_balance(S)  # as newton_schulz_matrix: the kernels' c squares S's entries
     if backend == "triton":
         from .kernels import whitening as K
-        return K.newton_schulz_whitening_matrix(S / f / f, iters) / f
-    if backend == "cuda":
+        kernel = K.newton_schulz_whitening_matrix
+    elif backend == "cuda":
         from . import cuda_backend
-        return cuda_backend.newton_schulz_whitening_matrix(S / f / f, iters) / f
-    raise ValueError(f"fastcl::newton_schulz_kernel: no kernel for backend {backend!r}")
+        kernel = cuda_backend.newton_schulz_whitening_matrix
+    else:
+        raise ValueError(f"fastcl::newton_schulz_kernel: no kernel for backend {backend!r}")
+    f = pow2_balance(S)  # as newton_schulz_matrix: the kernels' c squares S's entries
+    return kernel(S / f / f, iters) / f
 
 
 @newton_schulz_kernel.register_fake
