@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import csv
+import functools
 import os
 import platform
 import signal
@@ -30,9 +31,12 @@ def commit() -> str:
     .git, as on the lent GPU, named 'unknown' in 22 of its rows), else git's HEAD, '-dirty' when
     tracked files have uncommitted changes (the HEAD alone named code that was not what ran),
     benchmarks/results/ aside (the sweep appends to its CSVs)."""
-    if os.environ.get("FASTCL_COMMIT"):
-        return os.environ["FASTCL_COMMIT"]
+    return os.environ.get("FASTCL_COMMIT") or _git_commit()
 
+
+@functools.lru_cache(maxsize=None)
+def _git_commit() -> str:
+    """commit()'s git part, read once per process (header() is called for every CSV row)."""
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
