@@ -248,35 +248,60 @@ def progress(total: int, desc: str):
         return _Null()
 
 
+def _not_measured(rows, name, x="B") -> str:
+    """The legend's note of the sizes a provider has no time for, by status ("OOM at B=65536",
+    "slow at B=2048-8192 (3 sizes)"): the plot's lines end there, and without the note a line that
+    stops looked like a sweep that stopped."""
+    notes = []
+    for status in dict.fromkeys(r["status"] for r in rows if r["provider"] == name and r["status"] != "ok"):
+        xs = sorted({r[x] for r in rows if r["provider"] == name and r["status"] == status})
+        where = ", ".join(map(str, xs)) if len(xs) <= 3 else f"{xs[0]}-{xs[-1]} ({len(xs)} sizes)"
+        notes.append(f"{status} at {x}={where}")
+    return "; ".join(notes)
+
+
 def plot(rows, path, x="B", title=""):
-    """Time and peak memory vs `x` per provider, log-log, saved as PNG (needs matplotlib)."""
+    """Time and peak memory vs `x` per provider, log-log, saved as PNG (needs matplotlib). The
+    sizes a provider has no figure for (OOM, slow, n/a) are named in its legend entry and marked
+    with an x on the panel's top edge. Returns each panel's legend labels."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no plot")
-        return
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = []
     for ax, key, label in zip(axes, ("ms", "peak_mib"), ("time per step (ms)", "peak memory (MiB)")):
-        drawn = False
+        drawn, names = False, []
         for name in dict.fromkeys(r["provider"] for r in rows):
             # OOM rows and unmeasured memory (CPU) are NaN: plot the finite points only.
             pts = [r for r in rows if r["provider"] == name and r[key] == r[key] and r[key] > 0]
-            if pts:
-                ax.plot([p[x] for p in pts], [p[key] for p in pts], marker="o", label=name)
-                drawn = True
+            missing = [r[x] for r in rows if r["provider"] == name and r["status"] != "ok"]
+            if not pts and not missing:
+                continue
+            note = _not_measured(rows, name, x)
+            names.append(f"{name} ({note})" if note else name)
+            line, = ax.plot([p[x] for p in pts], [p[key] for p in pts], marker="o", label=names[-1])
+            if missing:  # y in axes units: the top edge, whatever the data's range
+                ax.plot(missing, [0.97] * len(missing), "x", color=line.get_color(),
+                        transform=ax.get_xaxis_transform(), clip_on=False)
+            drawn = drawn or bool(pts)
         if drawn:
             ax.set(xscale="log", yscale="log")
             ax.legend(fontsize=8)
         else:
+            names = []
             ax.text(0.5, 0.5, "not measured on this device", ha="center", transform=ax.transAxes)
+        labels.append(names)
         ax.set(xlabel=x, ylabel=label, title=title)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"plot saved to {path}")
+    return labels
 
 
 def fmt_ms(status: str, ms: float) -> str:

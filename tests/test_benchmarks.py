@@ -59,6 +59,30 @@ def test_a_sweep_cut_short_still_plots(tmp_path, monkeypatch):
     assert png.stat().st_size > 0 and len(_rows(tmp_path / "cut.csv")) == 4
 
 
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+def test_plot_names_the_sizes_without_a_figure(tmp_path):
+    """A provider's line that ends at its first OOM (or skipped slow size) looked like a sweep
+    that ended there, and one with no figure at all was missing from the legend."""
+    nan = float("nan")
+
+    def row(provider, B, status, ms=nan, mib=nan):
+        return dict(provider=provider, B=B, status=status, ms=ms, peak_mib=mib)
+    rows = [row("naive", 1024, "ok", 2.0, 64.0), row("naive", 2048, "OOM"), row("naive", 4096, "OOM"),
+            row("fastcl", 1024, "ok", 1.0, 8.0), row("fastcl", 2048, "ok", 4.0, 16.0),
+            row("fastcl", 4096, "ok", 16.0, 32.0),
+            row("peer", 1024, "n/a"), row("peer", 2048, "n/a")]
+    rows += [row("slowpoke", B, "ok" if B < 4096 else "slow", 1.0 if B < 4096 else nan, 1.0 if B < 4096 else nan)
+             for B in (1024, 2048, 4096, 8192, 16384, 32768)]
+    png = tmp_path / "p.png"
+    labels = common.plot(rows, str(png))
+    assert png.stat().st_size > 0
+    want = ["naive (OOM at B=2048, 4096)", "fastcl", "peer (n/a at B=1024, 2048)",
+            "slowpoke (slow at B=4096-32768 (4 sizes))"]
+    assert labels == [want, want]
+    # CPU: no memory figures at all; that panel says so, and has no legend
+    assert common.plot([dict(r, peak_mib=nan) for r in rows], str(png))[1] == []
+
+
 def test_derived_columns(monkeypatch):
     """speed-up = naive ms / provider ms; TFLOP/s = 8 B^2 D / s (fwd+bwd); peak bytes -> MiB: from
     timings fixed here, so the formulas are checked, not the machine."""
