@@ -134,13 +134,16 @@ def info_nce_rows_backward(u: Tensor, v: Tensor, scale: Tensor, labels: Optional
         du, dv, dscale = _impl(backend).lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col,
                                                      labels, symmetric, row_cls, col_cls,
                                                      exclude_diag, exclude_pos, smoothing=label_smoothing)
-    return du.to(u.dtype), dv.to(v.dtype), dscale.to(scale.dtype)
+    # Contiguous gradients whatever u's layout (the kernels write them so; the fake says so:
+    # inductor asserted a transposed u's strides), and d scale in scale's shape ([1] or []).
+    return (du.to(u.dtype).contiguous(), dv.to(v.dtype).contiguous(),
+            dscale.to(scale.dtype).reshape(scale.shape))
 
 
 @info_nce_rows_backward.register_fake
 def _(u, v, scale, labels, row_stats, col_stats, g_row, g_col, symmetric, row_cls, col_cls,
       exclude_diag, exclude_pos, backend, smoothing=None):
-    return torch.empty_like(u), torch.empty_like(v), torch.empty_like(scale)
+    return u.new_empty(u.shape), v.new_empty(v.shape), scale.new_empty(scale.shape)
 
 
 def _setup_context(ctx, inputs, output):

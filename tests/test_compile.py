@@ -148,6 +148,13 @@ def test_ops_pass_opcheck(backend):
     op = torch.ops.fastcl.info_nce_rows
     torch.library.opcheck(op, (u, v[:5], s, None, True, None, None, False, False, backend))
     torch.library.opcheck(op, (u, v, s, labels, False, None, None, False, True, backend))
+    # A transposed u (its backward's fake kept those strides, the kernels write contiguous
+    # gradients: inductor's assert failed) and a [1] scale (the Triton backward returned d scale
+    # as [], which autograd refused even in eager).
+    ut = torch.randn(6, 5, generator=g).to(DEVICE).T.requires_grad_()
+    s1 = torch.tensor([2.0], device=DEVICE, requires_grad=True)
+    torch.library.opcheck(op, (ut, v, s1, labels, False, None, None, False, True, backend))
+    torch.library.opcheck(op, (ut, v[:5].T.contiguous().T, s1, None, True, None, None, False, False, backend))
     if backend != "torch":
         S = torch.randn(2, 8, 8, generator=g).to(DEVICE)
         S = (S @ S.transpose(1, 2) + 8 * torch.eye(8, device=DEVICE)).transpose(1, 2)  # not contiguous
