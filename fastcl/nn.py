@@ -86,14 +86,35 @@ def clamp_logit_scale_(logit_scale: nn.Parameter, max_log_scale: float) -> nn.Pa
     return logit_scale
 
 
+def _check_logit_bias(logit_bias):
+    """open_clip's logit_bias, one number for every logit: None, a 1-element tensor (returned as
+    a 0-dim one) or a finite number (None: it changes nothing)."""
+    if logit_bias is None:
+        return None
+    if isinstance(logit_bias, torch.Tensor):
+        if logit_bias.numel() != 1 or not logit_bias.is_floating_point():
+            raise ValueError(f"logit_bias must be one number added to every logit (a 1-element float "
+                             f"tensor), got shape {tuple(logit_bias.shape)} and dtype {logit_bias.dtype}: "
+                             f"a per-logit bias is not a CLIP loss's")
+        return logit_bias.reshape(())
+    if isinstance(logit_bias, bool) or not isinstance(logit_bias, numbers.Real) \
+            or not math.isfinite(logit_bias):
+        raise ValueError(f"logit_bias must be None, a 1-element tensor or a finite number, got {logit_bias!r}")
+    return None
+
+
 class ClipLoss(nn.Module):
     """Symmetric CLIP loss with open_clip's ``ClipLoss`` signature.
 
-    ``forward(image_features [B, D], text_features [B, D], logit_scale=None, output_dict=False)``.
+    ``forward(image_features [B, D], text_features [B, D], logit_scale=None, logit_bias=None,
+    output_dict=False)``.
     As in open_clip, ``logit_scale`` is the logit MULTIPLIER (the model's ``logit_scale.exp()``,
     so > 0: the loss takes its log; a negative tensor gives a NaN loss, 0 a NaN gradient) and
     the features are used as given (open_clip's models normalise them; pass ``normalize=True``
-    to do it here). ``output_dict=True`` returns ``{"contrastive_loss": loss}``.
+    to do it here). ``output_dict=True`` returns ``{"contrastive_loss": loss}``. ``logit_bias``
+    (open_clip models built with ``init_logit_bias`` return one, and its trainer passes it on) is
+    one number added to every logit, as open_clip adds it: a softmax does not see it, so the loss
+    is the same and the bias's gradient is 0 (NaN where it is not finite, as open_clip's).
 
     With ``world_size > 1`` the loss sees every rank's pairs through
     :func:`fastcl.distributed.info_nce_distributed`, with gradients scaled for DDP (see its
@@ -101,9 +122,10 @@ class ClipLoss(nn.Module):
     the result is the exact global loss either way). After DDP averages them, the gradients are
     those of the global loss. open_clip's gradients equal those with ``gather_with_grad=True``
     (and ``local_loss=True`` only for equal local batches); its defaults (both False) give
-    1/world_size of them, and ``local_loss=True, gather_with_grad=False`` an approximation. So
-    a learning rate tuned with open_clip's defaults under plain SGD is world_size times too
-    large here. ``world_size`` must be the default process group's size; each rank's place
+    1/world_size of the features' gradients (``logit_scale``'s is the same), and
+    ``local_loss=True, gather_with_grad=False`` an approximation. So a learning rate tuned for
+    the model's weights with open_clip's defaults under plain SGD is world_size times too large
+    here. ``world_size`` must be the default process group's size; each rank's place
     in the global batch comes from the group (``rank`` is only checked to be in range).
     ``cache_labels`` is accepted and ignored (no label tensor is built); horovod is not
     supported.
@@ -138,7 +160,9 @@ class ClipLoss(nn.Module):
             self.logit_scale = None
             self.max_log_scale = math.log(_validation.positive_number(max_scale, "max_scale"))
 
-    def forward(self, image_features, text_features, logit_scale=None, output_dict: bool = False):
+    def forward(self, image_features, text_features, logit_scale=None, logit_bias=None,
+                output_dict: bool = False):
+        bias = _check_logit_bias(logit_bias)
         if self.world_size > 1:
             self._check_process_group()
         else:
@@ -177,6 +201,8 @@ class ClipLoss(nn.Module):
                                         _own_scale=logit_scale is None, **kw)
         else:
             loss = info_nce(image_features, text_features, **kw)
+        if bias is not None:  # softmax is shift-invariant: the same loss, a gradient of 0 for the bias
+            loss = loss + 0 * bias.to(loss.device, loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _check_process_group(self):

@@ -476,6 +476,31 @@ def test_clip_module_open_clip_signature():
         fastcl.nn.ClipLoss()(img, txt)
 
 
+def test_clip_module_takes_open_clip_logit_bias():
+    """open_clip's forward is (img, txt, logit_scale, logit_bias=None, output_dict=False), and its
+    trainer passes a model's logit_bias on: the bias went into output_dict (a dict came back) or
+    was refused. One bias on every logit: the same loss, and a gradient of 0 for it."""
+    img = torch.nn.functional.normalize(torch.randn(7, 5, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(7, 5, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    bias = torch.tensor([-3.0], requires_grad=True)
+    clip = fastcl.nn.ClipLoss()
+    want = clip(img, txt, scale)
+    got = clip(img, txt, scale, bias)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.backward()
+    assert bias.grad is not None and bias.grad.shape == (1,) and bias.grad.item() == 0.0
+    out = clip(img, txt, scale, None, True)  # open_clip's positional output_dict
+    torch.testing.assert_close(out["contrastive_loss"], want, rtol=0, atol=0)
+    torch.testing.assert_close(clip(img, txt, scale, logit_bias=2.5, output_dict=True)["contrastive_loss"], want,
+                               rtol=0, atol=0)
+    assert torch.isnan(clip(img, txt, scale, torch.tensor(float("nan"))))  # as open_clip's
+    for bad in (torch.zeros(7), torch.zeros(7, 7), torch.tensor(1), float("inf"), "0"):
+        with pytest.raises(ValueError, match="logit_bias"):
+            clip(img, txt, scale, bad)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip not installed")
 def test_clip_module_equals_open_clip():
     import open_clip
@@ -483,6 +508,10 @@ def test_clip_module_equals_open_clip():
     txt = torch.nn.functional.normalize(torch.randn(12, 8, dtype=torch.float64), dim=-1)
     scale = torch.tensor(14.0, dtype=torch.float64)
     assert torch.allclose(open_clip.ClipLoss()(img, txt, scale), fastcl.nn.ClipLoss()(img, txt, scale))
+    bias = torch.tensor(-10.0, dtype=torch.float64)  # open_clip's init_logit_bias models
+    theirs = open_clip.ClipLoss()(img, txt, scale, bias, True)["contrastive_loss"]
+    ours = fastcl.nn.ClipLoss()(img, txt, scale, bias, True)["contrastive_loss"]
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_drop_in_for_cross_entropy():
