@@ -243,10 +243,13 @@ class NTXentLoss(nn.Module):
     allowed). The value returned is the global loss, where lightly returns each rank's own mean.
     """
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0,
+    def __init__(self, temperature: float = 0.5, memory_bank_size=0,
                  gather_distributed: bool = False, backend: str = "auto"):
         super().__init__()
-        if memory_bank_size:
+        # lightly's size is an int or (size, dim); a size of 0 is no memory bank
+        bank = memory_bank_size[0] if isinstance(memory_bank_size, (tuple, list)) and memory_bank_size \
+            else memory_bank_size
+        if bank:
             raise NotImplementedError("a memory bank is not supported; pass the negatives as extra "
                                       "keys to fastcl.functional.info_nce instead")
         _check_settings(backend, temperature=temperature)

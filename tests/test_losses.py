@@ -650,6 +650,15 @@ def test_clip_loss_float_multiplier_keeps_float64():
     assert abs(got.item() - expected.item()) < 1e-12
 
 
+def test_nt_xent_module_takes_lightlys_disabled_memory_bank():
+    """lightly takes memory_bank_size as an int or (size, dim), with size 0 for none; (0, dim)
+    was refused as a memory bank."""
+    a, b = _views(6, 5, torch.float64)
+    want = fastcl.nn.NTXentLoss()(a, b)
+    for size in (0, (0, 5), [0, 5]):
+        torch.testing.assert_close(fastcl.nn.NTXentLoss(memory_bank_size=size)(a, b), want, rtol=0, atol=0)
+
+
 def _dot_named_cos_sim(a, b):
     return a @ b.T
 
@@ -670,6 +679,7 @@ _dot_named_cos_sim.__name__ = "cos_sim"  # what the check once went by
      ValueError, "B=4"),
     (lambda: FCL.info_nce(torch.randn(4, 3), torch.randn(4, 3), label_smoothing=1.0), ValueError, "label_smoothing"),
     (lambda: fastcl.nn.NTXentLoss(memory_bank_size=128), NotImplementedError, "memory bank"),
+    (lambda: fastcl.nn.NTXentLoss(memory_bank_size=(128, 3)), NotImplementedError, "memory bank"),
     (lambda: fastcl.nn.DCLLoss(gather_distributed="yes"), TypeError, "gather_distributed"),
     (lambda: fastcl.nn.NTXentLoss(gather_distributed="yes"), TypeError, "gather_distributed"),
     (lambda: fastcl.nn.SupConLoss(gather_distributed="yes"), TypeError, "gather_distributed"),
