@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _dispatch, _validation, reference
+from .chunked import compute_dtype
 from ._common import reduce
 from .info_nce import info_nce, pair_logit, prepare, row_terms
 
@@ -197,8 +198,10 @@ def dcl_weights_for(n1, n2, weight, sigma, detach, keys=local_keys):
     if weight is None:
         return None, None
     if isinstance(weight, str):
-        # <u1_i, u2_i> is symmetric: both views' anchors get the same weights
-        w1 = w2 = reference.vmf_weights_of(keys((n1 * n2).sum(-1)), sigma)[: n1.shape[0]]
+        # <u1_i, u2_i> is symmetric: both views' anchors get the same weights. In fp32 at least
+        # (the statistics' dtype): fp16's similarity / sigma overflowed to a NaN softmax.
+        cd = compute_dtype(n1.dtype)
+        w1 = w2 = reference.vmf_weights_of(keys((n1.to(cd) * n2.to(cd)).sum(-1)), sigma)[: n1.shape[0]]
     elif isinstance(weight, Tensor):
         w1 = w2 = weight
     else:

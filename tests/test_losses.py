@@ -122,6 +122,23 @@ def test_dclw_gradient_through_weights(backend):
     assert not torch.allclose(ga, gb)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("detach", [True, False])
+def test_dclw_fp16_weights_in_fp32(backend, detach):
+    """DCLW's vMF weights came from the fp16 similarities: unnormalised features whose
+    <z1_i, z2_i> / sigma passed 65504 gave a NaN softmax, loss and gradients, where fp32
+    statistics give the value (naive fp16 is NaN too, so the budget check cannot see it)."""
+    g = torch.Generator().manual_seed(0)
+    z1 = 40 * torch.randn(8, 16, generator=g, dtype=torch.float64)
+    z2 = z1 + 10 * torch.randn(8, 16, generator=g, dtype=torch.float64)
+    z1, z2 = z1.half().double(), z2.half().double()
+    kw = dict(temperature=1.0, weight="vmf", normalize=False, detach_weight=detach)
+    oracle = _run(lambda a, b: FCL.dcl(a, b, **kw, backend="reference"), [z1, z2], torch.float64, "cpu")
+    ours = _run(lambda a, b: FCL.dcl(a, b, **kw, backend=backend), [z1, z2], torch.float16, DEVICE)
+    for name, a, r in zip(["loss", "dz1", "dz2"], ours, oracle):
+        assert_within_budget(name, a, r, r, torch.float16)  # fp16's floor: 2e-3
+
+
 def test_dcl_weights_have_mean_one():
     z1, z2 = _views(50, 8, torch.float64)
     assert torch.allclose(FCL.dcl_weights(z1, z2).mean(), torch.tensor(1.0, dtype=torch.float64))
