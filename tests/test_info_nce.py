@@ -538,6 +538,19 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(out, ref) and torch.allclose(ls.grad, ls2.grad)
 
 
+def test_torch_compile_refuses_too_large_cpu_logit_scale():
+    """Eager refuses a CPU logit_scale above log(max multiplier); compiled, the check was
+    skipped (no host read in a graph) and the loss came out NaN. It is a graph assert now."""
+    q, k = torch.randn(4, 8), torch.randn(4, 8)
+    f = torch.compile(lambda q, k, ls: FCL.info_nce(q, k, logit_scale=ls, backend="torch"),
+                      backend="aot_eager", fullgraph=True)
+    assert torch.isfinite(f(q, k, torch.tensor(4.6)))
+    with pytest.raises(RuntimeError, match="logit_scale must be at most"):
+        f(q, k, torch.tensor(100.0))
+    with pytest.raises(RuntimeError, match="logit_scale must be at most"):
+        f(q, k, torch.tensor(float("nan")))
+
+
 def test_torch_compile_refuses_out_of_range_labels():
     q, k = torch.randn(6, 4), torch.randn(6, 4)
     f = torch.compile(lambda q, k, y: FCL.info_nce(q, k, labels=y, backend="torch"),
