@@ -424,6 +424,27 @@ def _mnrl_call(module, anchor, positive, negatives):
     return losses.multiple_negatives_ranking(anchor, positive, negatives, **kw)
 
 
+class _ApplyRunningWhitening(torch.autograd.Function):
+    """xc [G, N, g] @ W [G, g, g] (a constant: the running matrix), with its backward g @ W^T
+    outside autocast too, for compiled graphs. Compiled under autocast, a plain matmul's backward was traced with
+    autocast on, although its forward ran in a no_autocast region: bf16 gradients (1.6e-3 off)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(xc, W):
+        return xc @ W
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        W, = ctx.saved_tensors
+        with no_autocast(grad.device):
+            return grad @ W.transpose(-1, -2), None
+
+
 class GroupWhitening(nn.Module):
     """Group whitening layer with running statistics, like BatchNorm.
 
@@ -481,7 +502,11 @@ class GroupWhitening(nn.Module):
         N, G, cd = x.shape[0], self.num_groups, compute_dtype(x.dtype)
         with no_autocast(x.device):
             xc = (x.to(cd) - self.running_mean.to(cd)).reshape(N, G, g).transpose(0, 1)
-            return (xc @ self.running_whitening.to(cd)).transpose(0, 1).reshape(N, G * g).to(x.dtype)
+            W = self.running_whitening.to(cd)
+            # (eager autograd runs no backward under the forward's autocast: a plain matmul, which
+            # torch.func's jvp also takes)
+            y = _ApplyRunningWhitening.apply(xc, W) if _validation._compiling() else xc @ W
+            return y.transpose(0, 1).reshape(N, G * g).to(x.dtype)
 
     def extra_repr(self):
         kw = ", ".join(f"{k}={v!r}" for k, v in self.kw.items())

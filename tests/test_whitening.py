@@ -603,6 +603,25 @@ def test_autocast_does_not_lower_the_statistics(method):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
 
 
+def test_compiled_eval_gradient_under_autocast():
+    """Eval mode's y = (x - mean) @ W, compiled under CPU bf16 autocast: the matmul ran in a
+    no_autocast region, but AOTAutograd traced its backward with autocast on: dx 1.6e-3 off
+    (bf16), where eager is exact in fp32."""
+    g = torch.Generator().manual_seed(0)
+    m = fastcl.nn.GroupWhitening(16, 2, backend="torch")
+    m(torch.randn(64, 16, generator=g))
+    m.eval()
+    x0, w = torch.randn(18, 16, generator=g), torch.randn(18, 16, generator=g)
+    want = (w.double() @ torch.block_diag(*m.running_whitening.double()).T).float()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    x = x0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = compiled(x)
+    (y * w).sum().backward()
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
+
+
 def test_module_refuses_batches_too_small_for_its_running_matrix():
     """N <= g centred samples give a singular covariance; its W (entries ~ eps^-1/2) blended
     into the running matrix made eval's output variance ~1e4 after one 1-sample batch."""
