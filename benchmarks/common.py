@@ -274,8 +274,9 @@ def plot(rows, path, x="B", title=""):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = []
     for ax, key, label in zip(axes, ("ms", "peak_mib"), ("time per step (ms)", "peak memory (MiB)")):
-        drawn, names = False, []
-        for name in dict.fromkeys(r["provider"] for r in rows):
+        names = []
+        drawn = any(r[key] == r[key] and r[key] > 0 for r in rows)  # else nothing to draw here
+        for name in dict.fromkeys(r["provider"] for r in rows) if drawn else ():
             # OOM rows and unmeasured memory (CPU) are NaN: plot the finite points only.
             pts = [r for r in rows if r["provider"] == name and r[key] == r[key] and r[key] > 0]
             missing = [r[x] for r in rows if r["provider"] == name and r["status"] != "ok"]
@@ -287,12 +288,10 @@ def plot(rows, path, x="B", title=""):
             if missing:  # y in axes units: the top edge, whatever the data's range
                 ax.plot(missing, [0.97] * len(missing), "x", color=line.get_color(),
                         transform=ax.get_xaxis_transform(), clip_on=False)
-            drawn = drawn or bool(pts)
         if drawn:
             ax.set(xscale="log", yscale="log")
             ax.legend(fontsize=8)
         else:
-            names = []
             ax.text(0.5, 0.5, "not measured on this device", ha="center", transform=ax.transAxes)
         labels.append(names)
         ax.set(xlabel=x, ylabel=label, title=title)

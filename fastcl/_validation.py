@@ -201,11 +201,7 @@ def scale_tensor(temperature, logit_scale, device, dtype=torch.float32) -> torch
         s = logit_scale.reshape(()).to(compute_dtype(logit_scale.dtype)).exp()
         # On the CPU, where it costs no device sync (a CUDA one would, and would break graph
         # capture), a multiplier above max_scale is refused as a temperature's is.
-        if logit_scale.device.type == "cpu" and has_values(logit_scale) and _compiling():
-            # in the graph, as the labels' range is (eager's check reads the value on the host)
-            torch._assert_async((logit_scale <= math.log(max_scale(dtype))).all(),
-                                f"logit_scale must be at most {math.log(max_scale(dtype)):.4g} for {dtype} inputs")
-        elif logit_scale.device.type == "cpu" and has_values(logit_scale):
+        if logit_scale.device.type == "cpu" and has_values(logit_scale) and not _compiling():
             limit = max_scale(dtype)
             value = float(_unwrapped(logit_scale.detach()).max())  # (under vmap, every sample's)
             if not value <= math.log(limit):

@@ -131,7 +131,9 @@ def dcl(z1: Tensor, z2: Tensor, *, temperature: float = 0.1, weight: WeightArg =
         n1, n2 = (F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)) if normalize else (z1, z2)
         w1, w2 = dcl_weights_for(n1, n2, weight, sigma, detach_weight)
         return reference.dcl_reference(z1, z2, temperature=temperature,
-                                       weight=None if w1 is None else torch.cat([w1, w2]),
+                                       # in the input dtype, as naive torch's (the vMF weights
+                                       # come in fp32 at least; a tensor's dtype would promote)
+                                       weight=None if w1 is None else torch.cat([w1, w2]).to(z1.dtype),
                                        negatives=negatives, normalize=normalize, reduction=reduction)
 
     u1, u2, scale = prepare(scale, normalize, z1, z2)

@@ -97,8 +97,9 @@ def _check_logit_bias(logit_bias):
                              f"tensor), got shape {tuple(logit_bias.shape)} and dtype {logit_bias.dtype}: "
                              f"a per-logit bias is not a CLIP loss's")
         return logit_bias.reshape(())
+    # (comparisons, not math.isfinite: Dynamo keeps a changing float symbolic, and can compare it)
     if isinstance(logit_bias, bool) or not isinstance(logit_bias, numbers.Real) \
-            or not math.isfinite(logit_bias):
+            or not -math.inf < logit_bias < math.inf:
         raise ValueError(f"logit_bias must be None, a 1-element tensor or a finite number, got {logit_bias!r}")
     return None
 

@@ -139,6 +139,16 @@ def test_dclw_fp16_weights_in_fp32(backend, detach):
         assert_within_budget(name, a, r, r, torch.float16)  # fp16's floor: 2e-3
 
 
+def test_dcl_reference_backend_keeps_the_input_dtype():
+    """backend="reference" computes in the input dtype, as the naive torch it stands for: the
+    vMF weights (fp32 since the fp16 fix) and a float64 weight tensor promoted its loss."""
+    z1, z2 = _views(6, 5, torch.float16)
+    z1, z2 = z1.half(), z2.half()
+    assert FCL.dcl(z1, z2, weight="vmf", backend="reference").dtype == torch.float16
+    w = torch.ones(6, dtype=torch.float64)
+    assert FCL.dcl(z1.float(), z2.float(), weight=w, backend="reference").dtype == torch.float32
+
+
 def test_dcl_weights_have_mean_one():
     z1, z2 = _views(50, 8, torch.float64)
     assert torch.allclose(FCL.dcl_weights(z1, z2).mean(), torch.tensor(1.0, dtype=torch.float64))
