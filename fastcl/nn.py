@@ -427,8 +427,9 @@ def _mnrl_call(module, anchor, positive, negatives):
 
 class _ApplyRunningWhitening(torch.autograd.Function):
     """xc [G, N, g] @ W [G, g, g] (a constant: the running matrix), with its backward g @ W^T
-    outside autocast too, for compiled graphs. Compiled under autocast, a plain matmul's backward was traced with
-    autocast on, although its forward ran in a no_autocast region: bf16 gradients (1.6e-3 off)."""
+    outside autocast too, for compiled graphs. Compiled under autocast, a plain matmul's
+    backward was traced with autocast on, although its forward ran in a no_autocast region:
+    bf16 gradients (1.6e-3 off)."""
     generate_vmap_rule = True
 
     @staticmethod
