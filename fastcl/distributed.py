@@ -282,11 +282,10 @@ def _tied(x, somewhere: bool, *xs):
     return x if src is None else x + src.reshape(-1)[:0].sum().to(x.dtype)
 
 
-def _tie_where_needed(metas, n, ts, sources, bits=None):
-    """ts, each tied (_tied) where its input needs a gradient on some rank: input bits[i] (default
-    i) of the n whose need _validate_collectively gathered into metas; sources the tensors that
-    may carry this rank's graph."""
-    some = _grad_somewhere(metas, n)
+def _tie_where_needed(some, ts, sources, bits=None):
+    """ts, each tied (_tied) where its input needs a gradient on some rank: some[bits[i]]
+    (default some[i]), from _grad_somewhere; sources the tensors that may carry this rank's
+    graph."""
     return [_tied(t, some[b], *sources) for t, b in zip(ts, range(len(ts)) if bits is None else bits)]
 
 
@@ -454,8 +453,8 @@ def info_nce_distributed(q: Tensor, k: Tensor, *, temperature=None, logit_scale=
         labels = labels.long()
     # The gathers' (and logit_scale's sum's) backward runs where the tensor needs a gradient on
     # some rank (see _tied). The ring's one autograd.Function runs it wherever the loss needs one.
-    q, k, scale = _tie_where_needed(metas, 3, (q, k, scale), (q, k, logit_scale))
-    some = _grad_somewhere(metas, 3)  # the ring's: whether q, k need a gradient on some rank
+    some = _grad_somewhere(metas, 3)  # (the ring's too: whether q, k need a gradient on some rank)
+    q, k, scale = _tie_where_needed(some, (q, k, scale), (q, k, logit_scale))
     if logit_scale is not None and (grad_mode == "exact" or _own_scale):
         scale = _SumGradOverRanks.apply(scale, group, grad_mode == "ddp")
     u, v, scale = prepare(scale, normalize, q, k)
@@ -502,7 +501,7 @@ def _pairs_setup(z1, z2, temperature, reduction, normalize, grad_mode, group, ba
     if sum(sizes) < min_pairs:
         raise ValueError(f"this loss needs at least {min_pairs} pairs over all ranks (its negatives "
                          f"would be empty), got {sizes} per rank")
-    z1, z2 = _tie_where_needed(metas, 2, (z1, z2), (z1, z2) + tuple(grads))
+    z1, z2 = _tie_where_needed(_grad_somewhere(metas, 2), (z1, z2), (z1, z2) + tuple(grads))
     return world, rank, scale, normalize, sizes, backend, z1, z2
 
 
@@ -683,7 +682,8 @@ def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, neg
     # The gathered blocks (positives, hard negatives, the pool, the anchors for query_to_query)
     # need a backward on every rank where they need one on some rank (see _tied).
     # (hard and pool share the third input's bit: both are candidates)
-    q, p, hard, pool = _tie_where_needed(metas, 3, (q, p, hard, pool), (q, p, hard, pool), (0, 1, 2, 2))
+    q, p, hard, pool = _tie_where_needed(_grad_somewhere(metas, 3), (q, p, hard, pool), (q, p, hard, pool),
+                                         (0, 1, 2, 2))
     per = losses.mnrl_rows(q, p, hard, pool, sc, sp, opts, fused, _keys_own_first(q.shape[0], sizes, rank, group),
                            lambda x: _AllGatherRows.apply(x.contiguous(), pool_sizes, rank, group))
     return _global_reduce(per, reduction, sum(sizes), grad_mode, group)
