@@ -638,9 +638,8 @@ def multiple_negatives_ranking_distributed(anchor: Tensor, positive: Tensor, neg
         warnings.simplefilter("ignore")  # validate warns, once
         try:
             acting = losses.mnrl_options(directions, partition_mode, hardness_mode, hardness_strength)
-            # one direction: per_direction is joint; no strength: no mode
-            acting = (acting[0], acting[1] if len(acting[0]) > 1 else "joint") + \
-                ((acting[2], acting[3]) if acting[3] else (None, 0.0))
+            # one direction: per_direction is joint
+            acting = (acting[0], acting[1] if len(acting[0]) > 1 else "joint", *acting[2:])
         except (TypeError, ValueError):
             acting = None
 

@@ -47,10 +47,10 @@ class MultipleNegativesRankingLoss(nn.Module):
                                       f"similarity_fct={similarity_fct!r} is not cosine")
         self.model, self.backend = model, backend
         self.gather_across_devices = _validation.check_bool(gather_across_devices, "gather_across_devices")
-        self.directions, self.partition_mode, self.hardness_mode, alpha = losses.mnrl_options(
+        self.directions, self.partition_mode, _, alpha = losses.mnrl_options(
             directions, partition_mode, hardness_mode, hardness_strength)
         self.scale = losses.check_mnrl_scale(scale, alpha)
-        self.hardness_strength = hardness_strength
+        self.hardness_mode, self.hardness_strength = hardness_mode, hardness_strength  # as given
 
     def forward(self, sentence_features, labels=None):
         reps = [self.model(f)["sentence_embedding"] for f in sentence_features]

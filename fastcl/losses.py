@@ -270,10 +270,17 @@ MNRL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc
 HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
 
 
+def mnrl_penalty(hardness_mode, alpha):
+    """(hardness_mode, strength) as they act: both, or (None, 0.0) where either is missing.
+    (alpha compared with a float: a symbolic alpha under torch.compile has no bool.)"""
+    return (hardness_mode, alpha) if hardness_mode is not None and alpha != 0.0 else (None, 0.0)
+
+
 def mnrl_options(directions, partition_mode, hardness_mode, hardness_strength):
     """sentence-transformers' MNRL variant options, checked by its rules: (the directions in
-    MNRL_DIRECTIONS' order without repeats, partition_mode, hardness_mode, the hardness strength
-    as a float, 0.0 where it has no effect)."""
+    MNRL_DIRECTIONS' order without repeats, partition_mode, and the hardness mode and strength
+    (a float) as they act, see mnrl_penalty). A mode without a strength, or a strength without
+    a mode, warns: it applies no penalty."""
     if isinstance(directions, str) or not hasattr(directions, "__iter__"):
         raise TypeError(f"directions must be a tuple of direction names, e.g. ('query_to_doc',), got "
                         f"{directions!r}")
@@ -302,8 +309,7 @@ def mnrl_options(directions, partition_mode, hardness_mode, hardness_strength):
         if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn
             warnings.warn(f"hardness_mode={hardness_mode!r} with hardness_strength={alpha}: no hardness "
                           f"penalty is applied (it needs both a mode and a strength > 0)", stacklevel=3)
-        alpha = 0.0
-    return directions, partition_mode, hardness_mode, alpha
+    return (directions, partition_mode, *mnrl_penalty(hardness_mode, alpha))
 
 
 def multiple_negatives_ranking(anchor: Tensor, positive: Tensor, negatives: Optional[Tensor] = None, *,

@@ -383,10 +383,10 @@ class MultipleNegativesRankingLoss(nn.Module):
         _check_settings(backend)
         self.backend = backend
         self.gather_across_devices = _validation.check_bool(gather_across_devices, "gather_across_devices")
-        self.directions, self.partition_mode, self.hardness_mode, alpha = losses.mnrl_options(
+        self.directions, self.partition_mode, _, alpha = losses.mnrl_options(
             directions, partition_mode, hardness_mode, hardness_strength)
         self.scale = losses.check_mnrl_scale(scale, alpha)
-        self.hardness_strength = hardness_strength
+        self.hardness_mode, self.hardness_strength = hardness_mode, hardness_strength  # as given
 
     def forward(self, anchor, positive, *negatives):
         neg = None
@@ -414,9 +414,8 @@ class MultipleNegativesRankingLoss(nn.Module):
 def _mnrl_call(module, anchor, positive, negatives):
     """The MNRL of a module holding its options (this one, or the sentence-transformers
     drop-in), gathered across ranks where it asks for it."""
-    mode, alpha = module.hardness_mode, module.hardness_strength
-    if mode is None or not alpha:  # no penalty (the constructor warned if only one was given)
-        mode, alpha = None, 0.0
+    # as they act: the constructor warned once if only one of them was given
+    mode, alpha = losses.mnrl_penalty(module.hardness_mode, module.hardness_strength)
     kw = dict(scale=module.scale, directions=module.directions, partition_mode=module.partition_mode,
               hardness_mode=mode, hardness_strength=alpha, backend=module.backend)
     if _gathering(module.gather_across_devices):
