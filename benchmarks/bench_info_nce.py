@@ -41,8 +41,10 @@ def _symmetric(fn, q, k, sym):
 # registers for the [BM, BD] gradient accumulator and the slab of A, for S recomputed twice;
 # no spills in Triton 3.9's offline sm_90 compile, with 64 x 64 or 64 x 128 tiles),
 # and the Triton backward's S recompute in the forward's D-chunks (the fp32 default) or as one
-# dot over the D-slab (the 16-bit default).
+# dot over the D-slab (the 16-bit default); and the Triton kernels split over the column blocks
+# (FASTCL_TRITON_SPLIT=auto: for batches with fewer row blocks than two per SM, untimed so far).
 VARIANTS = {
+    "fastcl-triton-split": ("triton", {"FASTCL_TRITON_SPLIT": "auto"}),
     "fastcl-cuda-wgmma": ("cuda", {"FASTCL_CUDA_WGMMA": "1"}),
     "fastcl-triton-bn32": ("triton", {"FASTCL_BWD_BN": "32"}),
     "fastcl-triton-bd256": ("triton", {"FASTCL_BWD_BD": "256"}),

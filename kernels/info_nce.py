@@ -19,6 +19,8 @@ rows' online max/sum in registers and merges its column statistics into its own 
 Backward: one kernel, launched for dU (over row blocks) and for dV (over column blocks); each
 program keeps its [BM, BD] gradient accumulator in registers, so there are no atomics and no
 read-modify-write of gradients in global memory.
+Split (FASTCL_TRITON_SPLIT, off by default): both kernels may also divide the column blocks among
+programs, for batches with few row blocks; partials are merged in torch (see _splits).
 """
 import triton
 import triton.language as tl
@@ -78,12 +80,27 @@ def _keep(valid, r_idx, c_idx, is_pos, EXCL_DIAG: tl.constexpr, EXCL_POS: tl.con
 @triton.jit
 def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_CLS, COL_CLS, ROW_STATS, COL_M, COL_L,
                    B, N, D, s_ub, s_ud, s_vn, s_vd, s_cp,
-                   NUM_PROGS, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
+                   NUM_PROGS, CB_PER, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
                    EXCL_DIAG: tl.constexpr, EXCL_POS: tl.constexpr, MULTI_POS: tl.constexpr,
+                   SPLIT: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """SPLIT: program (pid, sid) takes column blocks [sid * CB_PER, (sid + 1) * CB_PER) of its
+    row blocks (more programs where B has few row blocks) and writes its rows' partial
+    statistics (max, linear sum, positive's sum, count) to ROW_STATS[sid] ([splits, 4, B]),
+    which merge_row_partials merges. Its columns' partials go to COL_M/COL_L[pid] as without
+    SPLIT: no other program of row pid has them."""
     pid = tl.program_id(0)
     # Work in the log2 domain: exp2 is the native instruction.
     s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    if SPLIT:
+        sid = tl.program_id(1)
+        cb_lo = sid * CB_PER
+        cb_hi = tl.minimum(cb_lo + CB_PER, tl.cdiv(N, BN))
+        RS = ROW_STATS + sid * 4 * B
+    else:
+        cb_lo = 0
+        cb_hi = tl.cdiv(N, BN)
+        RS = ROW_STATS
     for rb in range(pid, tl.cdiv(B, BM), NUM_PROGS):
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B
@@ -92,7 +109,7 @@ def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_CLS, COL_CLS, ROW_STATS, COL_M, COL_
         l_i = tl.zeros((BM,), tl.float32)
         pos = tl.zeros((BM,), tl.float32)
         cnt = tl.zeros((BM,), tl.float32)
-        for cb in range(0, tl.cdiv(N, BN)):
+        for cb in range(cb_lo, cb_hi):
             cols = cb * BN + tl.arange(0, BN)
             cmask = cols < N
             acc = _score_tile(U, V, rows, cols, rmask, cmask, D, s_ud, s_ub, s_vd, s_vn,
@@ -124,15 +141,18 @@ def lse_fwd_kernel(U, V, SCALE, LABELS, ROW_CLS, COL_CLS, ROW_STATS, COL_M, COL_
                 l2 = l_old * tl.exp2(m_old - m2) + cl * tl.exp2(cm - m2)
                 tl.store(COL_M + cptr, m2, mask=cmask)
                 tl.store(COL_L + cptr, l2, mask=cmask)
-        if MULTI_POS:  # mean positive logit; rows without positives get 0 (and count 0)
-            pos = tl.where(cnt > 0, pos / tl.maximum(cnt, 1.0), 0.0)
+        if SPLIT:  # this split's part: merge_row_partials takes the log and the mean
+            tl.store(RS + B + rows, l_i, mask=rmask)
         else:
-            cnt += 1.0
+            if MULTI_POS:  # mean positive logit; rows without positives get 0 (and count 0)
+                pos = tl.where(cnt > 0, pos / tl.maximum(cnt, 1.0), 0.0)
+            else:
+                cnt += 1.0
+            tl.store(RS + B + rows, tl.log2(tl.where(rmask, l_i, 1.0)), mask=rmask)
         # ROW_STATS rows: max, log2(sum), positive logit (log2 units), number of positives.
-        tl.store(ROW_STATS + rows, m_i, mask=rmask)
-        tl.store(ROW_STATS + B + rows, tl.log2(tl.where(rmask, l_i, 1.0)), mask=rmask)
-        tl.store(ROW_STATS + 2 * B + rows, pos, mask=rmask)
-        tl.store(ROW_STATS + 3 * B + rows, cnt, mask=rmask)
+        tl.store(RS + rows, m_i, mask=rmask)
+        tl.store(RS + 2 * B + rows, pos, mask=rmask)
+        tl.store(RS + 3 * B + rows, cnt, mask=rmask)
 
 
 @triton.jit
@@ -161,9 +181,9 @@ def _col_side(COL_STATS, GC, ROW_STATS, idx, mask, N, B):
 
 @triton.jit
 def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS, COL_CLS, DA, DSCALE, CTR,
-                MA, MB, D, B, N, s_am, s_ad, s_bm, s_bd, POS_W, UNI_W,
+                MA, MB, D, B, N, s_am, s_ad, s_bm, s_bd, POS_W, UNI_W, CB_PER, s_split,
                 TRANSPOSED: tl.constexpr, HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr, SMOOTH: tl.constexpr,
-                EXCL_DIAG: tl.constexpr, EXCL_POS: tl.constexpr, MULTI_POS: tl.constexpr,
+                EXCL_DIAG: tl.constexpr, EXCL_POS: tl.constexpr, MULTI_POS: tl.constexpr, SPLIT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
                 ONE_SLAB: tl.constexpr, SAME_CHUNKS: tl.constexpr, FWD_ORIENT: tl.constexpr,
                 PREC: tl.constexpr):
@@ -182,8 +202,17 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
     positive (the diagonal for the column term) plus UNI_W = eps / N on every column, and d
     scale centres row i (column j) on CTR[i] (CTR[B + j]), the target's mean of it
     (fastcl.chunked.smoothing_centres), instead of on the positive.
+    SPLIT: program (pid, sid) sums over Bm's blocks [sid * CB_PER, (sid + 1) * CB_PER) only, into
+    the fp32 partial DA[sid] (s_split elements apart; the launcher adds them up) and d scale's
+    DSCALE[sid * programs + pid]: more programs where A has few row blocks.
     """
     pid = tl.program_id(0)
+    if SPLIT:  # (the outputs' offsets are taken where they are written: registers are scarce)
+        b_lo = tl.program_id(1) * CB_PER * BN
+        b_hi = tl.minimum(b_lo + CB_PER * BN, MB)
+    else:
+        b_lo = 0
+        b_hi = MB
     s = tl.load(SCALE).to(tl.float32)
     s2 = s * 1.4426950408889634
     # G goes through the tensor cores in the input dtype. A power of two (exact) lifts it out of
@@ -218,8 +247,8 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
         if ONE_SLAB and not SAME_CHUNKS:  # A's rows read once; each B tile serves both dots
             at = tl.load(A + a_idx[:, None] * s_am + ds_[None, :] * s_ad,
                          mask=amask[:, None] & dmask[None, :], other=0.0)
-        for b0 in range(0, MB, BN):
-            b_idx = b0 + tl.arange(0, BN)
+        for b0 in range(0, b_hi - b_lo, BN):
+            b_idx = b_lo + b0 + tl.arange(0, BN)
             bmask = b_idx < MB
             if TRANSPOSED:
                 rm2, rl2, gr, y, posr, icnt, rcls = _row_side(ROW_STATS, GR, LABELS, ROW_CLS, b_idx, bmask,
@@ -292,10 +321,12 @@ def grad_kernel(A, Bm, SCALE, AMP, ROW_STATS, COL_STATS, GR, GC, LABELS, ROW_CLS
                 if d0 == 0:
                     dscale += tl.sum(tl.where(valid, ds_tile, 0.0), 1)
             acc_da = tl.dot(g.to(Bm.dtype.element_ty), bt, acc_da, input_precision=PREC)
-        tl.store(DA + a_idx[:, None] * D + ds_[None, :], acc_da / amp,
+        out = DA + tl.program_id(1) * s_split if SPLIT else DA
+        tl.store(out + a_idx[:, None] * D + ds_[None, :], acc_da / amp,
                  mask=amask[:, None] & dmask[None, :])
     if (not TRANSPOSED) or HAS_COL:
-        tl.store(DSCALE + pid, tl.sum(dscale, 0) / s2)
+        at_ = pid + tl.program_id(1) * tl.num_programs(0) if SPLIT else pid
+        tl.store(DSCALE + at_, tl.sum(dscale, 0) / s2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,6 +459,48 @@ def _num_programs(device: torch.device, n_row_blocks: int) -> int:
     return max(1, min(n_row_blocks, cap))
 
 
+# A split backward's fp32 partial gradients, [splits, rows, D], stay under this many elements
+# (128 MiB): splits are for batches with few row blocks, whose partials are small.
+SPLIT_ELEMENTS = 1 << 25
+
+
+def _splits(device: torch.device, programs: int, col_blocks: int, partial: int = 0):
+    """(splits, column blocks per split) for a launch of `programs` row programs over
+    `col_blocks` column blocks: with split-K over the columns (flash-decoding's), a batch with
+    few row blocks still fills the GPU (B = 4096 has 32 forward row blocks for an H100's 132
+    SMs). FASTCL_TRITON_SPLIT: "1" (the default until a GPU has timed it), an integer, or
+    "auto" (two programs per SM, as the forward's persistent grid). partial: elements of one
+    split's partial output (the backward's rows x D), the splits' total kept to SPLIT_ELEMENTS."""
+    want = os.environ.get("FASTCL_TRITON_SPLIT", "1")
+    if want == "auto":
+        n = -(-_num_programs(device, 1 << 30) // max(programs, 1))
+    elif want.isdigit() and int(want) >= 1:
+        n = int(want)
+    else:
+        raise ValueError(f"FASTCL_TRITON_SPLIT={want!r}: expected a positive integer or 'auto'")
+    if partial:
+        n = min(n, SPLIT_ELEMENTS // partial)
+    n = max(1, min(n, col_blocks))
+    per = -(-col_blocks // n) if col_blocks else 1
+    return (-(-col_blocks // per) if col_blocks else 1), per
+
+
+def merge_row_partials(part: torch.Tensor, multi_pos: bool) -> torch.Tensor:
+    """row_stats [4, B] from a split forward's partials [splits, 4, B] (max, linear sum,
+    positive's sum, count; log2 units): the log-sum-exp merge the kernel does across its own
+    column blocks, then the mean over the positives as the kernel takes it."""
+    m = part[:, 0]
+    top = m.amax(dim=0)
+    # A split whose columns were all masked has max NEG and sum 0; exp2 of NEG - top is 0.
+    lsum = (part[:, 1] * torch.exp2(m - top)).sum(dim=0)
+    pos, cnt = part[:, 2].sum(dim=0), part[:, 3].sum(dim=0)
+    if multi_pos:  # rows without positives get 0 (and count 0)
+        pos = torch.where(cnt > 0, pos / cnt.clamp_min(1.0), 0.0)
+    else:
+        cnt = torch.ones_like(cnt)
+    return torch.stack([top, torch.log2(lsum), pos, cnt])
+
+
 def check_int32_offsets(*tensors):
     """The kernels index with int32: refuse shapes whose element offsets would wrap."""
     for t in tensors:
@@ -452,8 +525,10 @@ def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, s
     cfg = _config(u.device, backward=False)
     n_rb = triton.cdiv(B, cfg["BM"])
     P = _num_programs(u.device, n_rb)
+    splits, per = _splits(u.device, P, triton.cdiv(N, cfg["BN"]))
     # Poisoned: a row the kernel fails to write shows up as NaN, not as a plausible number.
-    row_stats = torch.full((4, B), float("nan"), device=u.device, dtype=torch.float32)
+    row_stats = torch.full((4, B) if splits == 1 else (splits, 4, B), float("nan"), device=u.device,
+                           dtype=torch.float32)
     if symmetric:
         col_m = torch.full((P, N), NEG, device=u.device, dtype=torch.float32)
         col_l = torch.zeros((P, N), device=u.device, dtype=torch.float32)
@@ -462,9 +537,11 @@ def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, s
     args = (u, v, scale, row_stats if labels is None else labels,
             row_stats if row_cls is None else row_cls, row_stats if col_cls is None else col_cls,
             row_stats, col_m, col_l, B, N, D,
-            u.stride(0), u.stride(1), v.stride(0), v.stride(1), col_m.stride(0) if symmetric else 0, P)
-    flags = _flags(symmetric, labels, row_cls, exclude_diag, exclude_pos, u.dtype)
-    _launch(lse_fwd_kernel, (P,), args, flags, cfg, u.device, u.dtype)
+            u.stride(0), u.stride(1), v.stride(0), v.stride(1), col_m.stride(0) if symmetric else 0, P, per)
+    flags = dict(_flags(symmetric, labels, row_cls, exclude_diag, exclude_pos, u.dtype), SPLIT=splits > 1)
+    _launch(lse_fwd_kernel, (P, splits), args, flags, cfg, u.device, u.dtype)
+    if splits > 1:
+        row_stats = merge_row_partials(row_stats, row_cls is not None)
     m, logl, pos = row_stats[:3]
     row_loss = ((m - pos) + logl) * LN2
     if not symmetric:
@@ -498,8 +575,14 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     dv = torch.full((N, D), float("nan"), device=u.device, dtype=v.dtype)
     n_rb = triton.cdiv(B, cfg["BM"])
     n_cb = triton.cdiv(N, cfg["BM"])
+    # dU's programs split over N's blocks, dV's over B's (one split each unless asked: _splits)
+    su, per_u = _splits(u.device, n_rb, triton.cdiv(N, cfg["BN"]), B * D)
+    sv, per_v = _splits(u.device, n_cb, triton.cdiv(B, cfg["BN"]), N * D)
+    # A split launch writes fp32 partials, added up below (poisoned alike).
+    du_out = du if su == 1 else torch.full((su, B, D), float("nan"), device=u.device, dtype=torch.float32)
+    dv_out = dv if sv == 1 else torch.full((sv, N, D), float("nan"), device=u.device, dtype=torch.float32)
     # One d scale partial per program: dU's programs write the row term, dV's the column term.
-    dscale = torch.full((n_rb + (n_cb if symmetric else 0),), float("nan"), device=u.device,
+    dscale = torch.full((n_rb * su + (n_cb * sv if symmetric else 0),), float("nan"), device=u.device,
                         dtype=torch.float32)
     g_row = g_row.float().contiguous()
     g_col = g_col.float().contiguous() if symmetric else g_row
@@ -511,12 +594,16 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
     flags = dict(_flags(symmetric, labels, row_cls, exclude_diag, exclude_pos, u.dtype), SMOOTH=bool(uni_w))
     ctr = (smoothing_centres(u, v, scale, row_stats[2], labels, symmetric, smoothing, LOG_UNIT).float()
            if uni_w else g_row)  # else a placeholder, never read
-    _launch(grad_kernel, (n_rb,),
-            (u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, du, dscale, ctr,
-             B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1), pos_w, uni_w),
-            dict(flags, TRANSPOSED=False), cfg, u.device, u.dtype)
-    _launch(grad_kernel, (n_cb,),
-            (v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv, dscale[n_rb:], ctr,
-             N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1), pos_w, uni_w),
-            dict(flags, TRANSPOSED=True), cfg, u.device, u.dtype)
+    _launch(grad_kernel, (n_rb, su),
+            (u, v, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, du_out, dscale, ctr,
+             B, N, D, B, N, u.stride(0), u.stride(1), v.stride(0), v.stride(1), pos_w, uni_w, per_u, B * D),
+            dict(flags, TRANSPOSED=False, SPLIT=su > 1), cfg, u.device, u.dtype)
+    _launch(grad_kernel, (n_cb, sv),
+            (v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv_out, dscale[n_rb * su:],
+             ctr, N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1), pos_w, uni_w, per_v, N * D),
+            dict(flags, TRANSPOSED=True, SPLIT=sv > 1), cfg, u.device, u.dtype)
+    if su > 1:
+        du = du_out.sum(dim=0).to(u.dtype)
+    if sv > 1:
+        dv = dv_out.sum(dim=0).to(v.dtype)
     return du, dv, dscale.sum()

@@ -162,12 +162,17 @@ has bench && tar -C /tmp -cf "$OUT/plots.tar" plots
 # The Triton backward's variants, on request (PARTS="build variants"; none beat the default on the
 # H100, 2026-11-24): 64 x 32 tiles (-bn32), 256-wide D-slabs (-bd256, -bd256-bn128: two slabs at
 # D = 512, half the registers), S recomputed in the forward's D-chunks (-chunks); for fp32, one
-# dot over the D-slab (-onedot) against the forward's chunks (the fp32 default).
+# dot over the D-slab (-onedot) against the forward's chunks (the fp32 default); and both
+# kernels split over the column blocks at small B (-split, 2026-11-25, not yet timed).
 has variants && {
   stamp "variants"
   within 90 $B --sizes 32768 --dim 512 --dtype bf16 \
     --only fastcl-triton,fastcl-triton-bn32,fastcl-triton-bd256,fastcl-triton-bd256-bn128,fastcl-triton-chunks
   within 40 $B --sizes 8192 --dim 128 --dtype fp32 --only fastcl-triton,fastcl-triton-onedot
+  # Split over the column blocks (FASTCL_TRITON_SPLIT=auto) where B has few row blocks for the
+  # SMs (the forward's 128-row blocks: 8 at B = 1024, 32 at 4096), against the default and naive.
+  within 60 $B --sizes 1024,2048,4096,8192,16384 --dim 512 --dtype bf16 \
+    --only naive-torch,fastcl-triton,fastcl-triton-split
   stamp "done"
 } 2>&1 | tee -a "$OUT/bench.log"
 # sentence-transformers' MNRL variants (every direction, hardness penalty) vs theirs, on request.

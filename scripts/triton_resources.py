@@ -101,7 +101,7 @@ def forward(dtype: str, arch: int, **flags):
     cfg = K._config(torch.device("cuda"), backward=False)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     consts = dict(HAS_COL=True, HAS_LABELS=False, EXCL_DIAG=False, EXCL_POS=False, MULTI_POS=False,
-                  PREC=K._precision(TORCH_DTYPES[dtype]), **cfg)
+                  SPLIT=False, PREC=K._precision(TORCH_DTYPES[dtype]), **cfg)
     consts.update(flags)
     ptrs = dict(U=dtype, V=dtype, **{n: "fp32" for n in ("SCALE", "LABELS", "ROW_CLS", "COL_CLS",
                                                          "ROW_STATS", "COL_M", "COL_L")})
@@ -113,7 +113,7 @@ def gradient(dtype: str, arch: int, D: int, **flags):
     cfg = K.backward_config(torch.device("cuda"), TORCH_DTYPES[dtype], D)  # as lse_backward launches
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     consts = dict(TRANSPOSED=False, HAS_COL=True, HAS_LABELS=False, EXCL_DIAG=False, EXCL_POS=False,
-                  MULTI_POS=False, SMOOTH=False, PREC=K._precision(TORCH_DTYPES[dtype]), **cfg)
+                  MULTI_POS=False, SMOOTH=False, SPLIT=False, PREC=K._precision(TORCH_DTYPES[dtype]), **cfg)
     consts.update(flags)
     ptrs = dict(A=dtype, Bm=dtype, DA=dtype, **{n: "fp32" for n in (
         "SCALE", "AMP", "ROW_STATS", "COL_STATS", "GR", "GC", "LABELS", "ROW_CLS", "COL_CLS", "DSCALE", "CTR")})
@@ -130,6 +130,9 @@ VARIANTS = {  # name: (kernel, flags) -- the CLIP loss's kernels and the one-dir
     "grad dV one-direction": ("grad", dict(TRANSPOSED=True, HAS_COL=False)),
     "grad dU symmetric smoothed": ("grad", dict(TRANSPOSED=False, HAS_COL=True, SMOOTH=True)),
     "grad dV symmetric smoothed": ("grad", dict(TRANSPOSED=True, HAS_COL=True, SMOOTH=True)),
+    # FASTCL_TRITON_SPLIT's split-K launches (column blocks per program, partials merged after)
+    "fwd symmetric split": ("fwd", dict(HAS_COL=True, SPLIT=True)),
+    "grad dU symmetric split": ("grad", dict(TRANSPOSED=False, HAS_COL=True, SPLIT=True)),
 }
 
 

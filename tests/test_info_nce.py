@@ -143,11 +143,12 @@ def test_interpreter_recompute_under_openblas_haswell_kernels():
 
 
 def _check_raw_op(backend, dtype, q, k, scale, w_row, w_col=None, labels=None, cls=None, exclude_diag=False,
-                  exclude_pos=False):
+                  exclude_pos=False, smoothing=0.0):
     """The raw op as the sum of w_row * row (+ w_col * col: symmetric when w_col is given): its
     outputs and every gradient (u, v, scale) on `backend` against float64, within the
-    same-dtype torch budget."""
+    same-dtype torch budget. Returns `backend`'s outputs and gradients."""
     sym = w_col is not None
+    eps = torch.tensor(smoothing, dtype=torch.float64) if smoothing else None
 
     def run(backend, dt):
         u, v = (x.to(device=DEVICE, dtype=dt).clone().requires_grad_() for x in (q, k))
@@ -155,7 +156,7 @@ def _check_raw_op(backend, dtype, q, k, scale, w_row, w_col=None, labels=None, c
                          requires_grad=True)
         lab, c = (None if t is None else t.to(DEVICE) for t in (labels, cls))
         row, col, _, _ = torch.ops.fastcl.info_nce_rows(u, v, s, lab, sym, c, c, exclude_diag, exclude_pos,
-                                                        backend)
+                                                        backend, eps)
         out = (row * w_row.to(DEVICE, row.dtype)).sum()
         if sym:
             out = out + (col * w_col.to(DEVICE, col.dtype)).sum()
@@ -166,6 +167,7 @@ def _check_raw_op(backend, dtype, q, k, scale, w_row, w_col=None, labels=None, c
     for name, a, b, r in zip(["row", "col", "du", "dv", "dscale"], ours, same, ref):
         assert torch.isfinite(a).all(), name
         assert_within_budget(name, a, b, r, dtype)
+    return ours
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -266,6 +268,69 @@ def test_triton_variants_the_benchmark_times(monkeypatch, variant):
     for dtype, D in cases:
         for symmetric in (False, True):
             _check("triton", 200, 200, D, dtype, 0.07, symmetric=symmetric, seed=4)
+
+
+@pytest.mark.parametrize("case", [*FLAG_CASES, "symmetric_smoothed"])
+def test_triton_split_over_columns(monkeypatch, case):
+    """FASTCL_TRITON_SPLIT: programs that each take a range of column blocks (split-K, for
+    batches with few row blocks), their partial row statistics and gradients merged after.
+    Every flag case, against float64 within the budget, and close to the unsplit kernels.
+    B = 65, the interpreter's 32-wide blocks: the last column block holds one column, so with
+    exclude_diag row 64's last split has no column left (max NEG, sum 0 in the merge). On a
+    GPU (blocks of 64 and 128), B = 257 does the same."""
+    cfg = FLAG_CASES.get(case, dict(symmetric=True))
+    B, D = (257 if HAS_CUDA else 65), 33
+    N = B + cfg.get("N_extra", 0)
+    g = torch.Generator().manual_seed(21)
+    q, k = (F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=1) for n in (B, N))
+    labels = torch.randint(0, N, (B,), generator=g) if cfg.get("labels") else None
+    if cfg.get("no_positive"):
+        labels = torch.full((B,), -1)
+    cls = torch.randint(0, 4, (B,), generator=g) if cfg.get("multi") else None
+    w_row = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    w_col = torch.rand(N, generator=g, dtype=torch.float64) + 0.5 if cfg.get("symmetric") else None
+    args = (q, k, 1 / 0.07, w_row, w_col, labels, cls, cfg.get("exclude_diag", False),
+            cfg.get("exclude_pos", False), 0.3 if case == "symmetric_smoothed" else 0.0)
+    from fastcl.kernels import info_nce as K
+    grids, launch = [], K._launch
+    monkeypatch.setattr(K, "_launch", lambda kernel, grid, *a: grids.append(grid) or launch(kernel, grid, *a))
+    for dtype in (torch.float32, torch.float16) + ((torch.bfloat16,) if HAS_CUDA else ()):
+        monkeypatch.setenv("FASTCL_TRITON_SPLIT", "1")
+        whole = _check_raw_op("triton", dtype, *args)
+        for splits in ("2", "3"):
+            monkeypatch.setenv("FASTCL_TRITON_SPLIT", splits)
+            grids.clear()
+            part = _check_raw_op("triton", dtype, *args)
+            # every launch (forward, dU, dV) split: each has 3 or more blocks of 32 to split
+            # (even splits: 4 blocks in 3 splits take 2 each, so 2 splits)
+            assert len(grids) == 3 and all(gr[1] >= 2 for gr in grids), grids
+            for name, a, b in zip(["row", "col", "du", "dv", "dscale"], part, whole):
+                # the same sums in another order: a few roundings apart
+                tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+                assert torch.allclose(a.double(), b.double(), rtol=tol, atol=tol / 10), (splits, name)
+
+
+def test_triton_split_counts(monkeypatch):
+    """How FASTCL_TRITON_SPLIT divides the column blocks: none by default, evenly, "auto" up to
+    two programs per SM (an H100's 132 here), the backward's fp32 partials bounded."""
+    from fastcl.kernels import info_nce as K
+    monkeypatch.setattr(K, "_num_programs", lambda device, n: min(n, 264))
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("FASTCL_TRITON_SPLIT", raising=False)
+    assert K._splits(cuda, 32, 32) == (1, 32)  # the default, until a GPU has timed the splits
+    monkeypatch.setenv("FASTCL_TRITON_SPLIT", "auto")
+    assert K._splits(cuda, 32, 32) == (8, 4)  # B = 4096's forward: 9 wanted, 4 blocks each -> 8
+    assert K._splits(cuda, 264, 256) == (1, 256)  # enough row programs: no split
+    assert K._splits(cuda, 2, 3) == (3, 1)  # no more splits than blocks
+    assert K._splits(cuda, 1, 0) == (1, 1)  # no columns
+    # the backward's partials: [splits, B, D] fp32 within SPLIT_ELEMENTS
+    monkeypatch.setenv("FASTCL_TRITON_SPLIT", "64")
+    assert K._splits(cuda, 64, 64, 4096 * 512) == (16, 4)
+    assert K._splits(cuda, 4096, 4096, 1 << 28) == (1, 4096)
+    for bad in ("0", "-2", "two", ""):
+        monkeypatch.setenv("FASTCL_TRITON_SPLIT", bad)
+        with pytest.raises(ValueError, match="FASTCL_TRITON_SPLIT"):
+            K._splits(cuda, 32, 32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
