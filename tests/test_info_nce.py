@@ -270,16 +270,17 @@ def test_triton_variants_the_benchmark_times(monkeypatch, variant):
             _check("triton", 200, 200, D, dtype, 0.07, symmetric=symmetric, seed=4)
 
 
-@pytest.mark.parametrize("case", [*FLAG_CASES, "symmetric_smoothed"])
+@pytest.mark.parametrize("case", [*FLAG_CASES, "symmetric_smoothed", "symmetric_wide"])
 def test_triton_split_over_columns(monkeypatch, case):
     """FASTCL_TRITON_SPLIT: programs that each take a range of column blocks (split-K, for
     batches with few row blocks), their partial row statistics and gradients merged after.
     Every flag case, against float64 within the budget, and close to the unsplit kernels.
     B = 65, the interpreter's 32-wide blocks: the last column block holds one column, so with
     exclude_diag row 64's last split has no column left (max NEG, sum 0 in the merge). On a
-    GPU (blocks of 64 and 128), B = 257 does the same."""
+    GPU (blocks of 64 and 128), B = 257 does the same. "wide": D = 150, three of the
+    interpreter's 64-wide D-slabs, each storing its own slice of a split's partial gradient."""
     cfg = FLAG_CASES.get(case, dict(symmetric=True))
-    B, D = (257 if HAS_CUDA else 65), 33
+    B, D = (257 if HAS_CUDA else 65), (150 if case == "symmetric_wide" else 33)
     N = B + cfg.get("N_extra", 0)
     g = torch.Generator().manual_seed(21)
     q, k = (F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=1) for n in (B, N))
