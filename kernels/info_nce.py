@@ -485,14 +485,19 @@ def _splits(device: torch.device, programs: int, col_blocks: int, partial: int =
     return (-(-col_blocks // per) if col_blocks else 1), per
 
 
+def _merge_lse(m: torch.Tensor, lsum: torch.Tensor):
+    """(max, sum) over dim 0 of partial (max, sum relative to it) pairs, log2 units: the
+    online log-sum-exp's merge, for the partials of programs (columns) and of splits (rows)."""
+    top = m.amax(dim=0)
+    return top, (lsum * torch.exp2(m - top)).sum(dim=0)
+
+
 def merge_row_partials(part: torch.Tensor, multi_pos: bool) -> torch.Tensor:
     """row_stats [4, B] from a split forward's partials [splits, 4, B] (max, linear sum,
     positive's sum, count; log2 units): the log-sum-exp merge the kernel does across its own
     column blocks, then the mean over the positives as the kernel takes it."""
-    m = part[:, 0]
-    top = m.amax(dim=0)
     # A split whose columns were all masked has max NEG and sum 0; exp2 of NEG - top is 0.
-    lsum = (part[:, 1] * torch.exp2(m - top)).sum(dim=0)
+    top, lsum = _merge_lse(part[:, 0], part[:, 1])
     pos, cnt = part[:, 2].sum(dim=0), part[:, 3].sum(dim=0)
     if multi_pos:  # rows without positives get 0 (and count 0)
         pos = torch.where(cnt > 0, pos / cnt.clamp_min(1.0), 0.0)
@@ -547,8 +552,7 @@ def lse_forward(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, labels, s
     if not symmetric:
         return row_loss, row_loss.new_empty(0), row_stats, row_stats.new_empty(2, 0)
     # Merge the P partial column statistics; the positive of column j is S_jj = row j's.
-    cm = col_m.max(dim=0).values
-    cl = (col_l * torch.exp2(col_m - cm)).sum(dim=0)
+    cm, cl = _merge_lse(col_m, col_l)
     col_stats = torch.stack([cm, torch.log2(cl)])
     col_loss = ((cm - pos) + col_stats[1]) * LN2
     return row_loss, col_loss, row_stats, col_stats
