@@ -256,3 +256,69 @@ def test_emulated_newton_schulz_matches_float64(binary, tmp_path, G, g, iters):
     same = newton_schulz_matrix(S.float(), iters)  # the same iteration in fp32 torch
     assert torch.isfinite(W).all(), "unwritten (NaN-poisoned) entries"
     assert_within_budget("W", W, same, ref, torch.float32)
+
+
+# Gaps found by mutation testing (2026-11-25): the stored positive, and each block's own row of
+# the column partials (the emulation runs blocks one after another, so a shared row did not show).
+
+
+def _emu_forward(binary, d, u, v, s, sym, grid):
+    """The emulated forward of fp32 u, v (no labels): row_stats [4, B], col_m, col_l [grid, N]."""
+    B, D = u.shape
+    for name, t in (("u.f32", u), ("v.f32", v), ("scale.f32", torch.tensor([s]))):
+        _save(d, name, t)
+    flags = FLAGS["HAS_COL"] if sym else 0
+    _run(binary, d, "fwd", torch.float32, B, B, D, flags, grid, "wmma")
+    return _load(d, "row_stats.out", (4, B)), _load(d, "col_m.out", (grid, B)), _load(d, "col_l.out", (grid, B))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_emulated_backward_takes_the_stored_positive(binary, tmp_path, symmetric):
+    """test_backward_takes_the_stored_positive (and its symmetric form above) for the CUDA
+    kernels: P's positive and Q's diagonal come from the forward's stored logit. The fp32
+    emulation recomputes S with the forward's own FMAs, so a kernel that used the recomputed
+    logit gave the same numbers; a shift of the stored positive by 0.01 must move dU and dV
+    as the formula says. B = 70 crosses the 64-row tiles."""
+    d = str(tmp_path)
+    B, D, s, shift = 70, 8, 2.0, 0.01
+    g = torch.Generator().manual_seed(9)
+    u, v = (torch.randn(B, D, generator=g).double() for _ in range(2))
+    gr, gc = (torch.rand(B, generator=g, dtype=torch.float64) + 0.5 for _ in range(2))
+    rs, col_m, col_l = _emu_forward(binary, d, u.float(), v.float(), s, symmetric, 2)
+    cm = col_m.max(0).values
+    cs = torch.stack([cm, torch.log2((col_l * torch.exp2(col_m - cm)).sum(0))]) if symmetric else rs.new_empty(2, 0)
+    rs[2] += shift / math.log(2.0)
+    amp = grad_amp(torch.tensor(s), gr.float(), gc.float() if symmetric else None)
+    for name, t in (("row_stats.f32", rs), ("col_stats.f32", cs), ("g_row.f32", gr), ("g_col.f32", gc),
+                    ("amp.f32", amp), ("smooth.f32", torch.tensor([1.0, 0.0]))):
+        _save(d, name, t)
+    _run(binary, d, "bwd", torch.float32, B, B, D, FLAGS["HAS_COL"] if symmetric else 0, 2, "wmma")
+    du, dv = _load(d, "du.out", (B, D)).double(), _load(d, "dv.out", (B, D)).double()
+    S = s * u @ v.T
+    eye = torch.eye(B, dtype=torch.float64)
+    P = torch.softmax(S, 1)
+    P.diagonal().mul_(math.exp(shift))
+    G = gr[:, None] * (P - eye)
+    if symmetric:
+        Q = torch.softmax(S, 0)
+        Q.diagonal().mul_(math.exp(shift))
+        G = G + gc[None, :] * (Q - eye)
+    assert torch.allclose(du, s * G @ v, atol=1e-5)
+    assert torch.allclose(dv, s * G.T @ u, atol=1e-5)
+
+
+def test_emulated_column_partials_stay_in_their_blocks_row(binary, tmp_path):
+    """As test_triton_column_partials_stay_in_their_programs_row, for the CUDA forward: block p
+    merges its rows' column statistics into row p of the [grid, N] partials and nowhere else
+    (the emulation runs the blocks one after another, so a shared row, a race on a GPU, gave
+    the same merged result). B = 140: three 64-row blocks over a grid of 2."""
+    B, D, s, grid, BM = 140, 8, 3.0, 2, 64
+    g = torch.Generator().manual_seed(12)
+    u, v = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    _, col_m, col_l = _emu_forward(binary, str(tmp_path), u, v, s, True, grid)
+    S2 = (s / math.log(2.0)) * (u.double() @ v.double().T)
+    for p in range(grid):
+        rows = torch.cat([torch.arange(rb * BM, min(B, rb * BM + BM)) for rb in range(p, -(-B // BM), grid)])
+        m = S2[rows].amax(0)
+        assert torch.allclose(col_m[p].double(), m, rtol=1e-5, atol=1e-5), p
+        assert torch.allclose(col_l[p].double(), torch.exp2(S2[rows] - m).sum(0), rtol=1e-4), p
