@@ -574,17 +574,16 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
         # grad_kernel takes row i's positive to be the diagonal S_ii when there are column terms.
         raise ValueError("symmetric: the positive of row i is column i (no labels, class ids or exclusions)")
     cfg = backward_config(u.device, u.dtype, D)
-    # Poisoned outputs: every element must be written by the kernels.
-    du = torch.full((B, D), float("nan"), device=u.device, dtype=u.dtype)
-    dv = torch.full((N, D), float("nan"), device=u.device, dtype=v.dtype)
     n_rb = triton.cdiv(B, cfg["BM"])
     n_cb = triton.cdiv(N, cfg["BM"])
     # dU's programs split over N's blocks, dV's over B's (one split each unless asked: _splits)
     su, per_u = _splits(u.device, n_rb, triton.cdiv(N, cfg["BN"]), B * D)
     sv, per_v = _splits(u.device, n_cb, triton.cdiv(B, cfg["BN"]), N * D)
-    # A split launch writes fp32 partials, added up below (poisoned alike).
-    du_out = du if su == 1 else torch.full((su, B, D), float("nan"), device=u.device, dtype=torch.float32)
-    dv_out = dv if sv == 1 else torch.full((sv, N, D), float("nan"), device=u.device, dtype=torch.float32)
+    # Poisoned outputs: every element must be written by the kernels. A split launch writes
+    # fp32 partials [splits, rows, D], added up below.
+    du_out, dv_out = (torch.full((n, D) if sp == 1 else (sp, n, D), float("nan"), device=u.device,
+                                 dtype=x.dtype if sp == 1 else torch.float32)
+                      for sp, n, x in ((su, B, u), (sv, N, v)))
     # One d scale partial per program: dU's programs write the row term, dV's the column term.
     dscale = torch.full((n_rb * su + (n_cb * sv if symmetric else 0),), float("nan"), device=u.device,
                         dtype=torch.float32)
@@ -606,8 +605,6 @@ def lse_backward(u, v, scale, row_stats, col_stats, g_row, g_col, labels, symmet
             (v, u, scale, amp, row_stats, col_stats, g_row, g_col, lab, rcls, ccls, dv_out, dscale[n_rb * su:],
              ctr, N, B, D, B, N, v.stride(0), v.stride(1), u.stride(0), u.stride(1), pos_w, uni_w, per_v, N * D),
             dict(flags, TRANSPOSED=True, SPLIT=sv > 1), cfg, u.device, u.dtype)
-    if su > 1:
-        du = du_out.sum(dim=0).to(u.dtype)
-    if sv > 1:
-        dv = dv_out.sum(dim=0).to(v.dtype)
+    du = du_out if su == 1 else du_out.sum(dim=0).to(u.dtype)
+    dv = dv_out if sv == 1 else dv_out.sum(dim=0).to(v.dtype)
     return du, dv, dscale.sum()
